@@ -1,0 +1,35 @@
+# regionspot_pl: every set-up step goes through here, so a fresh machine needs nothing by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATASET ?=
+ARGS ?=
+
+.PHONY: install test lint demo extract bench clean-demo
+
+install: $(STAMP)
+
+# Re-install only when the dependency list or the pins change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check src tests scripts
+
+# make extract DATASET=o365 [ARGS="--device cuda --batch-size 16"]
+extract: install
+	@test -n "$(DATASET)" || { echo "usage: make extract DATASET=<name of configs/data/NAME.yaml>"; exit 2; }
+	$(PY) -m regionspot_pl.extract --config configs/data/$(DATASET).yaml $(ARGS)
+
+demo: install
+	$(PY) scripts/demo.py $(ARGS)
+
+bench: install
+	$(PY) scripts/bench.py $(ARGS)

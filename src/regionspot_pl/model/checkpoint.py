@@ -1,0 +1,136 @@
+"""Head checkpoints: our own format, and import of the official RegionSpot checkpoints.
+
+Our format is a plain dict (loadable with ``torch.load(..., weights_only=True)``):
+``{"format": "regionspot_pl.head", "version": 1, "variant": str, "config": HeadConfig dict,
+"state_dict": {official head key: tensor}}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .head import VARIANTS, HeadConfig, RegionSpotHead
+
+HEAD_FORMAT = "regionspot_pl.head"
+HEAD_FORMAT_VERSION = 1
+HEAD_PREFIXES = ("to_clip.", "decoder.", "projector.")
+
+
+class CheckpointError(ValueError):
+    """A file is not the checkpoint it was expected to be."""
+
+
+def _torch_load(path: str | Path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, pickle with code objects, not a torch file ...
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint with weights_only=True ({err}). "
+            "Expected a RegionSpot checkpoint: a dict of tensors saved with torch.save."
+        ) from err
+
+
+def save_head(head: RegionSpotHead, path: str | Path, variant: str | None = None) -> Path:
+    """Write a head checkpoint that :func:`load_head` reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": HEAD_FORMAT,
+        "version": HEAD_FORMAT_VERSION,
+        "variant": variant or infer_variant(head.config) or "custom",
+        "config": head.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written head behind
+    return path
+
+
+def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> RegionSpotHead:
+    """Load a head written by :func:`save_head` or ``python -m regionspot_pl.convert``; eval mode."""
+    payload = _torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
+        hint = ""
+        if isinstance(payload, dict) and "model" in payload:
+            hint = f" It looks like an official RegionSpot checkpoint: run `python -m regionspot_pl.convert {path} HEAD.pt` first."
+        raise CheckpointError(
+            f"{path} is not a regionspot_pl head checkpoint (expected a dict with format={HEAD_FORMAT!r}).{hint}"
+        )
+    if payload.get("version") != HEAD_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: head format version {payload.get('version')} is not supported")
+    head = RegionSpotHead(**HeadConfig(**payload["config"]).to_dict())
+    head.load_state_dict(payload["state_dict"], strict=True)
+    head.variant = payload.get("variant", "custom")
+    return head.to(map_location).eval()
+
+
+def infer_variant(config: HeadConfig) -> str | None:
+    """Name of the published variant whose sizes match, or None (BL@336 is reported as BL)."""
+    for name in ("BB", "BL"):
+        ref = VARIANTS[name]
+        if (config.clip_dim, config.text_dim, config.depth) == (ref.clip_dim, ref.text_dim, ref.depth):
+            return name
+    return None
+
+
+def config_from_state_dict(state: dict[str, Tensor]) -> HeadConfig:
+    """Read the head sizes off the tensor shapes of an official-layout head state dict."""
+    try:
+        clip_dim, sam_dim = state["to_clip.weight"].shape
+        text_dim = state["projector.weight"].shape[0]
+        ffn_dim = state["decoder.layers.0.linear1.weight"].shape[0]
+    except KeyError as err:
+        raise CheckpointError(f"head weights incomplete: missing {err.args[0]!r}") from err
+    depth = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
+    # The number of attention heads is not stored in the weights; every published head uses 8.
+    return HeadConfig(sam_dim=sam_dim, clip_dim=clip_dim, text_dim=text_dim, depth=depth, ffn_dim=ffn_dim)
+
+
+def _vision_tokens(state: dict[str, Tensor]) -> int | None:
+    """Number of CLIP vision tokens from the frozen CLIP weights stored beside the head, if any."""
+    for key, value in state.items():
+        if key.startswith("clip_model.") and "visual" in key and key.endswith("positional_embedding"):
+            return int(value.shape[0])
+    return None
+
+
+def convert_official(src: str | Path, dst: str | Path) -> tuple[str, Path]:
+    """Extract the head of an official RegionSpot checkpoint into our format.
+
+    The official file is ``{"model": {"model.to_clip.weight": ..., "model.sam.*": ...,
+    "model.clip_model.*": ..., ...}}``; only ``to_clip``/``decoder``/``projector`` are kept.
+
+    Returns:
+        (variant name, destination path).
+    """
+    payload = _torch_load(src)
+    expected = (
+        "Expected an official RegionSpot checkpoint: a dict with key 'model' whose keys start with "
+        "'model.' and include 'model.to_clip.weight', 'model.decoder.layers.0...' and 'model.projector.weight'."
+    )
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        found = sorted(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{src}: no 'model' dict (found {found}). {expected}")
+    model = {k.removeprefix("model."): v for k, v in payload["model"].items()}
+    head_state = {k: v for k, v in model.items() if k.startswith(HEAD_PREFIXES)}
+    if "to_clip.weight" not in head_state:
+        raise CheckpointError(f"{src}: no RegionSpot head weights found. {expected}")
+    config = config_from_state_dict(head_state)
+    variant = infer_variant(config) or "custom"
+    if variant == "BL" and _vision_tokens(model) == 577:
+        variant = "BL@336"
+    head = RegionSpotHead(**config.to_dict())
+    missing, unexpected = head.load_state_dict(head_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{src}: head weights do not match a RegionSpot head of sizes {config}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return variant, save_head(head, dst, variant=variant)

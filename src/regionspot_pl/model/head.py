@@ -1,0 +1,127 @@
+"""The RegionSpot head: the only trained part of RegionSpot.
+
+Each region's position-aware SAM token becomes a query that cross-attends to the frozen CLIP
+feature map of its image; the result is projected into CLIP's text space, where it is compared
+with text embeddings of class names. Parameter names equal those of the official checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# exp(CLIP's learned logit_scale) in the released CLIP models.
+CLIP_LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Sizes of a RegionSpot head. Defaults are RegionSpot-BL (SAM ViT-B + CLIP ViT-L/14)."""
+
+    sam_dim: int = 256
+    clip_dim: int = 1024
+    text_dim: int = 768
+    depth: int = 3
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    use_class_token: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The published variants. BL and BL@336 share the head sizes; they differ in the CLIP input size
+# (257 vs 577 cached tokens), which the head does not depend on.
+VARIANTS: dict[str, HeadConfig] = {
+    "BB": HeadConfig(clip_dim=768, text_dim=512),
+    "BL": HeadConfig(clip_dim=1024, text_dim=768),
+    "BL@336": HeadConfig(clip_dim=1024, text_dim=768),
+}
+VARIANT_CLIP_SIZE = {"BB": 224, "BL": 224, "BL@336": 336}
+
+
+class RegionSpotHead(nn.Module):
+    """SAM region tokens -> cross-attention over CLIP tokens -> region embeddings in text space."""
+
+    def __init__(
+        self,
+        sam_dim: int = 256,
+        clip_dim: int = 1024,
+        text_dim: int = 768,
+        depth: int = 3,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        use_class_token: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = HeadConfig(
+            sam_dim, clip_dim, text_dim, depth, num_heads, ffn_dim, dropout, use_class_token
+        )
+        self.to_clip = nn.Linear(sam_dim, clip_dim)
+        layer = nn.TransformerDecoderLayer(
+            d_model=clip_dim,
+            nhead=num_heads,
+            dim_feedforward=ffn_dim,
+            dropout=dropout,
+            activation="relu",
+            batch_first=True,
+            norm_first=False,  # DETR-style post-norm, as the paper
+        )
+        self.decoder = nn.TransformerDecoder(layer, num_layers=depth, norm=nn.LayerNorm(clip_dim))
+        self.projector = nn.Linear(clip_dim, text_dim)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> RegionSpotHead:
+        """Build a published variant: 'BB', 'BL' or 'BL@336' (sizes may be overridden)."""
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
+        return cls(**{**VARIANTS[name].to_dict(), **overrides})
+
+    def forward(
+        self, sam_tokens: Tensor, clip_tokens: Tensor, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Embed regions in CLIP's text space.
+
+        Args:
+            sam_tokens: [B, N, sam_dim] position-aware SAM tokens, N regions per image.
+            clip_tokens: [B, T, clip_dim] CLIP feature map, class token first.
+            padding_mask: [B, N] bool, True where a query is padding. Padded queries are
+                ignored by the self-attention, so they never change the real queries' outputs.
+
+        Returns:
+            [B, N, text_dim] region embeddings (not normalized).
+        """
+        cfg = self.config
+        if sam_tokens.dim() != 3 or sam_tokens.shape[-1] != cfg.sam_dim:
+            raise ValueError(f"sam_tokens must be [B, N, {cfg.sam_dim}], got {tuple(sam_tokens.shape)}")
+        if clip_tokens.dim() != 3 or clip_tokens.shape[-1] != cfg.clip_dim:
+            raise ValueError(
+                f"clip_tokens must be [B, T, {cfg.clip_dim}], got {tuple(clip_tokens.shape)}; "
+                "is the head variant the one the features were extracted for?"
+            )
+        if clip_tokens.shape[0] != sam_tokens.shape[0]:
+            raise ValueError("sam_tokens and clip_tokens must have the same batch size")
+        if padding_mask is not None and padding_mask.shape != sam_tokens.shape[:2]:
+            raise ValueError(
+                f"padding_mask must be [B, N] = {tuple(sam_tokens.shape[:2])}, got {tuple(padding_mask.shape)}"
+            )
+        if not cfg.use_class_token:
+            clip_tokens = clip_tokens[:, 1:]
+        queries = self.to_clip(sam_tokens)
+        memory = clip_tokens.to(queries.dtype)
+        hidden = self.decoder(queries, memory, tgt_key_padding_mask=padding_mask)
+        return self.projector(hidden)
+
+
+def region_logits(
+    region_embeddings: Tensor, text_embeddings: Tensor, scale: float = CLIP_LOGIT_SCALE
+) -> Tensor:
+    """Scaled cosine similarity between regions [..., D] and class texts [C, D] -> [..., C]."""
+    regions = F.normalize(region_embeddings.float(), dim=-1, eps=1e-7)
+    texts = F.normalize(text_embeddings.float(), dim=-1, eps=1e-7)
+    return scale * regions @ texts.t()
