@@ -1,0 +1,314 @@
+"""Frozen SAM: building it from a checkpoint, and the batched per-box region encoder.
+
+RegionSpot's position-aware region token is the output of SAM's mask decoder two-way transformer
+for the first mask token (the one SAM uses when ``multimask_output=False``). The same decoder call
+also gives the box-prompted mask, which mask AP is computed from. Everything here is SAM's own
+code (``segment_anything``); this module only builds, loads and batches it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+from torch.nn import functional as F
+
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+
+OFFICIAL_SAM_CHECKPOINTS = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "tiny": "sam_tiny.pth",
+}
+
+# The tiny SAM is for tests and CPU smoke runs: SAM's own classes at a toy size. The checkpoint
+# holds only a state dict, so these constants are what makes it loadable again; change them and
+# every sam_tiny.pth written before no longer fits. 512 input keeps it at ~0.075 s per image on
+# 2 CPU cores (NOTES.md); the prompt encoder and mask decoder are SAM's standard ones, so the
+# region token is 256-d exactly as with the real models.
+TINY_SAM_CONFIG: dict[str, object] = {
+    "encoder_embed_dim": 64,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_global_attn_indexes": (1,),
+    "image_size": 512,
+}
+
+# (embed dim, depth, embedding grid) of each type's image encoder, read off a state dict to say
+# which type a checkpoint is before any (possibly 600M-parameter) model is built.
+_SIGNATURES = {
+    "vit_b": (768, 12, 64),
+    "vit_l": (1024, 24, 64),
+    "vit_h": (1280, 32, 64),
+    "tiny": (
+        TINY_SAM_CONFIG["encoder_embed_dim"],
+        TINY_SAM_CONFIG["encoder_depth"],
+        int(TINY_SAM_CONFIG["image_size"]) // 16,
+    ),
+}
+
+
+def build_tiny_sam() -> Sam:
+    """A randomly initialised tiny SAM (``TINY_SAM_CONFIG``), built like ``_build_sam``."""
+    prompt_embed_dim = 256
+    image_size = int(TINY_SAM_CONFIG["image_size"])
+    patch_size = 16
+    grid = image_size // patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=int(TINY_SAM_CONFIG["encoder_depth"]),
+            embed_dim=int(TINY_SAM_CONFIG["encoder_embed_dim"]),
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=int(TINY_SAM_CONFIG["encoder_num_heads"]),
+            patch_size=patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(TINY_SAM_CONFIG["encoder_global_attn_indexes"]),
+            window_size=14,
+            out_chans=prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8
+            ),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+
+
+def _signature(state: dict[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """(embed dim, depth, grid) of a SAM state dict's image encoder, or None if not SAM-like."""
+    pos = state.get("image_encoder.pos_embed")
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 4:
+        return None
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    return int(pos.shape[3]), depth, int(pos.shape[1])
+
+
+def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
+    """Build a frozen SAM of ``sam_type`` and load ``checkpoint`` (a plain state dict).
+
+    ``checkpoint=None`` gives random weights (only sensible for ``tiny``). The file is read with
+    ``torch.load(weights_only=True)``; segment-anything's builders would unpickle it unrestricted,
+    so they are called with ``checkpoint=None`` and the state dict is loaded here.
+
+    Returns:
+        the ``Sam`` in eval mode with ``requires_grad`` False on every parameter.
+    """
+    if sam_type not in SAM_TYPES:
+        raise ValueError(f"unknown --sam-type {sam_type!r}; choose one of {', '.join(SAM_TYPES)}")
+    state = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        official = OFFICIAL_SAM_CHECKPOINTS[sam_type]
+        if not path.is_file():
+            hint = (
+                "write one with `python -m regionspot_pl.tiny DIR`"
+                if sam_type == "tiny"
+                else "download it from the segment-anything release"
+            )
+            raise FileNotFoundError(
+                f"SAM checkpoint {str(path)!r} not found; --sam-type {sam_type} expects the "
+                f"official file {official} ({hint}) and its path in --sam-checkpoint"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors, truncated files, ...
+            raise ValueError(
+                f"checkpoint {str(path)!r} could not be read as a SAM state dict "
+                f"(expected the official {official}): {err}"
+            ) from err
+        if isinstance(state, dict) and "model" in state and "image_encoder.pos_embed" not in state:
+            state = state["model"]  # a training checkpoint wrapping the state dict
+        sig = _signature(state) if isinstance(state, dict) else None
+        if sig is None:
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit --sam-type {sam_type}: it is not a SAM "
+                f"state dict (no 'image_encoder.pos_embed'); expected the official {official}"
+            )
+        if sig != _SIGNATURES[sam_type]:
+            found = [t for t, s in _SIGNATURES.items() if s == sig]
+            guess = f"it looks like --sam-type {found[0]}" if found else "it matches no known type"
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit --sam-type {sam_type}: image encoder "
+                f"width/depth/grid {sig}, expected {_SIGNATURES[sam_type]}; {guess}"
+            )
+
+    sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
+    if state is not None:
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} does not fit --sam-type {sam_type}: {err}"
+            ) from err
+    sam.eval()
+    sam.requires_grad_(False)
+    return sam
+
+
+class SamTransform:
+    """SAM's input transform, without the model: picklable and CPU-only for DataLoader workers.
+
+    Does exactly what ``SamPredictor.set_image`` + ``Sam.preprocess`` do: resize the longest side
+    to ``img_size`` with ``ResizeLongestSide.apply_image`` (PIL), normalize with SAM's pixel
+    mean/std, pad bottom/right with zeros to a square.
+    """
+
+    def __init__(self, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> None:
+        self.img_size = img_size
+        self.resize = ResizeLongestSide(img_size)
+        self.pixel_mean = pixel_mean.detach().to("cpu", torch.float32).reshape(3, 1, 1)
+        self.pixel_std = pixel_std.detach().to("cpu", torch.float32).reshape(3, 1, 1)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> [3, img_size, img_size] float32."""
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
+            shape = getattr(image, "shape", type(image).__name__)
+            raise ValueError(f"SAM preprocess expects an HxWx3 RGB numpy array, got {shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"SAM preprocess expects uint8 pixels in [0, 255], got {image.dtype}; "
+                "convert with np.asarray(PIL.Image.open(f).convert('RGB'))"
+            )
+        resized = torch.as_tensor(self.resize.apply_image(image)).permute(2, 0, 1)
+        x = (resized.float() - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the resized image inside the padded square, as SamPredictor's input_size."""
+        return ResizeLongestSide.get_preprocess_shape(
+            original_size[0], original_size[1], self.img_size
+        )
+
+
+class SamRegionEncoder(nn.Module):
+    """Frozen SAM turned into a batched region encoder: image -> embedding, boxes -> tokens+masks.
+
+    Attributes:
+        img_size: SAM's square input side (1024 for the official models, 512 for ``tiny``).
+        transform: the picklable ``SamTransform`` that ``preprocess`` uses; hand it to
+            DataLoader workers instead of this module (which holds the weights).
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+        self.img_size: int = int(sam.image_encoder.img_size)
+        self.transform = SamTransform(self.img_size, sam.pixel_mean, sam.pixel_std)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> [3, img_size, img_size] float32, on the CPU (see ``SamTransform``)."""
+        return self.transform(image)
+
+    @torch.no_grad()
+    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] preprocessed images -> [B, 256, S/16, S/16] image embeddings."""
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, self.img_size, self.img_size):
+            raise ValueError(
+                f"encode_images expects [B, 3, {self.img_size}, {self.img_size}] from preprocess(), "
+                f"got {tuple(batch.shape)}"
+            )
+        return self.sam.image_encoder(batch.to(self.sam.device))
+
+    @torch.no_grad()
+    def encode_boxes(
+        self,
+        image_embedding: torch.Tensor,
+        boxes: torch.Tensor,
+        original_size: tuple[int, int],
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region tokens and box-prompted masks for all boxes of one image.
+
+        Args:
+            image_embedding: [256, h, w], one image's output of ``encode_images``.
+            boxes: [N, 4] xyxy in original-image pixels.
+            original_size: (H, W) of the original image.
+            chunk_size: boxes per decoder call; None = all N in one call. The decoder repeats
+                the image embedding per box, so bound this for memory with hundreds of boxes.
+
+        Returns:
+            tokens: [N, 256] float32, the two-way transformer's output for the first mask token
+                (``hs[:, 1]``; index 0 is the iou token).
+            masks: [N, H, W] bool, the ``multimask_output=False`` mask at original size.
+        """
+        if image_embedding.ndim != 3:
+            raise ValueError(
+                f"encode_boxes expects one image's embedding [256, h, w], got "
+                f"{tuple(image_embedding.shape)}; index the batch from encode_images"
+            )
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"boxes must be [N, 4] xyxy pixels, got {tuple(boxes.shape)}")
+        device = self.sam.device
+        height, width = int(original_size[0]), int(original_size[1])
+        n = boxes.shape[0]
+        if n == 0:
+            return (
+                torch.zeros(0, self.sam.mask_decoder.transformer_dim, device=device),
+                torch.zeros(0, height, width, dtype=torch.bool, device=device),
+            )
+        step = n if chunk_size is None else max(1, int(chunk_size))
+        parts = [
+            self._decode(image_embedding, boxes[i : i + step], (height, width))
+            for i in range(0, n, step)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _decode(
+        self, image_embedding: torch.Tensor, boxes: torch.Tensor, original_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched prompt-encoder + mask-decoder call for [n, 4] boxes."""
+        sam = self.sam
+        device = sam.device
+        boxes = ResizeLongestSide(self.img_size).apply_boxes_torch(
+            boxes.to(device, torch.float32), original_size
+        )
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+
+        # MaskDecoder.predict_masks computes hs (the transformer's token outputs) but returns
+        # only masks and iou; a forward hook on its transformer, whose output is (hs, src),
+        # captures hs without copying SAM's code.
+        captured: list[torch.Tensor] = []
+        handle = sam.mask_decoder.transformer.register_forward_hook(
+            lambda _module, _inputs, output: captured.append(output[0])
+        )
+        try:
+            low_res, _iou = sam.mask_decoder(
+                image_embeddings=image_embedding.unsqueeze(0).to(device),
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        finally:
+            handle.remove()
+        tokens = captured[0][:, 1].float()
+        input_size = self.transform.input_size(original_size)
+        masks = sam.postprocess_masks(low_res, input_size, original_size)[:, 0]
+        return tokens, masks > sam.mask_threshold

@@ -1,0 +1,146 @@
+"""Tiny random backbones for tests and CPU smoke runs, in the real ones' file formats.
+
+``sam_tiny.pth`` is a state dict for ``build_sam('tiny', path)``; ``clip_tiny/`` is a Hugging
+Face CLIP snapshot (config, safetensors weights, a real byte-level BPE CLIPTokenizer built from a
+generated vocabulary) that ``load_clip`` reads offline. Same seed, byte-identical files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from .sam import OFFICIAL_SAM_CHECKPOINTS, build_tiny_sam
+
+TINY_CLIP_DIR = "clip_tiny"
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the byte-level BPE alphabet)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over bytes only: CLIP's vocabulary layout (256 byte symbols, their
+    '</w>' word-final variants, then the two special tokens) without any merges, so every
+    character is one token. Real CLIPTokenizer code, no hub access."""
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [_BOS, _EOS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def sincos_position_embedding_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sin-cos position embeddings (MAE style): the first half of the
+    channels encode the row, the second half the column, each as sin/cos at dim/4 frequencies."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def tiny_clip_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> CLIPConfig:
+    """ViT-B/16-shaped geometry (224 input, patch 16 -> 197 tokens) at toy width and depth."""
+    return CLIPConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            # the pooled text feature is taken at the first eos id (HF CLIPTextTransformer)
+            "eos_token_id": eos_token_id,
+            "bos_token_id": bos_token_id,
+            "pad_token_id": eos_token_id,
+        },
+        vision_config={
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 224,
+            "patch_size": 16,
+        },
+        projection_dim=64,
+        # trained CLIPs end at the clamp exp(logit_scale) = 100, which RegionSpot's head reuses
+        logit_scale_init_value=math.log(100.0),
+    )
+
+
+def _give_sincos_positions(model: CLIPModel) -> None:
+    """Replace the vision position embeddings by 2-D sin-cos ones at the patch content's scale.
+
+    With HF's init (std 0.02, far below the patch content) the tokens carry almost no location
+    and a head cannot learn to route its cross-attention to a box (NOTES.md); trained CLIPs do
+    carry location. The scale is the RMS a unit-variance input gives through the patch
+    embedding, sqrt(sum(w^2) / width); the class token gets a zero position.
+    """
+    embeddings = model.vision_model.embeddings
+    weight = embeddings.patch_embedding.weight  # [width, 3, patch, patch]
+    width = weight.shape[0]
+    grid = embeddings.image_size // embeddings.patch_size
+    pos = sincos_position_embedding_2d(grid, width)
+    content_rms = weight.double().pow(2).sum().div(width).sqrt()
+    pos = pos * (content_rms / pos.double().pow(2).mean().sqrt()).float()
+    with torch.no_grad():
+        embeddings.position_embedding.weight.copy_(torch.cat([torch.zeros(1, width), pos]))
+
+
+def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write random tiny SAM and CLIP weights under ``out_dir``.
+
+    Returns:
+        {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny}
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sam_path = out / OFFICIAL_SAM_CHECKPOINTS["tiny"]
+    clip_dir = out / TINY_CLIP_DIR
+
+    torch.manual_seed(seed)
+    sam = build_tiny_sam()
+    # contiguous clones: saved storages then hold exactly each tensor's bytes
+    torch.save({k: v.detach().clone().contiguous() for k, v in sam.state_dict().items()}, sam_path)
+
+    tokenizer = tiny_clip_tokenizer()
+    config = tiny_clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+    torch.manual_seed(seed + 1)
+    clip = CLIPModel(config)
+    _give_sincos_positions(clip)
+    clip.save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    return {"sam_checkpoint": sam_path, "clip_dir": clip_dir}
+
+
+__all__ = [
+    "TINY_CLIP_DIR",
+    "sincos_position_embedding_2d",
+    "tiny_clip_config",
+    "tiny_clip_tokenizer",
+    "write_tiny_backbones",
+]

@@ -1,0 +1,273 @@
+"""Training and validation data: batches of cached features, read from shards with webdataset.
+
+Shards are dealt to DDP ranks, then to loader workers, after a per-epoch permutation that every
+rank draws from the same seed: within an epoch each shard (so each sample) is read by exactly
+one worker of one rank. Training streams are endless (the run is bounded by ``max_steps``), so
+ranks with different sample counts never wait on each other at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .annotations import Vocabulary
+from .shards import ShardFormatError, decode_sample, list_shards, read_manifest, validate_sample
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's DDP rank and world size (torch.distributed first, then torchrun's env)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shards_for_epoch(shards: list[str], epoch: int, seed: int, rank: int, world: int,
+                     worker: int, num_workers: int, shuffle: bool) -> list[str]:
+    """The shards one worker of one rank reads in one epoch (disjoint, covering all)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards)) if shuffle else range(len(shards))
+    ranked = [shards[i] for i in order][rank::world]
+    return ranked[worker::num_workers]
+
+
+class ShardStream(IterableDataset):
+    """Decoded samples of a list of shards, split across ranks and workers; endless if ``repeat``."""
+
+    def __init__(self, shards: list[str], dataset_index: int, seed: int = 0, shuffle: bool = True,
+                 repeat: bool = True, shuffle_buffer: int = 256, start_epoch: int = 0) -> None:
+        self.shards = shards
+        self.dataset_index = dataset_index
+        self.seed = seed
+        self.shuffle = shuffle
+        self.repeat = repeat
+        self.shuffle_buffer = shuffle_buffer
+        self.start_epoch = start_epoch
+
+    def _urls(self) -> Iterator[dict]:
+        rank, world = rank_and_world()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.start_epoch
+        while True:
+            urls = shards_for_epoch(self.shards, epoch, self.seed, rank, world, worker, num_workers, self.shuffle)
+            if not urls:  # more readers than shards: this one has nothing to read, ever
+                return
+            for url in urls:
+                yield {"url": url}
+            epoch += 1
+            if not self.repeat:
+                return
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, _ = rank_and_world()
+        info = get_worker_info()
+        stages = [wds.tarfile_to_samples()]
+        if self.shuffle and self.shuffle_buffer > 1:
+            worker = info.id if info else 0
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=np.random.default_rng([self.seed, rank, worker])))
+        pipeline = wds.DataPipeline(self._urls, *stages)
+        for raw in pipeline:
+            sample = validate_sample(decode_sample(raw))
+            sample["dataset_index"] = self.dataset_index
+            yield sample
+
+
+@dataclass
+class RegionBatch:
+    """A padded batch. B images, N = most boxes in the batch, T CLIP tokens of dim D."""
+
+    sam: Tensor  # [B, N, 256] float
+    clip: Tensor  # [B, T, D] float16
+    boxes: Tensor  # [B, N, 4] xyxy pixels
+    labels: Tensor  # [B, N] int64, -1 for padding / unknown
+    scores: Tensor  # [B, N] proposal scores
+    valid: Tensor  # [B, N] bool, False for padding
+    dataset_index: int
+    meta: list[dict] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> RegionBatch:
+        moved = {k: getattr(self, k).to(device, non_blocking=True) for k in ("sam", "clip", "boxes", "labels", "scores", "valid")}
+        return RegionBatch(**moved, dataset_index=self.dataset_index, meta=self.meta)
+
+    @property
+    def padding_mask(self) -> Tensor:
+        return ~self.valid
+
+
+def collate_regions(samples: list[dict], max_boxes: int | None = None,
+                    rng: np.random.Generator | None = None) -> RegionBatch:
+    """Pad per-image boxes to the batch maximum; keep a random subset when over ``max_boxes``."""
+    picked = []
+    for s in samples:
+        n = len(s["labels"])
+        if max_boxes is not None and n > max_boxes:
+            keep = np.sort((rng or np.random.default_rng()).choice(n, max_boxes, replace=False))
+        else:
+            keep = np.arange(n)
+        picked.append(keep)
+    if len({s["dataset_index"] for s in samples}) != 1:
+        raise ValueError("a batch must come from one dataset (its vocabulary scores it)")
+    b, n = len(samples), max(1, max(len(k) for k in picked))
+    sam = torch.zeros(b, n, samples[0]["sam"].shape[1], dtype=torch.float32)
+    boxes = torch.zeros(b, n, 4)
+    labels = torch.full((b, n), -1, dtype=torch.int64)
+    scores = torch.zeros(b, n)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    for i, (s, keep) in enumerate(zip(samples, picked)):
+        k = len(keep)
+        sam[i, :k] = torch.from_numpy(s["sam"][keep].astype(np.float32))
+        boxes[i, :k] = torch.from_numpy(s["boxes"][keep])
+        labels[i, :k] = torch.from_numpy(s["labels"][keep])
+        scores[i, :k] = torch.from_numpy(s["scores"][keep])
+        valid[i, :k] = True
+    clip = torch.from_numpy(np.stack([s["clip"] for s in samples]))
+    meta = [{**s["meta"], "kept": keep.tolist() if len(keep) < len(s["labels"]) else None, "key": s["__key__"]}
+            for s, keep in zip(samples, picked)]
+    return RegionBatch(sam, clip, boxes, labels, scores, valid, samples[0]["dataset_index"], meta)
+
+
+class MixedBatches(IterableDataset):
+    """Batches of each dataset, interleaved at random with fixed weights (seeded).
+
+    Batches are mixed, not samples, so every batch is scored against one vocabulary.
+    """
+
+    def __init__(self, streams: list[ShardStream], weights: list[float], batch_size: int,
+                 max_boxes: int | None, seed: int) -> None:
+        total = float(sum(weights))
+        if len(streams) != len(weights) or total <= 0 or min(weights) < 0:
+            raise ValueError(f"mixing weights {weights} must be non-negative, one per dataset, not all zero")
+        self.streams, self.probs = streams, [w / total for w in weights]
+        self.batch_size, self.max_boxes, self.seed = batch_size, max_boxes, seed
+
+    def __iter__(self) -> Iterator[RegionBatch]:
+        rank, _ = rank_and_world()
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, rank, info.id if info else 0, 1])
+        iters = [iter(s) for s in self.streams]
+        while True:
+            d = int(rng.choice(len(iters), p=self.probs))
+            samples = []
+            for s in iters[d]:
+                samples.append(s)
+                if len(samples) == self.batch_size:
+                    break
+            if not samples:  # this worker has no shard of dataset d: a configuration error upstream
+                return
+            yield collate_regions(samples, self.max_boxes, rng)
+
+
+class ValidationBatches(IterableDataset):
+    """One pass over the validation shards (this rank's share), in batches, boxes never capped."""
+
+    def __init__(self, stream: ShardStream, batch_size: int) -> None:
+        self.stream, self.batch_size = stream, batch_size
+
+    def __iter__(self) -> Iterator[RegionBatch]:
+        samples = []
+        for s in self.stream:
+            samples.append(s)
+            if len(samples) == self.batch_size:
+                yield collate_regions(samples)
+                samples = []
+        if samples:
+            yield collate_regions(samples)
+
+
+@dataclass
+class CacheInfo:
+    """What a shard folder says about itself: shards, vocabulary, backbones."""
+
+    folder: str
+    shards: list[str]
+    vocabulary: Vocabulary
+    manifest: dict
+
+    @classmethod
+    def read(cls, folder: str) -> CacheInfo:
+        manifest = read_manifest(folder)
+        shards = [str(p) for p in list_shards(folder)]
+        return cls(str(folder), shards, Vocabulary.from_dict(manifest["vocabulary"]), manifest)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("dataset") or Path(self.folder).name
+
+
+def _no_collate(batch):
+    return batch
+
+
+class RegionDataModule(L.LightningDataModule):
+    """Feature-cache batches for ``fit``: mixed training datasets, one validation set."""
+
+    def __init__(self, train_shards: list[str], val_shards: str | None = None, batch_size: int = 2,
+                 workers: int = 2, max_boxes_per_image: int | None = None,
+                 mix_weights: list[float] | None = None, shuffle_buffer: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        if not train_shards:
+            raise ShardFormatError("no training shard folders given (--train-shards DIR [DIR ...])")
+        self.train = [CacheInfo.read(f) for f in train_shards]
+        self.val = CacheInfo.read(val_shards) if val_shards else None
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.max_boxes, self.shuffle_buffer = max_boxes_per_image, shuffle_buffer
+        self.mix_weights = list(mix_weights) if mix_weights else [1.0] * len(self.train)
+        if len(self.mix_weights) != len(self.train):
+            raise ValueError(f"{len(self.mix_weights)} mixing weights for {len(self.train)} training datasets")
+        self.start_epoch = 0
+        self._check_same_backbones()
+
+    def _check_same_backbones(self) -> None:
+        infos = self.train + ([self.val] if self.val else [])
+        dims = {(i.manifest["backbones"]["clip"]["vision_dim"], i.manifest["backbones"]["clip"]["text_dim"]) for i in infos}
+        if len(dims) != 1:
+            raise ShardFormatError(
+                "shard folders were extracted with different CLIP models "
+                f"({', '.join(f'{i.folder}: {i.manifest['backbones']['clip']['model']}' for i in infos)}); "
+                "re-extract them with one CLIP model"
+            )
+
+    def check_world(self, world: int) -> None:
+        """Every rank and worker must get shards, or it would wait forever for data."""
+        for info in self.train:
+            need = world * max(1, self.workers)
+            if len(info.shards) < need:
+                raise ShardFormatError(
+                    f"{info.folder} has {len(info.shards)} shards, fewer than ranks x workers = {need}: "
+                    f"some readers would get no data. Use fewer --workers or re-extract with a smaller --shard-size"
+                )
+
+    @property
+    def clip_info(self) -> dict:
+        return self.train[0].manifest["backbones"]["clip"]
+
+    def train_dataloader(self) -> DataLoader:
+        _, world = rank_and_world()
+        self.check_world(world)
+        streams = [ShardStream(info.shards, i, self.seed, shuffle=True, repeat=True,
+                               shuffle_buffer=self.shuffle_buffer, start_epoch=self.start_epoch)
+                   for i, info in enumerate(self.train)]
+        mixed = MixedBatches(streams, self.mix_weights, self.batch_size, self.max_boxes, self.seed + self.start_epoch)
+        return DataLoader(mixed, batch_size=None, num_workers=self.workers, collate_fn=_no_collate,
+                          persistent_workers=self.workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val is None:
+            return []
+        stream = ShardStream(self.val.shards, 0, shuffle=False, repeat=False)
+        workers = min(self.workers, math.ceil(len(self.val.shards) / rank_and_world()[1]))
+        return DataLoader(ValidationBatches(stream, self.batch_size), batch_size=None,
+                          num_workers=workers, collate_fn=_no_collate)
+
+    def transfer_batch_to_device(self, batch: RegionBatch, device: torch.device, dataloader_idx: int) -> RegionBatch:
+        return batch.to(device)

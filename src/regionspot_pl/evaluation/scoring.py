@@ -1,0 +1,129 @@
+"""RegionSpot's test-time scoring rule: from region-class logits to ranked detections.
+
+Boxes come from outside (GT boxes or a proposal source); the model only names them. Each
+(box, class) pair of an image is a candidate detection, scored by the class probability
+(softmax over the vocabulary), times the proposal's own score when the boxes are proposals.
+The image keeps its top-K pairs, so one box may be reported under several classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# LVIS scores at most 300 detections per image (LVISResults drops the rest), so a longer list
+# only costs time and disk.
+MAX_DETS_PER_IMAGE = 300
+
+
+def score_regions(
+    logits: Tensor,
+    proposal_scores: Tensor | None = None,
+    topk: int = MAX_DETS_PER_IMAGE,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank the (box, class) pairs of one image by score and keep the best ``K``.
+
+    score[n, c] = softmax(logits[n])[c] * proposal_scores[n] (the factor is 1 when
+    ``proposal_scores`` is None, i.e. for GT boxes).
+
+    Args:
+        logits: [N, C] region-class logits of the N boxes over a vocabulary of C classes.
+        proposal_scores: [N] confidence of each proposal, or None for GT boxes.
+        topk: detections to keep. Clamped to 300: the LVIS evaluator keeps at most 300 per
+            image, and reporting more would only grow the results file.
+
+    Returns:
+        box_idx [K] int64 (row of ``logits``), class_idx [K] int64 (contiguous class index),
+        scores [K] float32, sorted by descending score, K = min(topk, 300, N * C). Ties keep
+        the lower flat index (box-major) first, so the ranking is deterministic.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, C] for one image, got shape {tuple(logits.shape)}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    num_boxes, num_classes = logits.shape
+    probs = logits.float().softmax(dim=-1)
+    if proposal_scores is not None:
+        if proposal_scores.shape != (num_boxes,):
+            raise ValueError(
+                f"proposal_scores must be [N] = [{num_boxes}] (one per box), got shape "
+                f"{tuple(proposal_scores.shape)}"
+            )
+        probs = probs * proposal_scores.to(probs)[:, None]
+
+    k = min(topk, MAX_DETS_PER_IMAGE, num_boxes * num_classes)
+    # A stable sort rather than topk(): GT boxes often tie (equal probabilities), and the
+    # order of tied detections must not depend on the kernel.
+    scores, flat_idx = probs.flatten().sort(descending=True, stable=True)
+    scores, flat_idx = scores[:k], flat_idx[:k]
+    return flat_idx // num_classes, flat_idx % num_classes, scores
+
+
+def detections_to_results(
+    image_id: int,
+    boxes_xyxy: Tensor,
+    box_idx: Tensor,
+    class_idx: Tensor,
+    scores: Tensor,
+    category_ids: Sequence[int],
+    masks_rle: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Write one image's detections in COCO/LVIS results format.
+
+    Args:
+        image_id: the dataset's image id.
+        boxes_xyxy: [N, 4] boxes (x1, y1, x2, y2) in original image pixels.
+        box_idx, class_idx, scores: [K] as returned by :func:`score_regions`.
+        category_ids: [C] dataset category id of each contiguous class index.
+        masks_rle: [N] compressed RLE mask of each box (e.g. SAM's box-prompted mask from
+            ``pycocotools.mask.encode``), or None for box results only.
+
+    Returns:
+        K dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (plus
+        ``"segmentation"`` with str counts when ``masks_rle`` is given), in input order.
+    """
+    if boxes_xyxy.dim() != 2 or boxes_xyxy.shape[-1] != 4:
+        raise ValueError(f"boxes_xyxy must be [N, 4], got shape {tuple(boxes_xyxy.shape)}")
+    if not (box_idx.shape == class_idx.shape == scores.shape) or box_idx.dim() != 1:
+        raise ValueError(
+            "box_idx, class_idx and scores must be [K] each, got shapes "
+            f"{tuple(box_idx.shape)}, {tuple(class_idx.shape)}, {tuple(scores.shape)}"
+        )
+    num_boxes = boxes_xyxy.shape[0]
+    if box_idx.numel() and int(box_idx.max()) >= num_boxes:
+        raise ValueError(f"box index {int(box_idx.max())} out of range for {num_boxes} boxes")
+    if class_idx.numel() and int(class_idx.max()) >= len(category_ids):
+        raise ValueError(
+            f"class index {int(class_idx.max())} has no category id: category_ids maps only "
+            f"{len(category_ids)} classes; pass the vocabulary's full id list"
+        )
+    if masks_rle is not None and len(masks_rle) != num_boxes:
+        raise ValueError(f"masks_rle must hold one RLE per box: {len(masks_rle)} != {num_boxes}")
+
+    boxes = boxes_xyxy.detach().double().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    segms = [_rle_to_json(rle) for rle in masks_rle] if masks_rle is not None else None
+
+    results = []
+    for b, c, s in zip(box_idx.tolist(), class_idx.tolist(), scores.tolist()):
+        det: dict[str, Any] = {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[c]),
+            "bbox": [float(v) for v in xywh[b]],
+            "score": float(s),
+        }
+        if segms is not None:
+            det["segmentation"] = dict(segms[b])  # own copy: evaluators write into results
+        results.append(det)
+    return results
+
+
+def _rle_to_json(rle: dict[str, Any]) -> dict[str, Any]:
+    """pycocotools encodes counts as bytes; JSON (and the results format) wants str."""
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [int(v) for v in rle["size"]], "counts": counts}

@@ -1,0 +1,246 @@
+"""Train the RegionSpot head on cached features.
+
+    python -m regionspot_pl.fit --stage warmup     # configs/fit/warmup.yaml: Objects365
+    python -m regionspot_pl.fit --stage advanced   # configs/fit/advanced.yaml: O365+OI+V3Det, from warm-up
+
+Flags override the stage's YAML. Writes OUT/checkpoints/{best,last}.ckpt, OUT/metrics.csv
+(Lightning's CSV log) and OUT/head.pt (best by val AP if validating, else last), which
+``regionspot_pl.load_head`` and ``python -m regionspot_pl.test --head`` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from .backbones.clip import ClipEncoder, load_clip, text_embeddings
+from .config import find_config, load_yaml, merge
+from .data.annotations import read_json
+from .data.datamodule import CacheInfo, RegionDataModule
+from .data.shards import ShardFormatError
+from .model.checkpoint import CheckpointError, load_head, save_head
+from .model.head import VARIANTS, HeadConfig
+from .module import RegionSpotModule
+
+
+class FitError(ValueError):
+    """A training run is misconfigured (shards, vocabulary, checkpoint)."""
+
+
+def head_config(model: dict, clip: dict) -> HeadConfig:
+    """Head sizes from the model config, checked against the backbones the shards came from."""
+    model = dict(model)
+    variant = model.pop("variant", "auto")
+    dims = {"clip_dim": clip["vision_dim"], "text_dim": clip["text_dim"]}
+    if variant == "auto":
+        return HeadConfig(**{**dims, **model})
+    if variant not in VARIANTS:
+        raise FitError(f"unknown model variant {variant!r}; expected one of {sorted(VARIANTS)} or 'auto'")
+    config = HeadConfig(**{**VARIANTS[variant].to_dict(), **model})
+    if (config.clip_dim, config.text_dim) != (dims["clip_dim"], dims["text_dim"]):
+        raise FitError(
+            f"the {variant} head expects CLIP features of width {config.clip_dim} and text dim {config.text_dim}, "
+            f"but the shards were extracted with {clip['model']} (width {dims['clip_dim']}, text dim {dims['text_dim']}). "
+            "Pick the matching variant (BB for ViT-B/16, BL for ViT-L/14) or re-extract the shards."
+        )
+    return config
+
+
+class _LazyClip:
+    """Loads the CLIP text encoder only if a vocabulary is missing from the text cache."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir, self._encoder = model_dir, None
+
+    def __call__(self) -> ClipEncoder:
+        if self._encoder is None:
+            self._encoder = ClipEncoder(*load_clip(self.model_dir))
+        return self._encoder
+
+
+def vocabulary_embeddings(info: CacheInfo, clip: _LazyClip, text_cache: str | None) -> torch.Tensor:
+    """[C, text_dim] text embeddings of a shard folder's vocabulary (from the HDF5 cache)."""
+    backbone = info.manifest["backbones"]["clip"]
+    cache = text_cache or info.manifest["text_cache"]
+    emb = text_embeddings(clip, list(info.vocabulary.names), cache, backbone["id"])
+    if emb.shape != (len(info.vocabulary), backbone["text_dim"]):
+        raise FitError(f"text embeddings {tuple(emb.shape)} do not match the vocabulary of {info.folder} "
+                       f"({len(info.vocabulary)} classes, text dim {backbone['text_dim']}); delete {cache} to rebuild")
+    return emb
+
+
+def check_val_annotations(info: CacheInfo, annotations: str) -> None:
+    """The GT file must describe the same categories as the validation shards' vocabulary."""
+    gt = read_json(annotations, "validation annotation file")
+    ids = sorted(int(c["id"]) for c in gt.get("categories", []))
+    if ids != sorted(info.vocabulary.category_ids):
+        raise FitError(f"{annotations} has {len(ids)} categories but the validation shards {info.folder} were "
+                       f"extracted with a vocabulary of {len(info.vocabulary)}; pass the annotation file they came from")
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto': bf16 on cards that have it, fp16 with loss scaling on others (V100), fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m regionspot_pl.fit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("warmup", "advanced"), help="picks configs/fit/STAGE.yaml")
+    p.add_argument("--config", help="a fit YAML (instead of the stage's)")
+    p.add_argument("--model", help="model config name under configs/model (bb, bl, bl336, auto)")
+    p.add_argument("--train-shards", nargs="+", help="shard folders to train on")
+    p.add_argument("--mix-weights", nargs="+", type=float, help="sampling weight of each --train-shards folder")
+    p.add_argument("--val-shards", help="shard folder to validate on")
+    p.add_argument("--val-annotations", help="GT file of the validation shards (LVIS/COCO JSON)")
+    p.add_argument("--init-from", help="head checkpoint to start from (advanced: the warm-up head.pt)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--val-every", type=int, help="validate every N training steps")
+    p.add_argument("--batch-size", type=int, help="images per device per step")
+    p.add_argument("--workers", type=int, help="loader workers per device")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--accelerator", help="cpu, gpu or auto")
+    p.add_argument("--devices", help="devices per node (int or auto)")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--precision", help="auto, 32-true, 16-mixed, bf16-mixed")
+    p.add_argument("--resume", help="'last' (OUT/checkpoints/last.ckpt) or a .ckpt file")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--text-cache", help="HDF5 text-embedding cache (default: the one the shards name)")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> dict:
+    if args.config:
+        cfg = load_yaml(args.config)
+    elif args.stage:
+        cfg = load_yaml(find_config("fit", args.stage))
+    else:
+        raise SystemExit("error: pass --stage warmup|advanced or --config FILE")
+    cfg.setdefault("model", "bl")
+    model = args.model or cfg["model"]
+    if isinstance(model, str):
+        model = load_yaml(find_config("model", model))
+    devices = args.devices
+    if devices is not None and devices != "auto":
+        devices = int(devices)
+    return merge(cfg, {
+        "model": model,
+        "init_from": args.init_from, "out": args.out, "seed": args.seed, "resume": args.resume,
+        "text_cache": args.text_cache,
+        "data": {"train_shards": args.train_shards, "mix_weights": args.mix_weights, "val_shards": args.val_shards,
+                 "val_annotations": args.val_annotations, "batch_size": args.batch_size, "workers": args.workers},
+        "optim": {"lr": args.lr},
+        "trainer": {"max_steps": args.max_steps, "val_check_interval": args.val_every, "accelerator": args.accelerator,
+                    "devices": devices, "num_nodes": args.num_nodes, "precision": args.precision},
+    })
+
+
+def run(cfg: dict) -> dict:
+    """Train as configured; returns {'head': path, 'best': ckpt or None, 'metrics': last val metrics}."""
+    out = Path(cfg.get("out", "runs/fit"))
+    data, optim, trainer_cfg = cfg["data"], cfg.get("optim", {}), dict(cfg.get("trainer", {}))
+    seed = int(cfg.get("seed", 0))
+    L.seed_everything(seed, workers=True)
+
+    val_annotations = data.get("val_annotations")
+    dm = RegionDataModule(
+        train_shards=data.get("train_shards") or [], val_shards=data.get("val_shards"),
+        batch_size=data.get("batch_size", 2), workers=data.get("workers", 2),
+        max_boxes_per_image=data.get("max_boxes_per_image"), mix_weights=data.get("mix_weights"),
+        shuffle_buffer=data.get("shuffle_buffer", 256), seed=seed,
+    )
+    if dm.val is not None and not val_annotations:
+        raise FitError("--val-shards needs --val-annotations (the GT file AP is computed against)")
+    if dm.val is not None:
+        check_val_annotations(dm.val, val_annotations)
+    head_cfg = head_config(cfg["model"], dm.clip_info)
+    clip = _LazyClip(dm.clip_info["model"])
+    texts = [vocabulary_embeddings(info, clip, cfg.get("text_cache")) for info in dm.train]
+    module = RegionSpotModule(
+        head=head_cfg.to_dict(), **{k: v for k, v in optim.items() if k != "clip_grad_norm"},
+        text_embeddings=texts,
+        val_text_embeddings=vocabulary_embeddings(dm.val, clip, cfg.get("text_cache")) if dm.val else None,
+        val_category_ids=list(dm.val.vocabulary.category_ids) if dm.val else [],
+        val_annotations=val_annotations if dm.val else None,
+    )
+    if cfg.get("init_from") and not cfg.get("resume"):
+        init = load_head(cfg["init_from"])
+        if init.config != module.head.config:
+            raise FitError(f"--init-from {cfg['init_from']} is a head of sizes {init.config.to_dict()}, but this run "
+                           f"trains {head_cfg.to_dict()}: start from a checkpoint of the same variant")
+        module.head.load_state_dict(init.state_dict())
+
+    ckpt_path = None
+    if cfg.get("resume"):
+        ckpt_path = out / "checkpoints" / "last.ckpt" if cfg["resume"] == "last" else Path(cfg["resume"])
+        if not ckpt_path.is_file():
+            raise FitError(f"cannot resume: {ckpt_path} does not exist (run without --resume to start afresh)")
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+        saved_head = saved.get("hyper_parameters", {}).get("head")
+        if saved_head != head_cfg.to_dict():
+            raise FitError(f"{ckpt_path} holds a head of sizes {saved_head}, this run trains {head_cfg.to_dict()}: "
+                           "resume with the same --model, or start a new --out")
+        dm.start_epoch = int(saved.get("global_step", 0))  # a fresh shard order, not a replay of the start
+
+    validating = dm.val is not None
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best", monitor="val/AP" if validating else None,
+        mode="max", save_top_k=1 if validating else 0, save_last=True,
+        every_n_train_steps=None if validating else trainer_cfg.get("val_check_interval") or 1000,
+    )
+    accelerator = trainer_cfg.pop("accelerator", "auto") or "auto"
+    val_every = trainer_cfg.pop("val_check_interval", None) or 1000
+    max_steps = trainer_cfg.pop("max_steps", 450_000)
+    trainer = L.Trainer(
+        default_root_dir=out, max_steps=max_steps, accelerator=accelerator,
+        devices=trainer_cfg.pop("devices", "auto") or "auto", num_nodes=trainer_cfg.pop("num_nodes", 1) or 1,
+        precision=resolve_precision(str(trainer_cfg.pop("precision", "auto")), accelerator),
+        gradient_clip_val=optim.get("clip_grad_norm", 1.0), gradient_clip_algorithm="norm",
+        val_check_interval=min(val_every, max_steps) if validating else None, check_val_every_n_epoch=None,
+        limit_val_batches=None if validating else 0, num_sanity_val_steps=0,
+        callbacks=[checkpoint, LearningRateMonitor("step")],
+        logger=CSVLogger(out, name="", version=""), use_distributed_sampler=False,
+        enable_model_summary=False, **trainer_cfg,
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    result = {"best": checkpoint.best_model_path or None, "metrics": {}}
+    if trainer.is_global_zero:
+        best = checkpoint.best_model_path or checkpoint.last_model_path
+        final = RegionSpotModule.load_from_checkpoint(best, map_location="cpu", weights_only=False) if best else module
+        variant = cfg["model"].get("variant", "auto")
+        result["head"] = str(save_head(final.head, out / "head.pt", variant=None if variant == "auto" else variant))
+        result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        (out / "fit_summary.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = build_config(args)
+    try:
+        result = run(cfg)
+    except (FitError, ShardFormatError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if "head" in result:
+        print(f"head written to {result['head']}")
+        if result["metrics"]:
+            print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

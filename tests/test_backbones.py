@@ -1,0 +1,362 @@
+"""Frozen backbones against the libraries' own reference paths (SamPredictor, HF CLIP)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+from torch.nn import functional as F
+from transformers import CLIPVisionModel
+
+from regionspot_pl.backbones import (
+    CLIP_MEAN,
+    CLIP_STD,
+    OFFICIAL_SAM_CHECKPOINTS,
+    TEMPLATES,
+    TINY_SAM_CONFIG,
+    ClipEncoder,
+    SamRegionEncoder,
+    build_sam,
+    clip_preprocess,
+    load_clip,
+    model_identity,
+    text_embeddings,
+)
+from regionspot_pl.backbones.tiny import write_tiny_backbones
+from regionspot_pl.tiny import main as tiny_main
+
+# (x0, y0, x1, y1) in original pixels of a 150 x 220 (H x W) image, deliberately non-square
+# so that the resize/pad/unpad bookkeeping is exercised.
+IMAGE_HW = (150, 220)
+BOXES = torch.tensor(
+    [
+        [10.0, 20.0, 100.0, 120.0],
+        [0.0, 0.0, 219.0, 149.0],
+        [150.5, 30.25, 170.0, 60.0],
+        [5, 5, 8, 9],
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def sam(tiny_backbones):
+    return build_sam("tiny", tiny_backbones["sam_checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def region_encoder(sam):
+    return SamRegionEncoder(sam)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_backbones):
+    model, tokenizer = load_clip(tiny_backbones["clip_dir"])
+    return ClipEncoder(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(*IMAGE_HW, 3), dtype=np.uint8)
+    img[30:100, 40:120] = (200, 30, 30)  # a flat object, so masks are not pure noise
+    return img
+
+
+def _predictor_reference(sam, image, boxes):
+    """segment-anything's own path: SamPredictor, boxes through its transform, one decoder call;
+    hs captured from the decoder's transformer, the image-encoder input from a pre-hook."""
+    predictor = SamPredictor(sam)
+    seen = {}
+    pre = sam.image_encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    hook = sam.mask_decoder.transformer.register_forward_hook(
+        lambda m, args, out: seen.update(hs=out[0])
+    )
+    try:
+        predictor.set_image(image)
+        masks, _, _ = predictor.predict_torch(
+            None,
+            None,
+            boxes=predictor.transform.apply_boxes_torch(boxes, image.shape[:2]),
+            multimask_output=False,
+        )
+    finally:
+        pre.remove()
+        hook.remove()
+    return seen["x"][0], predictor.features[0], seen["hs"][:, 1], masks[:, 0]
+
+
+# --------------------------------------------------------------------------------------- SAM
+
+
+def test_build_tiny_sam_is_frozen(sam):
+    assert not sam.training
+    assert all(not p.requires_grad for p in sam.parameters())
+    assert sam.image_encoder.img_size == TINY_SAM_CONFIG["image_size"] == 512
+    assert sam.image_encoder.patch_embed.proj.out_channels == TINY_SAM_CONFIG["encoder_embed_dim"]
+
+
+def test_build_vit_b_through_segment_anything():
+    # random weights (~0.5 s): the official builder's architecture, frozen, 1024 input
+    sam = build_sam("vit_b", None)
+    assert not sam.training and all(not p.requires_grad for p in sam.parameters())
+    assert SamRegionEncoder(sam).img_size == 1024
+    assert len(sam.image_encoder.blocks) == 12
+
+
+def test_region_encoder_matches_sam_predictor(region_encoder, sam, image):
+    ref_input, ref_embedding, ref_tokens, ref_masks = _predictor_reference(sam, image, BOXES)
+
+    x = region_encoder.preprocess(image)
+    assert x.shape == (3, 512, 512) and x.dtype == torch.float32
+    torch.testing.assert_close(x, ref_input, rtol=0, atol=0)
+
+    embedding = region_encoder.encode_images(x[None])
+    assert embedding.shape == (1, 256, 32, 32)
+    torch.testing.assert_close(embedding[0], ref_embedding)
+
+    tokens, masks = region_encoder.encode_boxes(embedding[0], BOXES, IMAGE_HW)
+    assert tokens.shape == (4, 256) and tokens.dtype == torch.float32
+    assert masks.shape == (4, *IMAGE_HW) and masks.dtype == torch.bool
+    torch.testing.assert_close(tokens, ref_tokens)
+    assert torch.equal(masks, ref_masks)
+    assert masks.any()  # the comparison is not vacuous
+
+
+def test_encode_images_batched_equals_single(region_encoder, image):
+    other = np.ascontiguousarray(image[::-1])
+    batch = torch.stack([region_encoder.preprocess(image), region_encoder.preprocess(other)])
+    both = region_encoder.encode_images(batch)
+    torch.testing.assert_close(both[1:], region_encoder.encode_images(batch[1:]))
+
+
+def test_encode_boxes_one_decoder_call_and_chunks(region_encoder, sam, image):
+    embedding = region_encoder.encode_images(region_encoder.preprocess(image)[None])[0]
+    calls = []
+    hook = sam.mask_decoder.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        tokens, masks = region_encoder.encode_boxes(embedding, BOXES, IMAGE_HW)
+        assert len(calls) == 1  # all boxes batched, no python loop over boxes
+        chunked = region_encoder.encode_boxes(embedding, BOXES, IMAGE_HW, chunk_size=3)
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+    torch.testing.assert_close(chunked[0], tokens)
+    assert torch.equal(chunked[1], masks)
+
+
+def test_encode_boxes_no_boxes(region_encoder, image):
+    embedding = region_encoder.encode_images(region_encoder.preprocess(image)[None])[0]
+    tokens, masks = region_encoder.encode_boxes(embedding, torch.zeros(0, 4), IMAGE_HW)
+    assert tokens.shape == (0, 256) and tokens.dtype == torch.float32
+    assert masks.shape == (0, *IMAGE_HW) and masks.dtype == torch.bool
+
+
+def test_region_encoder_rejects_bad_input(region_encoder, image):
+    with pytest.raises(ValueError, match="uint8"):
+        region_encoder.preprocess(image.astype(np.float32))
+    with pytest.raises(ValueError, match="HxWx3"):
+        region_encoder.preprocess(image[..., 0])
+    with pytest.raises(ValueError, match=r"\[B, 3, 512, 512\]"):
+        region_encoder.encode_images(torch.zeros(1, 3, 256, 256))
+    embedding = torch.zeros(256, 32, 32)
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        region_encoder.encode_boxes(embedding, torch.zeros(3, 2), IMAGE_HW)
+
+
+def test_missing_checkpoint_names_official_file_and_flag(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        build_sam("vit_b", tmp_path / "nope.pth")
+    assert OFFICIAL_SAM_CHECKPOINTS["vit_b"] == "sam_vit_b_01ec64.pth"
+    assert "sam_vit_b_01ec64.pth" in str(err.value) and "--sam-checkpoint" in str(err.value)
+
+
+def test_checkpoint_of_another_type_is_rejected_before_building(tiny_backbones, monkeypatch):
+    # the type check reads the state dict only; a real vit_b must not even be instantiated
+    import regionspot_pl.backbones.sam as sam_module
+
+    monkeypatch.setitem(sam_module.sam_model_registry, "vit_b", _must_not_build)
+    with pytest.raises(ValueError, match=r"does not fit --sam-type vit_b.*--sam-type tiny"):
+        build_sam("vit_b", tiny_backbones["sam_checkpoint"])
+
+
+def _must_not_build(checkpoint=None):
+    raise AssertionError("built a full-size SAM for a checkpoint that does not fit")
+
+
+def test_unusable_checkpoints(tmp_path, tiny_backbones):
+    not_sam = tmp_path / "not_sam.pth"
+    torch.save({"weight": torch.zeros(2)}, not_sam)
+    with pytest.raises(ValueError, match="not a SAM state dict"):
+        build_sam("tiny", not_sam)
+
+    # arbitrary pickled objects are refused (weights_only=True), reported as a ValueError
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"obj": Path("x")}, unsafe)
+    with pytest.raises(ValueError, match="could not be read"):
+        build_sam("tiny", unsafe)
+
+    # right shapes but a missing key: load_state_dict's strict error, reworded
+    state = torch.load(tiny_backbones["sam_checkpoint"], weights_only=True)
+    del state["mask_decoder.iou_token.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match="(?s)does not fit --sam-type tiny.*iou_token"):
+        build_sam("tiny", broken)
+
+    with pytest.raises(ValueError, match="unknown --sam-type"):
+        build_sam("vit_x", None)
+
+
+# -------------------------------------------------------------------------------------- CLIP
+
+
+def test_templates():
+    assert len(TEMPLATES) == 80 and len(set(TEMPLATES)) == 80
+    assert all(t.count("{}") == 1 for t in TEMPLATES)
+    assert TEMPLATES[0] == "a bad photo of a {}." and "a photo of a {}." in TEMPLATES
+
+
+def test_clip_preprocess_matches_manual():
+    img = torch.randint(0, 256, (3, 90, 130), dtype=torch.uint8)
+    out = clip_preprocess(img, 224)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    manual = F.interpolate(
+        img[None].float() / 255, size=(224, 224), mode="bilinear", antialias=True
+    )[0]
+    manual = (manual - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[
+        :, None, None
+    ]
+    torch.testing.assert_close(out, manual)
+    # float input already in [0, 1] gives the same
+    torch.testing.assert_close(clip_preprocess(img.float() / 255, 224), out)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        clip_preprocess(img.permute(1, 2, 0), 224)
+
+
+def test_clip_feature_map_matches_hf(clip, tiny_backbones, image):
+    assert (clip.vision_dim, clip.text_dim, clip.image_size, clip.num_tokens) == (128, 64, 224, 197)
+    pixels = torch.stack([clip_preprocess(torch.from_numpy(image).permute(2, 0, 1), 224)] * 2)
+    pixels[1] = pixels[1].flip(-1)
+    features = clip.feature_map(pixels)
+    assert features.shape == (2, 197, 128)
+    # an independently loaded HF vision tower gives the same last_hidden_state
+    vision = CLIPVisionModel.from_pretrained(
+        tiny_backbones["clip_dir"], local_files_only=True
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(features, vision(pixel_values=pixels).last_hidden_state)
+    image_embeddings = clip.encode_image_embeddings(pixels)
+    assert image_embeddings.shape == (2, 64)
+    torch.testing.assert_close(image_embeddings.norm(dim=-1), torch.ones(2))
+    with pytest.raises(ValueError, match=r"\[B, 3, 224, 224\]"):
+        clip.feature_map(pixels[:, :, :100])
+
+
+def test_tiny_clip_has_sincos_positions(clip):
+    embeddings = clip.model.vision_model.embeddings
+    pos = embeddings.position_embedding.weight
+    assert torch.count_nonzero(pos[0]) == 0  # class token: no position
+    # comparable to the patch content (RMS for unit-variance pixels), not HF's 0.02-std init
+    content_rms = embeddings.patch_embedding.weight.pow(2).sum().div(pos.shape[1]).sqrt()
+    torch.testing.assert_close(pos[1:].pow(2).mean().sqrt(), content_rms, rtol=1e-4, atol=0)
+    # neighbouring patches are closer than far-apart ones (a 2-D layout on a 14 x 14 grid)
+    d = torch.cdist(pos[1:], pos[1:])
+    assert d[0, 1] < d[0, 13] < d[0, 195]
+
+
+def test_encode_texts_template_average(clip):
+    templates = ["a photo of a {}.", "itap of my {}.", "the {} in a video game."]
+    got = clip.encode_texts(["dog", "traffic light-other"], templates, batch_size=2)
+    assert got.shape == (2, 64)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
+    expected = []
+    for name in ["dog", "traffic light"]:  # suffix '-other' removed
+        feats = []
+        for t in templates:  # one prompt at a time: no padding, no batching
+            ids = clip.tokenizer(t.format(name), return_tensors="pt")
+            with torch.no_grad():
+                out = clip.model.get_text_features(**ids)
+            feats.append(out if isinstance(out, torch.Tensor) else out.pooler_output)
+        expected.append(F.normalize(torch.cat(feats).mean(0), dim=-1))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    # the default is all 80 templates
+    assert clip.encode_texts(["dog"]).shape == (1, 64)
+
+
+def test_text_embedding_cache(clip, tmp_path, monkeypatch):
+    cache = tmp_path / "text.h5"
+    calls = []
+    original = clip.encode_texts
+
+    def counting(names, templates=TEMPLATES, batch_size=256):
+        calls.append(list(names))
+        return original(names, templates, batch_size)
+
+    monkeypatch.setattr(clip, "encode_texts", counting)
+    first = text_embeddings(clip, ["cat", "dog"], cache, "model-a")
+    assert first.shape == (2, 64) and first.dtype == torch.float32 and len(calls) == 1
+    again = text_embeddings(clip, ["cat", "dog"], cache, "model-a")
+    assert len(calls) == 1  # served from the cache
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    # '-stuff' is cleaned before hashing: the same prompts, the same entry
+    text_embeddings(clip, ["cat", "dog-stuff"], cache, "model-a")
+    assert len(calls) == 1
+
+    other_vocab = text_embeddings(clip, ["dog", "cat"], cache, "model-a")
+    other_model = text_embeddings(clip, ["cat", "dog"], cache, "model-b")
+    assert len(calls) == 3
+    torch.testing.assert_close(other_vocab, first.flip(0))
+    torch.testing.assert_close(other_model, first)
+
+    with h5py.File(cache, "r") as f:
+        assert set(f) == {"model-a", "model-b"} and len(f["model-a"]) == 2
+        (entry,) = f["model-b"].values()
+        assert [n.decode() for n in entry["class_names"][()]] == ["cat", "dog"]
+        assert entry["templates"].shape == (80,)
+    assert not list(tmp_path.glob("*.tmp"))  # temp files replaced, none left over
+
+
+def test_model_identity(tiny_backbones, tmp_path):
+    ident = model_identity(tiny_backbones["clip_dir"])
+    assert re.fullmatch(r"[0-9a-f]{16}", ident)
+    assert model_identity(tiny_backbones["clip_dir"]) == ident
+    other = write_tiny_backbones(tmp_path, seed=1)
+    assert model_identity(other["clip_dir"]) != ident
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        model_identity(tmp_path)
+
+
+def test_load_clip_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CLIP directory"):
+        load_clip(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a CLIP directory"):
+        load_clip(tmp_path)
+
+
+# ------------------------------------------------------------------------------ tiny writer
+
+
+def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys):
+    paths = tiny_main([str(tmp_path), "--seed", "0"])
+    printed = capsys.readouterr().out
+    assert str(paths["sam_checkpoint"]) in printed and str(paths["clip_dir"]) in printed
+    reference = tiny_backbones
+    assert paths["sam_checkpoint"].read_bytes() == reference["sam_checkpoint"].read_bytes()
+    files = sorted(p.name for p in reference["clip_dir"].iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+    assert files == sorted(p.name for p in paths["clip_dir"].iterdir())
+    for name in files:
+        assert (paths["clip_dir"] / name).read_bytes() == (
+            reference["clip_dir"] / name
+        ).read_bytes()
+    # loadable offline by the library's own entry points
+    build_sam("tiny", paths["sam_checkpoint"])
+    model, tokenizer = load_clip(paths["clip_dir"])
+    ids = tokenizer("a photo of a dog.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
