@@ -106,7 +106,7 @@ class ImageFeaturesInput(Dataset):
         path = self.image_dir / rec.file_name
         try:
             with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+                image = np.array(im.convert("RGB"))
         except Exception as err:  # missing, truncated or not an image: logged and counted, not fatal
             item["error"] = f"{path}: {type(err).__name__}: {err}"
             return item

@@ -90,10 +90,11 @@ def clip_preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def clean_class_name(name: str) -> str:
-    """Drop the '-other', '-merged', '-stuff' suffixes the reference removes before prompting."""
+    """Drop the '-other', '-merged', '-stuff' suffixes the reference removes before prompting,
+    and read LVIS-style underscores as spaces ('aerosol_can' -> 'aerosol can')."""
     for suffix in _NAME_SUFFIXES:
         name = name.replace(suffix, "")
-    return name
+    return name.replace("_", " ")
 
 
 def _pooled(output: torch.Tensor | object) -> torch.Tensor:
