@@ -13,3 +13,27 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny} for seed 0."""
     return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small generated scene set (24 train, 14 val images), LVIS-style annotations."""
+    from regionspot_pl.demo.scenes import generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo_data"), num_train=24, num_val=14, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory, demo_data, tiny_backbones) -> dict[str, Path]:
+    """Train and val shards of ``demo_data`` extracted with the tiny backbones (4 images a shard)."""
+    from regionspot_pl.extract import ExtractConfig, run_extraction
+
+    root = tmp_path_factory.mktemp("demo_shards")
+    for split in ("train", "val"):
+        run_extraction(ExtractConfig(
+            images=str(demo_data[f"{split}_images"]), annotations=str(demo_data[f"{split}_json"]),
+            out=str(root / split), sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+            clip_model=str(tiny_backbones["clip_dir"]), dataset=f"demo_{split}", shard_size=4, workers=0,
+            text_cache=str(root / "text.h5"),
+        ))
+    return {"train": root / "train", "val": root / "val", "text_cache": root / "text.h5"}

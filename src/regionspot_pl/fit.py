@@ -3,8 +3,8 @@
     python -m regionspot_pl.fit --stage warmup     # configs/fit/warmup.yaml: Objects365
     python -m regionspot_pl.fit --stage advanced   # configs/fit/advanced.yaml: O365+OI+V3Det, from warm-up
 
-Flags override the stage's YAML. Writes OUT/checkpoints/{best,last}.ckpt, OUT/metrics.csv
-(Lightning's CSV log) and OUT/head.pt (best by val AP if validating, else last), which
+Flags override the stage's YAML. Writes OUT/checkpoints/{best,last}.ckpt, Lightning's CSV log
+OUT/logs/version_N/metrics.csv, and OUT/head.pt (best by val AP if validating, else last), which
 ``regionspot_pl.load_head`` and ``python -m regionspot_pl.test --head`` read.
 """
 
@@ -147,8 +147,11 @@ def build_config(args: argparse.Namespace) -> dict:
     })
 
 
-def run(cfg: dict) -> dict:
-    """Train as configured; returns {'head': path, 'best': ckpt or None, 'metrics': last val metrics}."""
+def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
+    """Train as configured; returns {'head': path, 'best': ckpt or None, 'metrics': last val metrics}.
+
+    ``callbacks`` are added to the Trainer's (e.g. to inspect batches in tests or notebooks).
+    """
     out = Path(cfg.get("out", "runs/fit"))
     data, optim, trainer_cfg = cfg["data"], cfg.get("optim", {}), dict(cfg.get("trainer", {}))
     seed = int(cfg.get("seed", 0))
@@ -210,8 +213,9 @@ def run(cfg: dict) -> dict:
         gradient_clip_val=optim.get("clip_grad_norm", 1.0), gradient_clip_algorithm="norm",
         val_check_interval=min(val_every, max_steps) if validating else None, check_val_every_n_epoch=None,
         limit_val_batches=None if validating else 0, num_sanity_val_steps=0,
-        callbacks=[checkpoint, LearningRateMonitor("step")],
-        logger=CSVLogger(out, name="", version=""), use_distributed_sampler=False,
+        callbacks=[checkpoint, LearningRateMonitor("step"), *callbacks],
+        # a new logs/version_N per start, so a resumed run never overwrites the log it resumes
+        logger=CSVLogger(out, name="logs"), use_distributed_sampler=False,
         enable_model_summary=False, **trainer_cfg,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ class ShardStream(IterableDataset):
         stages = [wds.tarfile_to_samples()]
         if self.shuffle and self.shuffle_buffer > 1:
             worker = info.id if info else 0
-            stages.append(wds.shuffle(self.shuffle_buffer, rng=np.random.default_rng([self.seed, rank, worker])))
+            rng = random.Random(f"{self.seed}-{rank}-{worker}")  # webdataset wants a random.Random
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
         pipeline = wds.DataPipeline(self._urls, *stages)
         for raw in pipeline:
             sample = validate_sample(decode_sample(raw))
@@ -231,10 +233,9 @@ class RegionDataModule(L.LightningDataModule):
         infos = self.train + ([self.val] if self.val else [])
         dims = {(i.manifest["backbones"]["clip"]["vision_dim"], i.manifest["backbones"]["clip"]["text_dim"]) for i in infos}
         if len(dims) != 1:
+            models = ", ".join(f"{i.folder}: {i.manifest['backbones']['clip']['model']}" for i in infos)
             raise ShardFormatError(
-                "shard folders were extracted with different CLIP models "
-                f"({', '.join(f'{i.folder}: {i.manifest['backbones']['clip']['model']}' for i in infos)}); "
-                "re-extract them with one CLIP model"
+                f"shard folders were extracted with different CLIP models ({models}); re-extract them with one CLIP model"
             )
 
     def check_world(self, world: int) -> None:

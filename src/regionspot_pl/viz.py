@@ -1,0 +1,235 @@
+"""Pictures: named boxes with masks, region-query attention heat maps (paper Fig. 4), grids.
+
+Everything returns a ``PIL.Image``. Small images (the demo's are 256 px) are enlarged by an
+integer factor before drawing (``min_size``), so that captions stay readable; boxes, masks and
+heat maps are scaled with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+
+ImageInput = Image.Image | np.ndarray
+
+CORRECT = (40, 200, 70)
+WRONG = (230, 40, 40)
+_MASK_ALPHA = 0.4
+_HEAT_ALPHA = 0.55
+
+
+def _to_pil(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"image must be a PIL image or HxWx3 uint8 array, got {array.dtype} {array.shape}")
+    return Image.fromarray(array)
+
+
+def _upscale_factor(size: tuple[int, int], min_size: int) -> int:
+    """Integer factor that brings the longer side to at least ``min_size`` (1 if already there)."""
+    longest = max(size)
+    return max(1, math.ceil(min_size / longest)) if min_size > 0 and longest > 0 else 1
+
+
+def _font(image_width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # ~1/36 of the width, at least 13 px: readable on 512 px pictures and on 1024 px photos.
+    return ImageFont.load_default(size=max(13, image_width // 36))
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct, saturated colours (matplotlib tab10, then tab20 beyond 10)."""
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    count = 10 if n <= 10 else 20
+    return [tuple(int(255 * c) for c in cmap(i % count)[:3]) for i in range(n)]
+
+
+def _caption(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    anchor: tuple[float, float],
+    fill: tuple[int, int, int],
+    font,
+    image_size: tuple[int, int],
+    outline: tuple[int, int, int] | None = None,
+) -> None:
+    """A filled label above (x, y), moved inside the picture if it would leave it."""
+    x, y = anchor
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = 3
+    w, h = right - left + 2 * pad, bottom - top + 2 * pad
+    x = min(max(0, x), image_size[0] - w)
+    y = y - h if y - h >= 0 else y  # inside the box's top edge when there is no room above
+    y = min(max(0, y), image_size[1] - h)
+    width = 3 if outline is not None else 0
+    draw.rectangle([x, y, x + w, y + h], fill=fill, outline=outline, width=width)
+    # dark text on light colours, white text on dark ones
+    luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+    ink = (0, 0, 0) if luminance > 150 else (255, 255, 255)
+    draw.text((x + pad - left, y + pad - top), text, fill=ink, font=font)
+
+
+def draw_detections(
+    image: ImageInput,
+    boxes: Sequence[Sequence[float]] | np.ndarray,
+    labels: Sequence[str],
+    scores: Sequence[float],
+    masks: Sequence[np.ndarray] | np.ndarray | None = None,
+    gt_labels: Sequence[str] | None = None,
+    min_size: int = 512,
+) -> Image.Image:
+    """Draw named boxes (and their masks) on an image.
+
+    Args:
+        image: HxWx3 uint8 array or PIL image.
+        boxes: [N, 4] x1, y1, x2, y2 in pixels of ``image``.
+        labels, scores: [N] top class name and its probability per box.
+        masks: [N] HxW bool masks, overlaid in each box's colour; None for none.
+        gt_labels: [N] true names; the caption gets a green outline when the label is right,
+            a red one (and the true name) when it is wrong.
+        min_size: enlarge small images by an integer factor to this longer side (0: never).
+
+    Returns:
+        the picture (size = image size x the upscale factor).
+    """
+    base = _to_pil(image)
+    n = len(boxes)
+    if not (len(labels) == len(scores) == n):
+        raise ValueError(f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box")
+    if gt_labels is not None and len(gt_labels) != n:
+        raise ValueError(f"gt_labels has {len(gt_labels)} entries for {n} boxes")
+    if masks is not None and len(masks) != n:
+        raise ValueError(f"masks has {len(masks)} entries for {n} boxes")
+    colours = palette(n)
+
+    canvas = np.asarray(base).astype(np.float32)
+    if masks is not None:
+        for mask, colour in zip(masks, colours):
+            m = np.asarray(mask, dtype=bool)
+            if m.shape != canvas.shape[:2]:
+                raise ValueError(f"mask shape {m.shape} does not match the image {canvas.shape[:2]}")
+            canvas[m] = (1 - _MASK_ALPHA) * canvas[m] + _MASK_ALPHA * np.asarray(colour, np.float32)
+    picture = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
+    scale = _upscale_factor(picture.size, min_size)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
+
+    draw = ImageDraw.Draw(picture)
+    font = _font(picture.width)
+    line = max(2, picture.width // 250)
+    # boxes first, then all captions, so that no box line crosses a caption
+    for box, colour in zip(boxes, colours):
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+    for i, (box, colour) in enumerate(zip(boxes, colours)):
+        text = f"{labels[i]} {float(scores[i]):.2f}"
+        outline = None
+        if gt_labels is not None:
+            correct = labels[i] == gt_labels[i]
+            outline = CORRECT if correct else WRONG
+            if not correct:
+                text += f" (gt: {gt_labels[i]})"
+        _caption(draw, text, (float(box[0]) * scale, float(box[1]) * scale), colour, font,
+                 picture.size, outline)  # fmt: skip
+    return picture
+
+
+def draw_attention(
+    image: ImageInput,
+    box: Sequence[float],
+    attention: Sequence[float] | np.ndarray,
+    grid: int | None = None,
+    title: str | None = None,
+    min_size: int = 512,
+    cmap: str = "jet",
+) -> Image.Image:
+    """One region query's attention over the CLIP feature map, as a heat map on the image.
+
+    CLIP sees the whole image resized to a square, so patch (r, c) of the ``grid x grid`` map
+    covers the same fraction of the image whatever its aspect ratio: the map is upsampled
+    straight to the image size. The heat map is normalized to its own max; the caption gives
+    the class-token weight and the largest patch weight (absolute, rows sum to 1).
+
+    Args:
+        image: HxWx3 uint8 array or PIL image.
+        box: x1, y1, x2, y2 of the query's box, in pixels of ``image``.
+        attention: [T] weights over CLIP tokens, class token first (T = 1 + grid^2).
+        grid: side of the patch grid (14 for ViT-B/16 at 224); None infers it from T.
+        title: first caption line (e.g. the box's label).
+    """
+    base = _to_pil(image)
+    weights = np.asarray(attention, dtype=np.float64).reshape(-1)
+    if grid is None:
+        grid = int(round(math.sqrt(len(weights) - 1)))
+    if len(weights) != 1 + grid * grid:
+        raise ValueError(
+            f"attention has {len(weights)} weights; expected 1 class token + {grid}x{grid} "
+            f"patches = {1 + grid * grid}"
+        )
+    cls_weight, patches = float(weights[0]), weights[1:].reshape(grid, grid)
+    peak = float(patches.max())
+    normalized = patches / peak if peak > 0 else patches
+
+    scale = _upscale_factor(base.size, min_size)
+    size = (base.width * scale, base.height * scale)
+    picture = base.resize(size, Image.Resampling.BICUBIC) if scale > 1 else base
+    # upsample the [0, 1] map as an 8-bit image (bilinear), then colour it
+    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    coloured = colormaps[cmap](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3] * 255
+    blended = (1 - _HEAT_ALPHA) * np.asarray(picture, np.float32) + _HEAT_ALPHA * coloured
+    picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+    draw = ImageDraw.Draw(picture)
+    line = max(2, picture.width // 200)
+    x1, y1, x2, y2 = (float(v) * scale for v in box)
+    draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 255), width=line + 2)
+    draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=max(1, line - 1))
+
+    # caption band below the picture, so it never hides the heat map
+    font = _font(picture.width)
+    lines = ([title] if title else []) + [f"class token {cls_weight:.3f} | max patch {peak:.3f}"]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heights = [measure.textbbox((0, 0), t, font=font) for t in lines]
+    line_h = max(b[3] - b[1] for b in heights) + 6
+    band = line_h * len(lines) + 8
+    out = Image.new("RGB", (picture.width, picture.height + band), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, (text, bbox) in enumerate(zip(lines, heights)):
+        draw.text((6 - bbox[0], picture.height + 4 + i * line_h - bbox[1]), text, fill=(0, 0, 0), font=font)
+    return out
+
+
+def save_grid(
+    images: Sequence[Image.Image],
+    path: str | Path,
+    cols: int,
+    gap: int = 8,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Path:
+    """Paste pictures into a grid (row-major, each cell as large as the largest picture) and save.
+
+    Returns the written path (its parent folder is created).
+    """
+    if not images:
+        raise ValueError("save_grid needs at least one image")
+    if cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}")
+    cols = min(cols, len(images))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    sheet = Image.new("RGB", (cols * cell_w + (cols + 1) * gap, rows * cell_h + (rows + 1) * gap), background)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        sheet.paste(im.convert("RGB"), (gap + c * (cell_w + gap), gap + r * (cell_h + gap)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

@@ -1,0 +1,281 @@
+"""Offline extraction: equivalence with SAM's and CLIP's own code, shard format, crash safety."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from pycocotools import mask as mask_utils
+from segment_anything import SamPredictor
+from transformers import CLIPVisionModel
+
+from regionspot_pl.backbones.clip import clip_preprocess
+from regionspot_pl.backbones.sam import build_sam
+from regionspot_pl.data.annotations import AnnotationError, load_coco
+from regionspot_pl.data.shards import (
+    ShardFormatError,
+    decode_sample,
+    encode_sample,
+    iter_samples,
+    list_shards,
+    read_manifest,
+    validate_sample,
+)
+from regionspot_pl.extract import ExtractConfig, FeatureExtractor, config_from_args, main, run_extraction
+
+
+def _config(demo_data, tiny_backbones, out, split="train", **kw) -> ExtractConfig:
+    return ExtractConfig(
+        images=str(demo_data[f"{split}_images"]), annotations=str(demo_data[f"{split}_json"]), out=str(out),
+        sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+        clip_model=str(tiny_backbones["clip_dir"]), dataset=f"demo_{split}", workers=0,
+        text_cache=str(Path(out).parent / "text.h5"), **kw,
+    )
+
+
+def _samples(folder) -> dict[str, dict]:
+    return {s["__key__"]: s for s in iter_samples(list_shards(folder))}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in ("sam", "boxes", "labels", "scores", "clip")) and a["meta"] == b["meta"]
+
+
+def test_shards_hold_what_sam_predictor_and_hf_clip_give(demo_shards, demo_data, tiny_backbones):
+    samples = _samples(demo_shards["val"])
+    records, vocab, _ = load_coco(demo_data["val_json"])
+    assert len(samples) == len(records) == 14
+    rec = max(records, key=lambda r: len(r.boxes))  # the image with the most boxes
+    s = samples[str(rec.image_id)]
+    assert s["sam"].shape == (len(rec.boxes), 256) and s["sam"].dtype == np.float16
+    np.testing.assert_array_equal(s["boxes"], rec.boxes)
+    np.testing.assert_array_equal(s["labels"], rec.labels)
+    assert s["meta"]["dataset"] == "demo_val" and s["meta"]["width"] == rec.width
+
+    image = np.array(Image.open(demo_data["val_images"] / rec.file_name).convert("RGB"))
+    sam = build_sam("tiny", tiny_backbones["sam_checkpoint"])
+    predictor = SamPredictor(sam)
+    seen = {}
+    hook = sam.mask_decoder.transformer.register_forward_hook(lambda m, a, o: seen.update(hs=o[0]))
+    predictor.set_image(image)
+    boxes = predictor.transform.apply_boxes_torch(torch.from_numpy(rec.boxes), image.shape[:2])
+    masks, _, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    hook.remove()
+    expected_tokens = seen["hs"][:, 1].numpy()  # first mask token; index 0 is the IoU token
+    np.testing.assert_allclose(s["sam"].astype(np.float32), expected_tokens, rtol=2e-3, atol=2e-3)
+    stored = mask_utils.decode(s["meta"]["masks"]).transpose(2, 0, 1).astype(bool)
+    np.testing.assert_array_equal(stored, masks[:, 0].numpy())
+
+    vision = CLIPVisionModel.from_pretrained(tiny_backbones["clip_dir"], local_files_only=True).eval()
+    with torch.no_grad():
+        pixels = clip_preprocess(torch.from_numpy(image).permute(2, 0, 1), 224)[None]
+        expected_clip = vision(pixel_values=pixels).last_hidden_state[0].numpy()
+    assert s["clip"].shape == (197, 128) and s["clip"].dtype == np.float16
+    np.testing.assert_allclose(s["clip"].astype(np.float32), expected_clip, rtol=2e-3, atol=2e-3)
+
+    manifest = read_manifest(demo_shards["val"])
+    assert manifest["vocabulary"]["names"] == list(vocab.names)
+    assert manifest["backbones"]["sam"]["type"] == "tiny" and len(manifest["backbones"]["sam"]["sha256_16"]) == 16
+    assert manifest["counts"]["samples"] == 14 and manifest["config"]["shard_size"] == 4
+
+
+def test_shards_are_plain_webdataset_tars(demo_shards):
+    shards = list_shards(demo_shards["train"])
+    raw = next(iter(wds.WebDataset([str(shards[0])], shardshuffle=False)))
+    assert {"sam.npy", "boxes.npy", "labels.npy", "scores.npy", "clip.npy", "json"} <= set(raw)
+    arr = wds.autodecode.npy_loads(raw["sam.npy"])  # readable by webdataset's own decoder
+    assert arr.dtype == np.float16 and arr.shape[1] == 256
+    total = sum(json.loads(p.with_suffix(".json").read_text())["samples"] for p in shards)
+    assert total == 24 and len(shards) == 6
+
+
+def test_sample_round_trip_and_validation():
+    rng = np.random.default_rng(0)
+    arrays = dict(sam=rng.normal(size=(3, 256)), boxes=rng.uniform(0, 9, size=(3, 4)),
+                  labels=np.array([0, 2, -1]), scores=np.ones(3), clip=rng.normal(size=(5, 8)))
+    sample = encode_sample(7, **arrays, meta={"file_name": "a.jpg", "width": 10, "height": 10})
+    back = validate_sample(decode_sample(sample))
+    assert back["__key__"] == "7" and back["meta"]["image_id"] == 7
+    np.testing.assert_array_equal(back["labels"], arrays["labels"])
+    np.testing.assert_array_equal(back["sam"], arrays["sam"].astype(np.float16))
+    with pytest.raises(ShardFormatError, match="per-box arrays disagree"):
+        encode_sample(7, **{**arrays, "labels": np.array([0, 1])}, meta={})
+    pickled = dict(sample)
+    import io
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    pickled["labels.npy"] = buf.getvalue()
+    with pytest.raises(ShardFormatError, match="not a plain .npy"):
+        decode_sample(pickled)  # object arrays (pickle) are refused, never loaded
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(demo_data, tiny_backbones, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run_extraction(_config(demo_data, tiny_backbones, straight, shard_size=3, batch_size=2))
+
+    crashed = tmp_path / "crashed"
+    calls = {"n": 0}
+    original = FeatureExtractor.__call__
+
+    def dies_on_fourth_batch(self, items, dataset):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, items, dataset)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", dies_on_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))
+    partial = sorted(p.name for p in crashed.glob("*.tar"))
+    assert 0 < len(partial) < 8  # some shards finished, the rest did not
+    monkeypatch.setattr(FeatureExtractor, "__call__", original)
+    summary = run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))
+    assert summary["resumed_images"] == 3 * len(partial)
+    assert summary["images"] == 24 - 3 * len(partial)
+    assert not list(crashed.glob("*.tmp"))
+    for a in sorted(straight.glob("*.tar")):  # byte-identical shards, no duplicates
+        assert (crashed / a.name).read_bytes() == a.read_bytes()
+    assert sorted(p.name for p in crashed.glob("*.tar")) == sorted(p.name for p in straight.glob("*.tar"))
+    # a third run has nothing left to do
+    assert run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))["images"] == 0
+
+
+def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny_backbones, tmp_path):
+    out = tmp_path / "out"
+    run_extraction(_config(demo_data, tiny_backbones, out, split="val", shard_size=7))
+    with pytest.raises(SystemExit, match="differs in: shard_size"):
+        run_extraction(_config(demo_data, tiny_backbones, out, split="val", shard_size=5))
+
+
+def test_two_ranks_together_equal_one(demo_shards, demo_data, tiny_backbones, tmp_path):
+    single = _samples(demo_shards["train"])
+    out = tmp_path / "ranks"
+    for rank in (0, 1):
+        run_extraction(_config(demo_data, tiny_backbones, out, shard_size=4, rank=rank, world_size=2))
+    both = _samples(out)
+    assert sorted(both) == sorted(single)
+    assert all(_same(both[k], single[k]) for k in single)
+    names = {p.name.split("-")[1] for p in out.glob("*.tar")}
+    assert names == {"r000", "r001"}
+
+
+def test_torchrun_environment_sets_rank(monkeypatch, demo_data, tiny_backbones, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = config_from_args(["--images", str(demo_data["val_images"]), "--annotations", str(demo_data["val_json"]),
+                            "--out", str(tmp_path), "--sam-type", "tiny",
+                            "--sam-checkpoint", str(tiny_backbones["sam_checkpoint"]),
+                            "--clip-model", str(tiny_backbones["clip_dir"])])
+    assert (cfg.rank, cfg.world_size) == (1, 3)
+
+
+def _broken_dataset(demo_data, tmp_path) -> tuple[Path, Path]:
+    """val set copy with a corrupt JPEG, a missing image, and boxes to clip, drop and skip."""
+    images = tmp_path / "images"
+    shutil.copytree(demo_data["val_images"], images)
+    coco = json.loads(Path(demo_data["val_json"]).read_text())
+    first, second = coco["images"][0], coco["images"][1]
+    (images / first["file_name"]).write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (images / second["file_name"]).unlink()
+    third = coco["images"][2]
+    next_id = max(a["id"] for a in coco["annotations"]) + 1
+    coco["annotations"] += [
+        {"id": next_id, "image_id": third["id"], "category_id": 1, "bbox": [10, 10, 0, 20], "area": 0, "iscrowd": 0},
+        {"id": next_id + 1, "image_id": third["id"], "category_id": 1, "bbox": [-20, 5, 60, 30], "area": 1, "iscrowd": 0},
+        {"id": next_id + 2, "image_id": third["id"], "category_id": 1, "bbox": [5, 5, 30, 30], "area": 1, "iscrowd": 1},
+    ]
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps(coco))
+    return images, ann
+
+
+def test_corrupt_images_and_bad_boxes_are_skipped_and_counted(demo_data, tiny_backbones, tmp_path, caplog):
+    images, ann = _broken_dataset(demo_data, tmp_path)
+    records, _, stats = load_coco(ann)
+    assert (stats.degenerate_dropped, stats.crowd_skipped, stats.clipped) == (1, 1, 1)
+    third = records[2]
+    assert third.boxes[:, 0].min() == 0  # the box starting at x=-20 was clipped to the image
+    cfg = _config(demo_data, tiny_backbones, tmp_path / "out", split="val", shard_size=4)
+    cfg.images, cfg.annotations = str(images), str(ann)
+    summary = run_extraction(cfg)
+    assert summary["images"] == 12 and summary["skipped"] == 2
+    assert "skipping unreadable image" in caplog.text
+    side = json.loads((tmp_path / "out" / "demo_val-r000-000000.json").read_text())
+    assert len(side["skipped"]) == 2 and any("No such file" in s or "not found" in s.lower() for s in side["skipped"])
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["annotations"]["degenerate_dropped"] == 1 and manifest["counts"]["skipped"] == 2
+    keys = _samples(tmp_path / "out")
+    assert len(keys[str(third.image_id)]["labels"]) == len(third.labels)
+
+
+def test_proposals_replace_ground_truth(demo_data, tiny_backbones, tmp_path):
+    coco = json.loads(Path(demo_data["val_json"]).read_text())
+    proposals = [{"image_id": a["image_id"], "bbox": a["bbox"], "score": 0.25} for a in coco["annotations"]]
+    props = tmp_path / "props.json"
+    props.write_text(json.dumps(proposals))
+    cfg = _config(demo_data, tiny_backbones, tmp_path / "out", split="val", boxes=str(props), limit=3)
+    run_extraction(cfg)
+    for s in _samples(tmp_path / "out").values():
+        assert (s["labels"] == -1).all() and np.allclose(s["scores"], 0.25) and len(s["labels"]) > 0
+    props.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(AnnotationError, match="COCO results list"):
+        load_coco(demo_data["val_json"], props)
+
+
+def test_cli_errors_are_clear(demo_data, tiny_backbones, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="edit it in configs/data/o365.yaml"):
+        config_from_args(["--config", "configs/data/o365.yaml"])
+    with pytest.raises(SystemExit, match="missing --images"):
+        config_from_args(["--annotations", "x.json"])
+    args = ["--images", str(demo_data["val_images"]), "--annotations", str(demo_data["val_json"]),
+            "--out", str(tmp_path / "o"), "--sam-type", "vit_b", "--sam-checkpoint", str(tmp_path / "nope.pth"),
+            "--clip-model", str(tiny_backbones["clip_dir"])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "sam_vit_b_01ec64.pth" in err and "--sam-checkpoint" in err
+    args[args.index("--sam-type") + 1] = "tiny"
+    args[args.index("--sam-checkpoint") + 1] = str(tiny_backbones["sam_checkpoint"])
+    assert main(args + ["--clip-size", "336"]) == 2
+    assert "--clip-size 336 does not match" in capsys.readouterr().err
+
+
+def test_cli_runs_from_a_config_file(demo_data, tiny_backbones, tmp_path, capsys):
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(
+        f"dataset: mini\nimages: {demo_data['val_images']}\nannotations: {demo_data['val_json']}\n"
+        f"out: {tmp_path / 'shards'}\nsam_type: tiny\nsam_checkpoint: {tiny_backbones['sam_checkpoint']}\n"
+        f"clip_model: {tiny_backbones['clip_dir']}\nshard_size: 8\ndevice: cpu\nworkers: 1\n"
+        f"text_cache: {tmp_path / 'text.h5'}\n"
+    )
+    assert main(["--config", str(cfg), "--limit", "5", "--no-masks"]) == 0
+    assert "extraction done: images 5" in capsys.readouterr().out
+    samples = _samples(tmp_path / "shards")
+    assert len(samples) == 5 and all("masks" not in s["meta"] for s in samples.values())
+    assert (tmp_path / "text.h5").is_file()  # the vocabulary's text embeddings are cached too
+
+
+def test_openimages_converter(tmp_path):
+    import runpy
+
+    convert = runpy.run_path("scripts/openimages_to_coco.py")["convert"]
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (200, 100)).save(tmp_path / "img" / "abc.jpg")
+    (tmp_path / "classes.csv").write_text("/m/01,Cat\n/m/02,Dog\n")
+    (tmp_path / "boxes.csv").write_text(
+        "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside\n"
+        "abc,x,/m/02,1,0.1,0.6,0.2,0.8,0,0,0,0,0\nabc,x,/m/01,1,0,1,0,1,0,0,1,0,0\n"
+    )
+    coco = convert(tmp_path / "boxes.csv", tmp_path / "classes.csv", tmp_path / "img")
+    assert [c["name"] for c in coco["categories"]] == ["Cat", "Dog"]
+    dog = coco["annotations"][0]
+    assert dog["category_id"] == 2 and np.allclose(dog["bbox"], [20, 20, 100, 60]) and dog["iscrowd"] == 0
+    assert coco["annotations"][1]["iscrowd"] == 1  # IsGroupOf: skipped by the extractor like COCO crowds
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    records, vocab, stats = load_coco(tmp_path / "c.json")
+    assert stats.crowd_skipped == 1 and records[0].labels.tolist() == [1]
