@@ -219,6 +219,9 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         enable_model_summary=False, **trainer_cfg,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    # ModelCheckpoint saves on its interval only: make last.ckpt the final step, so that
+    # `--resume last` with a larger --max-steps continues exactly where this run stopped.
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
 
     result = {"best": checkpoint.best_model_path or None, "metrics": {}}
     if trainer.is_global_zero:

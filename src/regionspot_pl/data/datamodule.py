@@ -54,7 +54,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.start_epoch = start_epoch
 
-    def _urls(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict]:
         rank, world = rank_and_world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -63,25 +63,19 @@ class ShardStream(IterableDataset):
             urls = shards_for_epoch(self.shards, epoch, self.seed, rank, world, worker, num_workers, self.shuffle)
             if not urls:  # more readers than shards: this one has nothing to read, ever
                 return
-            for url in urls:
-                yield {"url": url}
-            epoch += 1
+            # One pipeline per epoch: the shuffle buffer drains at the epoch's end, so no sample
+            # of the next epoch is drawn before every sample of this one has been.
+            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+            if self.shuffle and self.shuffle_buffer > 1:
+                rng = random.Random(f"{self.seed}-{rank}-{worker}-{epoch}")  # webdataset wants random.Random
+                stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
+            for raw in wds.DataPipeline(*stages):
+                sample = validate_sample(decode_sample(raw))
+                sample["dataset_index"] = self.dataset_index
+                yield sample
             if not self.repeat:
                 return
-
-    def __iter__(self) -> Iterator[dict]:
-        rank, _ = rank_and_world()
-        info = get_worker_info()
-        stages = [wds.tarfile_to_samples()]
-        if self.shuffle and self.shuffle_buffer > 1:
-            worker = info.id if info else 0
-            rng = random.Random(f"{self.seed}-{rank}-{worker}")  # webdataset wants a random.Random
-            stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
-        pipeline = wds.DataPipeline(self._urls, *stages)
-        for raw in pipeline:
-            sample = validate_sample(decode_sample(raw))
-            sample["dataset_index"] = self.dataset_index
-            yield sample
+            epoch += 1
 
 
 @dataclass

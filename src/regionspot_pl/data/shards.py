@@ -156,6 +156,8 @@ def write_json_atomic(path: str | Path, obj: object) -> None:
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of a shard folder, with a clear error when it is missing."""
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ShardFormatError(f"shard folder not found: {folder}")
     if not path.is_file():
         raise ShardFormatError(
             f"{folder} has no {MANIFEST}: is it a folder written by `python -m regionspot_pl.extract --out`?"

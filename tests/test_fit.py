@@ -1,0 +1,188 @@
+"""Training on cached features: learning, schedule, resume, DDP, mixing, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from regionspot_pl import RegionSpotHead, load_head, save_head
+from regionspot_pl.data.datamodule import MixedBatches, RegionDataModule, ShardStream, shards_for_epoch
+from regionspot_pl.data.shards import ShardFormatError, list_shards
+from regionspot_pl.fit import FitError, build_config, main, run, _parser
+from regionspot_pl.module import RegionSpotModule, lr_factor
+
+TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
+
+
+def _cfg(shards, out, steps, val=True, **optim):
+    data = {"train_shards": [str(shards["train"])], "batch_size": 4, "workers": 0, "shuffle_buffer": 8}
+    if val:
+        data |= {"val_shards": str(shards["val"]), "val_annotations": str(shards["val_json"])}
+    return {
+        "model": dict(TINY_MODEL), "out": str(out), "seed": 0, "data": data,
+        "optim": {"lr": 1e-3, "warmup_iters": 5, **optim},
+        "trainer": {"max_steps": steps, "val_check_interval": steps, "accelerator": "cpu", "devices": 1,
+                    "precision": "32-true", "enable_progress_bar": False, "log_every_n_steps": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def shards(demo_shards, demo_data):
+    return {**demo_shards, "val_json": demo_data["val_json"]}
+
+
+def _losses(out: Path) -> list[float]:
+    rows = []
+    for log in sorted(Path(out).glob("logs/version_*/metrics.csv")):
+        rows += [float(r["train/loss"]) for r in csv.DictReader(log.open()) if r.get("train/loss")]
+    return rows
+
+
+def test_schedule_matches_the_paper_at_its_milestones():
+    assert lr_factor(0) == pytest.approx(0.01)
+    assert lr_factor(500) == pytest.approx(0.505)
+    assert lr_factor(1000) == 1.0 and lr_factor(349_999) == 1.0
+    assert lr_factor(350_000) == pytest.approx(0.1) and lr_factor(419_999) == pytest.approx(0.1)
+    assert lr_factor(420_000) == pytest.approx(0.01) and lr_factor(449_999) == pytest.approx(0.01)
+    module = RegionSpotModule(head=RegionSpotHead(clip_dim=16, text_dim=8, ffn_dim=16).config.to_dict())
+    opt = module.configure_optimizers()
+    optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    assert optimizer.defaults["lr"] == 2.5e-5 and optimizer.defaults["weight_decay"] == 1e-4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-7)  # warm-up starts at 0.01 x lr
+    for _ in range(1000):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-5)
+
+
+def test_overfits_a_tiny_set_and_exports_a_head(shards, tmp_path):
+    result = run(_cfg(shards, tmp_path, steps=120, warmup_iters=10))
+    losses = _losses(tmp_path)
+    assert len(losses) >= 100
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first / 10, (first, last)
+    head = load_head(result["head"])
+    assert head.config.clip_dim == 128 and head.config.text_dim == 64
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert 0.0 <= result["metrics"]["val/AP"] <= 1.0
+
+
+def test_resume_restores_step_optimizer_and_schedule(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path, steps=6, val=False)
+    cfg["trainer"]["val_check_interval"] = 3
+    run(cfg)
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 6
+    cfg["trainer"]["max_steps"], cfg["resume"] = 10, "last"
+    run(cfg)
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["global_step"] == 10
+    assert second["lr_schedulers"][0]["last_epoch"] == 10
+    state = second["optimizer_states"][0]["state"]
+    assert all(int(s["step"]) == 10 for s in state.values())  # Adam moments carried over, not restarted
+    losses = _losses(tmp_path)
+    assert len(losses) == 10  # two logs, one per start: nothing overwritten
+
+
+def test_ddp_two_processes_on_cpu_see_disjoint_samples(shards, tmp_path):
+    # 24 train images in 6 shards of 4: each rank gets 3 shards = 12 images = 6 batches of 2
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "ddp_fit.py"), str(shards["train"]), str(shards["val"]),
+         str(shards["val_json"]), str(tmp_path), "6"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = [json.loads((tmp_path / f"keys_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 12
+    assert not set(keys[0]) & set(keys[1])
+    assert len(set(keys[0]) | set(keys[1])) == 24  # none dropped
+    assert load_head(tmp_path / "head.pt").config.clip_dim == 128
+
+
+def test_shard_split_is_disjoint_and_complete():
+    shards = [f"s{i}" for i in range(10)]
+    for epoch in range(3):
+        got = [s for r in range(2) for w in range(2) for s in shards_for_epoch(shards, epoch, 0, r, 2, w, 2, True)]
+        assert sorted(got) == sorted(shards)
+    assert shards_for_epoch(shards, 0, 0, 0, 1, 0, 1, True) != shards_for_epoch(shards, 1, 0, 0, 1, 0, 1, True)
+
+
+def test_mixing_follows_the_configured_weights(shards):
+    train = [str(p) for p in list_shards(shards["train"])]
+    streams = [ShardStream(train, 0, seed=1), ShardStream(train, 1, seed=2)]
+    batches = MixedBatches(streams, [3.0, 1.0], batch_size=2, max_boxes=3, seed=0)
+    drawn = [b.dataset_index for _, b in zip(range(400), batches)]
+    assert abs(np.mean(np.array(drawn) == 0) - 0.75) < 0.06
+    batch = next(iter(batches))
+    assert batch.valid.sum(1).max() <= 3  # the cap on boxes per image
+    with pytest.raises(ValueError, match="mixing weights"):
+        MixedBatches(streams, [1.0], 2, None, 0)
+
+
+def test_padding_and_batch_layout(shards):
+    dm = RegionDataModule([str(shards["train"])], batch_size=4, workers=0)
+    batch = next(iter(dm.train_dataloader()))
+    n = batch.valid.sum(1)
+    assert batch.sam.shape[:2] == batch.labels.shape == batch.valid.shape
+    assert (batch.labels[~batch.valid] == -1).all() and n.max() == batch.sam.shape[1]
+    assert batch.clip.shape[1:] == (197, 128) and batch.clip.dtype == torch.float16
+
+
+def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
+    with pytest.raises(ShardFormatError, match="shard folder not found"):
+        RegionDataModule([str(tmp_path / "nowhere")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(shards["train"] / "manifest.json", empty)
+    with pytest.raises(ShardFormatError, match="no .tar shards"):
+        RegionDataModule([str(empty)])
+    # validation annotations of another vocabulary
+    other = tmp_path / "other.json"
+    gt = json.loads(Path(shards["val_json"]).read_text())
+    gt["categories"] = gt["categories"][:5]
+    other.write_text(json.dumps(gt))
+    cfg = _cfg(shards, tmp_path / "a", steps=2)
+    cfg["data"]["val_annotations"] = str(other)
+    with pytest.raises(FitError, match="5 categories"):
+        run(cfg)
+    # a published variant on shards from another CLIP
+    cfg = _cfg(shards, tmp_path / "b", steps=2)
+    cfg["model"] = {"variant": "BL"}
+    with pytest.raises(FitError, match="Pick the matching variant"):
+        run(cfg)
+    # starting from a head of other sizes
+    wrong = save_head(RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=32, num_heads=4), tmp_path / "wrong.pt")
+    cfg = _cfg(shards, tmp_path / "c", steps=2)
+    cfg["init_from"] = str(wrong)
+    with pytest.raises(FitError, match="same variant"):
+        run(cfg)
+    # more readers than shards would starve a worker
+    cfg = _cfg(shards, tmp_path / "d", steps=2, val=False)
+    cfg["data"]["workers"] = 8
+    with pytest.raises(ShardFormatError, match="fewer than ranks x workers"):
+        run(cfg)
+    # the CLI reports instead of a traceback
+    assert main(["--stage", "warmup", "--train-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")]) == 2
+    assert "shard folder not found" in capsys.readouterr().err
+    assert main(["--stage", "warmup", "--model", "auto", "--train-shards", str(shards["train"]),
+                 "--resume", "last", "--out", str(tmp_path / "f"), "--val-shards", str(shards["val"]),
+                 "--val-annotations", str(shards["val_json"])]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_stage_configs_resolve():
+    warm = build_config(_parser().parse_args(["--stage", "warmup", "--max-steps", "7", "--devices", "2"]))
+    assert warm["model"]["variant"] == "BL" and warm["trainer"]["max_steps"] == 7 and warm["trainer"]["devices"] == 2
+    assert warm["optim"]["lr"] == 2.5e-5 and warm["optim"]["milestones"] == [350000, 420000]
+    adv = build_config(_parser().parse_args(["--stage", "advanced"]))
+    assert adv["init_from"] == "runs/warmup/head.pt" and len(adv["data"]["train_shards"]) == 3
