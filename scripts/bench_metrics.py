@@ -8,12 +8,14 @@ Ground truth: ``scale`` x 19,809 images (640x480) and 1,203 categories (337 rare
 (about 4 positive and 10 negative categories per image). Detections: 300 per image, as the test
 CLI writes them: each box reported under several classes (its own, the image's negatives,
 random others), jittered, with random scores. Masks (segm) are the boxes' rectangles as RLE.
-Prints one JSON line: sizes, seconds of ``evaluate_detections`` per IoU type, peak RSS.
+Prints one JSON line: sizes, seconds of ``evaluate_detections`` per IoU type (with the garbage
+collector paused, as the test CLI runs it; --keep-gc to compare), peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import time
@@ -21,6 +23,7 @@ import time
 import numpy as np
 
 from regionspot_pl.evaluation import evaluate_detections
+from regionspot_pl.test import gc_paused
 
 LVIS_VAL = {"images": 19_809, "boxes": 244_707, "rare": 337, "common": 461, "frequent": 405}
 DETS_PER_IMAGE = 300
@@ -42,7 +45,7 @@ def synthetic_lvis(scale: float, seed: int = 0, with_masks: bool = False) -> tup
     mean_boxes = LVIS_VAL["boxes"] / LVIS_VAL["images"]
 
     def rle(box: list[float]) -> dict:
-        r = mask_utils.frPyObjects([box], HEIGHT, WIDTH)[0]  # a bbox [x, y, w, h] -> its rectangle
+        r = mask_utils.frPyObjects(np.array([box], dtype=np.float64), HEIGHT, WIDTH)[0]  # [x, y, w, h] -> rectangle
         return {"size": r["size"], "counts": r["counts"].decode("ascii")}
 
     images, annotations, detections = [], [], []
@@ -86,16 +89,18 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0.1, help="fraction of LVIS val's 19,809 images (1 = full size)")
     p.add_argument("--iou-type", nargs="+", default=["bbox"], choices=("bbox", "segm"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-gc", action="store_true", help="leave the garbage collector on (the CLI pauses it)")
     args = p.parse_args()
 
     start = time.perf_counter()
     gt, dets = synthetic_lvis(args.scale, args.seed, with_masks="segm" in args.iou_type)
-    report = {"scale": args.scale, "images": len(gt["images"]), "categories": len(gt["categories"]),
+    report = {"scale": args.scale, "gc": "on" if args.keep_gc else "paused", "images": len(gt["images"]), "categories": len(gt["categories"]),
               "gt_boxes": len(gt["annotations"]), "detections": len(dets),
               "build_s": round(time.perf_counter() - start, 1)}
     for iou_type in args.iou_type:
         start = time.perf_counter()
-        metrics = evaluate_detections(gt, dets, iou_type=iou_type, max_dets=DETS_PER_IMAGE)
+        with contextlib.nullcontext() if args.keep_gc else gc_paused():
+            metrics = evaluate_detections(gt, dets, iou_type=iou_type, max_dets=DETS_PER_IMAGE)
         report[f"{iou_type}_s"] = round(time.perf_counter() - start, 1)
         report[f"{iou_type}_AP"] = round(metrics["AP"], 4)
     report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

@@ -7,7 +7,6 @@ shards; the runs below all read them.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,13 @@ from pycocotools import mask as mask_utils
 from regionspot_pl import extract
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.clip import CLIP_MEAN, CLIP_STD, text_embeddings
-from regionspot_pl.data.shards import AtomicShardWriter, encode_sample, iter_samples, list_shards, read_manifest
+from regionspot_pl.data.shards import (
+    AtomicShardWriter,
+    encode_sample,
+    iter_samples,
+    list_shards,
+    read_manifest,
+)
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import LVIS_METRICS
 from regionspot_pl.evaluation.baselines import box_crops, crop_window
@@ -283,14 +288,26 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
 def _error(capsys, code: int) -> str:
     captured = capsys.readouterr()
     assert code == 2, captured
-    assert captured.err.startswith("error: ") and "Traceback" not in captured.err
-    return captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in captured.err, captured.err
+    return errors[0]
 
 
 def test_text_dim_mismatch_names_both_dims(split, tmp_path, capsys):
     head = _head(tmp_path / "bl_like.pt", text_dim=32)  # a head for another CLIP's text space
     err = _error(capsys, _run(split, tmp_path / "out", head=head))
     assert "64-d" in err and "text dim 32" in err and "--clip-model" in err
+
+
+def test_other_clip_text_dim_mismatch(split, tmp_path, capsys):
+    """--clip-model of another text width (as a BB CLIP for a BL head): refused before any encoding."""
+    other = tmp_path / "clip_other"
+    shutil.copytree(split["tiny"]["clip_dir"], other)
+    config = json.loads((other / "config.json").read_text())
+    config["projection_dim"] = 32
+    (other / "config.json").write_text(json.dumps(config))
+    err = _error(capsys, _run(split, tmp_path / "out", "--clip-model", str(other)))
+    assert "32-d" in err and "text dim 64" in err
 
 
 def test_clip_width_mismatch(split, tmp_path, capsys):

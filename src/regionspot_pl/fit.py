@@ -54,15 +54,16 @@ def head_config(model: dict, clip: dict) -> HeadConfig:
 
 
 class _LazyClip:
-    """Loads the CLIP text encoder only if a vocabulary is missing from the text cache."""
+    """Stands in for a ClipEncoder in ``text_embeddings``: loads CLIP only if a vocabulary is
+    missing from the text cache (a cached one needs no CLIP folder at all)."""
 
     def __init__(self, model_dir: str) -> None:
         self.model_dir, self._encoder = model_dir, None
 
-    def __call__(self) -> ClipEncoder:
+    def encode_texts(self, *args, **kwargs) -> torch.Tensor:
         if self._encoder is None:
             self._encoder = ClipEncoder(*load_clip(self.model_dir))
-        return self._encoder
+        return self._encoder.encode_texts(*args, **kwargs)
 
 
 def vocabulary_embeddings(info: CacheInfo, clip: _LazyClip, text_cache: str | None) -> torch.Tensor:

@@ -16,6 +16,8 @@ of each box; not when the shards were extracted with --no-masks) and OUT/metrics
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
@@ -40,9 +42,13 @@ from .data.annotations import AnnotationError, Vocabulary, read_json
 from .data.datamodule import CacheInfo, collate_regions
 from .data.shards import ShardFormatError, decode_sample, iter_samples, validate_sample
 from .evaluation.baselines import BASELINES, box_crops, crop_logits
-from .evaluation.metrics import LVIS_METRICS, EvaluationInputError, evaluate_detections, format_metrics_table
+from .evaluation.metrics import (
+    LVIS_METRICS,
+    EvaluationInputError,
+    evaluate_detections,
+    format_metrics_table,
+)
 from .evaluation.scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
-from .fit import _LazyClip
 from .model.checkpoint import CheckpointError, load_head
 from .model.head import RegionSpotHead, region_logits
 
@@ -115,13 +121,17 @@ def vocabulary(gt: dict, annotations: str, vocab_file: str | None = None) -> Voc
 
 
 class _LazyTextEncoder:
-    """Stands in for a ClipEncoder in ``text_embeddings``: loads CLIP only on a cache miss."""
+    """Stands in for a ClipEncoder in ``text_embeddings``: loads CLIP only on a cache miss, so a
+    run whose vocabulary is cached needs no CLIP folder at all."""
 
-    def __init__(self, model_dir: str) -> None:
-        self._clip = _LazyClip(model_dir)
+    def __init__(self, model_dir: str, cache: str, device: torch.device) -> None:
+        self.model_dir, self.cache, self.device = model_dir, cache, device
 
     def encode_texts(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self._clip().encode_texts(*args, **kwargs)
+        if not Path(self.model_dir).is_dir():
+            raise TestError(f"the text cache {self.cache} lacks this vocabulary, and the CLIP folder {self.model_dir} "
+                            "that would compute it is missing: pass --clip-model DIR")
+        return _load_clip(self.model_dir).to(self.device).encode_texts(*args, **kwargs)
 
 
 def _load_clip(model_dir: str) -> ClipEncoder:
@@ -145,6 +155,23 @@ def _check_head(head: RegionSpotHead, path: str, clip_info: dict, folder: str) -
             f"head {path} takes CLIP features of width {head.config.clip_dim}, but the shards in {folder} hold "
             f"{clip_info['vision_dim']}-wide CLIP tokens (from {clip_info['model']}): use the head variant "
             "of that CLIP (BB for ViT-B/16 features, BL for ViT-L/14) or re-extract the shards"
+        )
+
+
+def _config_text_dim(clip_dir: str) -> int | None:
+    """A CLIP snapshot's joint embedding dim from its config.json, None when unreadable."""
+    try:
+        return int(json.loads((Path(clip_dir) / "config.json").read_text())["projection_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_clip / model_identity will say what is wrong with the folder
+
+
+def _check_text_dim(head: RegionSpotHead, path: str, text_dim: int | None, clip_dir: str) -> None:
+    if text_dim is not None and text_dim != head.config.text_dim:
+        raise TestError(
+            f"the vocabulary's text embeddings are {text_dim}-d (CLIP {clip_dir}) but the head {path} projects "
+            f"regions to text dim {head.config.text_dim}: a head only works with the CLIP it was trained with "
+            "(BB: ViT-B/16, 512-d; BL: ViT-L/14, 768-d); pass that one as --clip-model"
         )
 
 
@@ -275,6 +302,24 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)  # never leave a half-written results file under the final name
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while the evaluator runs.
+
+    LVIS evaluation allocates tens of millions of small objects (one entry per image x class x
+    area); each allocation burst makes the collector rescan everything alive, which made the
+    metric step superlinear: 132 s -> 89 s at 1/4 of LVIS val (scripts/bench_metrics.py --keep-gc).
+    Memory is still freed by reference counting; any cycles wait for the collector to resume.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _json_metrics(metrics: dict[str, dict[str, float]]) -> dict:
     """Every LVIS key per IoU type; NaN (nothing to score) and keys COCO lacks become null."""
     def value(v: float | None) -> float | None:
@@ -326,22 +371,22 @@ def run_test(cfg: dict) -> dict:
 
     # Text side: the CLIP the shards were extracted with, unless --clip-model names another.
     clip_dir = str(cfg.get("clip_model") or clip_info["model"])
-    if not Path(clip_dir).is_dir():
-        raise TestError(f"CLIP folder not found: {clip_dir} (pass --clip-model DIR, a Hugging Face CLIP snapshot)")
-    same_clip = Path(clip_dir).resolve() == Path(clip_info["model"]).resolve()
+    if method in BASELINES and not Path(clip_dir).is_dir():
+        raise TestError(f"CLIP folder not found: {clip_dir} (the {method} baseline embeds the crops with CLIP: "
+                        "pass --clip-model DIR, a Hugging Face CLIP snapshot)")
+    same_clip = not cfg.get("clip_model") or Path(clip_dir).resolve() == Path(clip_info["model"]).resolve()
     model_id = clip_info["id"] if same_clip else model_identity(clip_dir)
     if method == "regionspot" and model_id != clip_info["id"]:
         print(f"note: text embeddings from {clip_dir}, a different CLIP than the one of the shards' features "
               f"({clip_info['model']})")
+    if head is not None:  # before any text encoding: a mismatch should not cost a vocabulary pass first
+        _check_text_dim(head, cfg["head"], clip_info["text_dim"] if same_clip else _config_text_dim(clip_dir), clip_dir)
     encoder = _load_clip(clip_dir).to(device) if method in BASELINES else None
     cache = str(cfg.get("text_cache") or info.manifest["text_cache"])
-    texts = text_embeddings(encoder or _LazyTextEncoder(clip_dir), list(vocab.names), cache, model_id)
-    if head is not None and texts.shape[1] != head.config.text_dim:
-        raise TestError(
-            f"the vocabulary's text embeddings are {texts.shape[1]}-d (CLIP {clip_dir}) but the head {cfg['head']} "
-            f"projects regions to text dim {head.config.text_dim}: a head only works with the CLIP it was trained "
-            "with (BB: ViT-B/16, 512-d; BL: ViT-L/14, 768-d); pass that one as --clip-model"
-        )
+    text_encoder = encoder if encoder is not None else _LazyTextEncoder(clip_dir, cache, device)
+    texts = text_embeddings(text_encoder, list(vocab.names), cache, model_id)
+    if head is not None:
+        _check_text_dim(head, cfg["head"], texts.shape[1], clip_dir)
 
     if method == "regionspot":
         stream = regionspot_logits(head, info.shards, texts, device, batch_size)
@@ -392,7 +437,8 @@ def run_test(cfg: dict) -> dict:
             print(f"note: {cfg['annotations']} has annotations without 'segmentation': no mask AP")
             continue
         start = time.perf_counter()
-        metrics[iou_type] = evaluate_detections(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE)
+        with gc_paused():
+            metrics[iou_type] = evaluate_detections(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE)
         metric_s += time.perf_counter() - start
         del results  # LVIS-sized result lists are GBs: one at a time
     print(f"metric step: {metric_s:.1f} s ({', '.join(metrics)})")

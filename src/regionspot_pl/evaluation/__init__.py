@@ -23,3 +23,8 @@ __all__ = [
     "format_metrics_table",
     "score_regions",
 ]
+
+# The CLIP crop baselines of Table 1 (python -m regionspot_pl.test --method clip-box|clip-mask).
+from .baselines import BASELINES, box_crops, crop_logits, crop_window  # noqa: E402
+
+__all__ += ["BASELINES", "box_crops", "crop_logits", "crop_window"]
