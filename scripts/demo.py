@@ -78,7 +78,7 @@ def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fresh", action="store_true", help="delete demo_out/ first")
-    p.add_argument("--num-train", type=int, default=600)
+    p.add_argument("--num-train", type=int, default=1000)
     p.add_argument("--num-val", type=int, default=120)
     args = p.parse_args(argv)
     if args.fresh:

@@ -27,7 +27,13 @@ from regionspot_pl.data.shards import (
     read_manifest,
     validate_sample,
 )
-from regionspot_pl.extract import ExtractConfig, FeatureExtractor, config_from_args, main, run_extraction
+from regionspot_pl.extract import (
+    ExtractConfig,
+    FeatureExtractor,
+    config_from_args,
+    main,
+    run_extraction,
+)
 
 
 def _config(demo_data, tiny_backbones, out, split="train", **kw) -> ExtractConfig:
@@ -151,6 +157,18 @@ def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny
     run_extraction(_config(demo_data, tiny_backbones, out, split="val", shard_size=7))
     with pytest.raises(SystemExit, match="differs in: shard_size"):
         run_extraction(_config(demo_data, tiny_backbones, out, split="val", shard_size=5))
+    # same path, edited content: resuming would silently mix two datasets
+    edited = tmp_path / "val.json"
+    coco = json.loads(Path(demo_data["val_json"]).read_text())
+    coco["annotations"] = coco["annotations"][1:]
+    edited.write_text(json.dumps(coco))
+    cfg = _config(demo_data, tiny_backbones, out, split="val", shard_size=7)
+    cfg.annotations = str(edited)
+    first = json.loads((out / "manifest.json").read_text())
+    first["config"]["annotations"] = str(edited)  # as if the file had been edited in place
+    (out / "manifest.json").write_text(json.dumps(first))
+    with pytest.raises(SystemExit, match="annotation file content"):
+        run_extraction(cfg)
 
 
 def test_two_ranks_together_equal_one(demo_shards, demo_data, tiny_backbones, tmp_path):

@@ -15,9 +15,14 @@ import pytest
 import torch
 
 from regionspot_pl import RegionSpotHead, load_head, save_head
-from regionspot_pl.data.datamodule import MixedBatches, RegionDataModule, ShardStream, shards_for_epoch
+from regionspot_pl.data.datamodule import (
+    MixedBatches,
+    RegionDataModule,
+    ShardStream,
+    shards_for_epoch,
+)
 from regionspot_pl.data.shards import ShardFormatError, list_shards
-from regionspot_pl.fit import FitError, build_config, main, run, _parser
+from regionspot_pl.fit import FitError, _parser, build_config, main, run
 from regionspot_pl.module import RegionSpotModule, lr_factor
 
 TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}

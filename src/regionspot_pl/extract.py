@@ -31,7 +31,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
-from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, SamTransform, build_sam
+from .backbones.sam import (
+    OFFICIAL_SAM_CHECKPOINTS,
+    SAM_TYPES,
+    SamRegionEncoder,
+    SamTransform,
+    build_sam,
+)
 from .config import load_yaml
 from .data.annotations import AnnotationError, ImageRecord, load_coco
 from .data.shards import (
@@ -204,7 +210,8 @@ def _manifest(cfg: ExtractConfig, vocab, extractor: FeatureExtractor, read_stats
                      "vision_dim": extractor.clip.vision_dim, "text_dim": extractor.clip.text_dim},
         },
         "text_cache": str(Path(cfg.text_cache).resolve()),
-        "annotations": read_stats.to_dict(),
+        "annotations": {"sha256_16": file_digest(cfg.annotations),
+                        "boxes_sha256_16": file_digest(cfg.boxes) if cfg.boxes else None, **read_stats.to_dict()},
         "config": {k: v for k, v in asdict(cfg).items()},
     }
 
@@ -220,6 +227,9 @@ def _check_same_run(out: Path, manifest: dict) -> None:
         key = "sha256_16" if b == "sam" else "id"
         if old.get("backbones", {}).get(b, {}).get(key) != manifest["backbones"][b][key]:
             diffs.append(f"{b} weights")
+    for key, what in (("sha256_16", "annotation file content"), ("boxes_sha256_16", "proposals file content")):
+        if old.get("annotations", {}).get(key) != manifest["annotations"][key]:
+            diffs.append(what)
     if diffs:
         raise SystemExit(
             f"error: {out} already holds shards of a different extraction (differs in: {', '.join(diffs)}). "

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .backbones.clip import ClipEncoder, load_clip, text_embeddings
+from .backbones.clip import LazyTextEncoder, text_embeddings
 from .config import find_config, load_yaml, merge
 from .data.annotations import read_json
 from .data.datamodule import CacheInfo, RegionDataModule
@@ -53,20 +53,7 @@ def head_config(model: dict, clip: dict) -> HeadConfig:
     return config
 
 
-class _LazyClip:
-    """Stands in for a ClipEncoder in ``text_embeddings``: loads CLIP only if a vocabulary is
-    missing from the text cache (a cached one needs no CLIP folder at all)."""
-
-    def __init__(self, model_dir: str) -> None:
-        self.model_dir, self._encoder = model_dir, None
-
-    def encode_texts(self, *args, **kwargs) -> torch.Tensor:
-        if self._encoder is None:
-            self._encoder = ClipEncoder(*load_clip(self.model_dir))
-        return self._encoder.encode_texts(*args, **kwargs)
-
-
-def vocabulary_embeddings(info: CacheInfo, clip: _LazyClip, text_cache: str | None) -> torch.Tensor:
+def vocabulary_embeddings(info: CacheInfo, clip: LazyTextEncoder, text_cache: str | None) -> torch.Tensor:
     """[C, text_dim] text embeddings of a shard folder's vocabulary (from the HDF5 cache)."""
     backbone = info.manifest["backbones"]["clip"]
     cache = text_cache or info.manifest["text_cache"]
@@ -170,7 +157,7 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
     if dm.val is not None:
         check_val_annotations(dm.val, val_annotations)
     head_cfg = head_config(cfg["model"], dm.clip_info)
-    clip = _LazyClip(dm.clip_info["model"])
+    clip = LazyTextEncoder(dm.clip_info["model"])
     texts = [vocabulary_embeddings(info, clip, cfg.get("text_cache")) for info in dm.train]
     module = RegionSpotModule(
         head=head_cfg.to_dict(), **{k: v for k, v in optim.items() if k != "clip_grad_norm"},

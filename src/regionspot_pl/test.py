@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .backbones.clip import ClipEncoder, load_clip, model_identity, text_embeddings
+from .backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_identity, text_embeddings
 from .config import find_config, load_yaml, merge
 from .data.annotations import AnnotationError, Vocabulary, read_json
 from .data.datamodule import CacheInfo, collate_regions
@@ -118,20 +118,6 @@ def vocabulary(gt: dict, annotations: str, vocab_file: str | None = None) -> Voc
             )
     freqs = tuple(c["frequency"] for c in cats) if all("frequency" in c for c in cats) else ()
     return Vocabulary(tuple(names), tuple(int(c["id"]) for c in cats), freqs)
-
-
-class _LazyTextEncoder:
-    """Stands in for a ClipEncoder in ``text_embeddings``: loads CLIP only on a cache miss, so a
-    run whose vocabulary is cached needs no CLIP folder at all."""
-
-    def __init__(self, model_dir: str, cache: str, device: torch.device) -> None:
-        self.model_dir, self.cache, self.device = model_dir, cache, device
-
-    def encode_texts(self, *args: Any, **kwargs: Any) -> Tensor:
-        if not Path(self.model_dir).is_dir():
-            raise TestError(f"the text cache {self.cache} lacks this vocabulary, and the CLIP folder {self.model_dir} "
-                            "that would compute it is missing: pass --clip-model DIR")
-        return _load_clip(self.model_dir).to(self.device).encode_texts(*args, **kwargs)
 
 
 def _load_clip(model_dir: str) -> ClipEncoder:
@@ -383,7 +369,7 @@ def run_test(cfg: dict) -> dict:
         _check_text_dim(head, cfg["head"], clip_info["text_dim"] if same_clip else _config_text_dim(clip_dir), clip_dir)
     encoder = _load_clip(clip_dir).to(device) if method in BASELINES else None
     cache = str(cfg.get("text_cache") or info.manifest["text_cache"])
-    text_encoder = encoder if encoder is not None else _LazyTextEncoder(clip_dir, cache, device)
+    text_encoder = encoder if encoder is not None else LazyTextEncoder(clip_dir, device)
     texts = text_embeddings(text_encoder, list(vocab.names), cache, model_id)
     if head is not None:
         _check_text_dim(head, cfg["head"], texts.shape[1], clip_dir)
