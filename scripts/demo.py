@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import evaluate_detections, format_metrics_table
@@ -61,15 +62,17 @@ def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> list[Path]:
         anns = [a for a in val["annotations"] if a["image_id"] == image["id"]]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
         path = Path(data["val_images"]) / image["file_name"]
-        predictor.set_image(path)
+        pixels = np.array(Image.open(path).convert("RGB"))
+        predictor.set_image(pixels)
         preds = predictor.predict(boxes, vocabulary, topk=1)
         panels.append(draw_detections(
-            path, boxes, [p["labels"][0] for p in preds], [p["scores"][0] for p in preds],
-            masks=[p["mask"] for p in preds], gt_labels=[names[a["category_id"]] for a in anns],
+            pixels, boxes, [p["labels"][0] for p in preds], [p["scores"][0] for p in preds],
+            # no mask overlay: the demo's SAM is random, so its masks are noise (see README)
+            gt_labels=[names[a["category_id"]] for a in anns],
         ))
         if attention is None:
             maps = predictor.attention_maps(boxes[:1])
-            attention = draw_attention(path, boxes[0], maps[0])
+            attention = draw_attention(pixels, boxes[0], maps[0])
     grid = save_grid(panels, OUT / "predictions.png", cols=3)
     attention.save(OUT / "attention.png")
     return [grid, OUT / "attention.png"]
