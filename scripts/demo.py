@@ -48,8 +48,25 @@ def chance_level(gt: Path, detections: Path, seed: int = 0) -> dict:
     return evaluate_detections(gt, shuffled, iou_type="bbox")
 
 
-def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> list[Path]:
-    """Predictions on a few val images and a Figure-4-style cross-attention map."""
+def attention_in_box(predictor: Predictor, pixels: np.ndarray, boxes: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Share of each box query's patch attention on the patches its box covers, [layers, N],
+    and the share uniform attention would give, [N]."""
+    grid, (height, width) = predictor.clip_grid, pixels.shape[:2]
+    inside = np.zeros((len(boxes), grid, grid), bool)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        rows = slice(int(y1 / height * grid), int(np.ceil(y2 / height * grid)))
+        cols = slice(int(x1 / width * grid), int(np.ceil(x2 / width * grid)))
+        inside[i, rows, cols] = True
+    shares = []
+    for layer in range(len(predictor.head.decoder.layers)):
+        patches = predictor.attention_maps(boxes, layer=layer)[:, 1:].numpy().reshape(len(boxes), grid, grid)
+        shares.append((patches * inside).sum((1, 2)) / patches.sum((1, 2)))
+    return np.stack(shares), inside.mean((1, 2))
+
+
+def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> tuple[list[Path], str]:
+    """Predictions on a few val images, and one region's cross-attention over the CLIP map in
+    each decoder layer (the paper's Figure 4)."""
     val = json.loads(Path(data["val_json"]).read_text())
     names = {c["id"]: c["name"] for c in val["categories"]}
     vocabulary = [names[i] for i in sorted(names)]
@@ -57,25 +74,36 @@ def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> list[Path]:
         head=head, sam_type="tiny", sam_checkpoint=backbones / "sam_tiny.pth", clip_model=backbones / "clip_tiny",
         text_cache=OUT / "text_embeddings.h5",
     )
-    panels, attention = [], None
-    for image in val["images"][:n]:
+    panels, attention, shares, uniform = [], None, [], []
+    for k, image in enumerate(val["images"][:24]):
         anns = [a for a in val["annotations"] if a["image_id"] == image["id"]]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
         path = Path(data["val_images"]) / image["file_name"]
         pixels = np.array(Image.open(path).convert("RGB"))
         predictor.set_image(pixels)
+        share, chance = attention_in_box(predictor, pixels, boxes)
+        shares.append(share)
+        uniform.append(chance)
+        if k >= n:
+            continue
         preds = predictor.predict(boxes, vocabulary, topk=1)
         panels.append(draw_detections(
             pixels, boxes, [p["labels"][0] for p in preds], [p["scores"][0] for p in preds],
             # no mask overlay: the demo's SAM is random, so its masks are noise (see README)
             gt_labels=[names[a["category_id"]] for a in anns],
         ))
-        if attention is None:
-            maps = predictor.attention_maps(boxes[:1])
-            attention = draw_attention(pixels, boxes[0], maps[0])
+        if attention is None:  # one region, its query's attention in each decoder layer
+            attention = [
+                draw_attention(pixels, boxes[0], predictor.attention_maps(boxes[:1], layer=i)[0],
+                               title=f"decoder layer {i + 1}")
+                for i in range(len(predictor.head.decoder.layers))
+            ]
     grid = save_grid(panels, OUT / "predictions.png", cols=3)
-    attention.save(OUT / "attention.png")
-    return [grid, OUT / "attention.png"]
+    save_grid(attention, OUT / "attention.png", cols=len(attention))
+    per_layer = np.concatenate(shares, axis=1).mean(1)
+    routing = (", ".join(f"layer {i + 1} {100 * v:.0f}%" for i, v in enumerate(per_layer))
+               + f" (uniform attention: {100 * np.concatenate(uniform).mean():.0f}%)")
+    return [grid, OUT / "attention.png"], routing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = json.loads((test_out / "metrics.json").read_text())
     chance = chance_level(Path(data["val_json"]), test_out / "detections_bbox.json")
     t = time.time()
-    images = pictures(data, head, backbones)
+    images, routing = pictures(data, head, backbones)
     times["pictures"] = time.time() - t
 
     print("\nRegionSpot demo, val split (box and mask AP, %):")
@@ -122,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "bbox, shuffled labels (chance)": chance}))
     print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
           + f"; total {time.time() - started:.0f}")
+    print(f"cross-attention inside the query's box, 24 val images: {routing}")
     print("pictures: " + ", ".join(str(i) for i in images))
     if metrics["bbox"]["AP"] < 2 * chance["AP"]:
         print(f"error: box AP {metrics['bbox']['AP']:.3f} is not far above chance {chance['AP']:.3f}: the head did not learn",

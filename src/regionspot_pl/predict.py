@@ -19,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +31,9 @@ from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder
 from .extract import DEFAULT_TEXT_CACHE, autocast_for
 from .model import RegionSpotHead, load_head, region_logits
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
-BoxesLike = Union[Sequence[Sequence[float]], np.ndarray, Tensor]
-VocabularyLike = Union[Sequence[str], str, Path]
+ImageLike = str | Path | Image.Image | np.ndarray
+BoxesLike = Sequence[Sequence[float]] | np.ndarray | Tensor
+VocabularyLike = Sequence[str] | str | Path
 
 # Boxes from annotation files are floats that may end a rounding error past the border.
 _BORDER_TOLERANCE = 1e-3
@@ -128,8 +128,8 @@ def read_vocabulary(vocabulary: VocabularyLike) -> list[str]:
     return names
 
 
-class _LastCrossAttention:
-    """Forward hook on the last decoder layer's cross-attention that records its weights.
+class _CrossAttentionRecorder:
+    """Forward hook on one decoder layer's cross-attention (default: the last) that records its weights.
 
     ``TransformerDecoderLayer`` calls its ``multihead_attn`` with ``need_weights=False``; the
     hook re-runs the same module's ``forward`` (which does not fire hooks again) on the same
@@ -137,8 +137,8 @@ class _LastCrossAttention:
     Weights are averaged over heads: [B, N, T], each row sums to 1.
     """
 
-    def __init__(self, head: RegionSpotHead) -> None:
-        self.module = head.decoder.layers[-1].multihead_attn
+    def __init__(self, head: RegionSpotHead, layer: int = -1) -> None:
+        self.module = head.decoder.layers[layer].multihead_attn
         self.weights: Tensor | None = None
         self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -266,10 +266,10 @@ class Predictor:
         return tokens.float().half().float(), masks
 
     @torch.inference_mode()
-    def _run_head(self, tokens: Tensor, with_attention: bool) -> tuple[Tensor, Tensor | None]:
-        """Region tokens [N, 256] -> (embeddings [N, text_dim], attention [N, T] or None)."""
+    def _run_head(self, tokens: Tensor, with_attention: bool, layer: int = -1) -> tuple[Tensor, Tensor | None]:
+        """Region tokens [N, 256] -> (embeddings [N, text_dim], attention of ``layer`` [N, T] or None)."""
         assert self._clip_tokens is not None
-        hook = _LastCrossAttention(self.head) if with_attention else None
+        hook = _CrossAttentionRecorder(self.head, layer) if with_attention else None
         try:
             embeddings = self.head(tokens[None].to(self.device), self._clip_tokens[None])[0]
         finally:
@@ -339,16 +339,17 @@ class Predictor:
             results.append(result)
         return results
 
-    def attention_maps(self, boxes: BoxesLike) -> Tensor:
-        """[N, T] cross-attention of each box's query in the last decoder layer (mean over heads),
-        over the CLIP tokens of the current image, class token first; rows sum to 1."""
+    def attention_maps(self, boxes: BoxesLike, layer: int = -1) -> Tensor:
+        """[N, T] cross-attention of each box's query in decoder layer ``layer`` (default the
+        last; mean over heads), over the CLIP tokens of the current image, class token first;
+        rows sum to 1."""
         if self.image is None:
             raise RuntimeError("no image set: call predictor.set_image(image) first")
         checked = check_boxes(boxes, self.image_size)
         if len(checked) == 0:
             return torch.zeros(0, self.clip.num_tokens)
         tokens, _ = self._region_tokens(checked)
-        _, attention = self._run_head(tokens, with_attention=True)
+        _, attention = self._run_head(tokens, with_attention=True, layer=layer)
         assert attention is not None
         return attention
 
