@@ -191,3 +191,21 @@ def test_stage_configs_resolve():
     assert warm["optim"]["lr"] == 2.5e-5 and warm["optim"]["milestones"] == [350000, 420000]
     adv = build_config(_parser().parse_args(["--stage", "advanced"]))
     assert adv["init_from"] == "runs/warmup/head.pt" and len(adv["data"]["train_shards"]) == 3
+
+
+def test_shards_stream_from_urls_listed_beside_the_manifest(shards, tmp_path):
+    """A cluster keeps the manifest locally and streams the tars (here through `pipe:cat`)."""
+    remote = tmp_path / "remote"
+    shutil.copytree(shards["train"], remote)
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(remote / "manifest.json", local)
+    names = sorted(p.name for p in remote.glob("*.tar"))
+    stem = names[0].rsplit("-", 1)[0]
+    (local / "shards.txt").write_text(f"# streamed\npipe:cat {remote}/{stem}-{{000000..{len(names) - 1:06d}}}.tar\n")
+    dm = RegionDataModule([str(local)], batch_size=4, workers=0)
+    assert len(dm.train[0].shards) == len(names) and dm.train[0].shards[0].startswith("pipe:cat ")
+    seen = set()
+    for batch, _ in zip(dm.train_dataloader(), range(6)):  # 24 images = 6 batches of 4: one epoch
+        seen |= {m["key"] for m in batch.meta}
+    assert len(seen) == 24

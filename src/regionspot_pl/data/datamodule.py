@@ -19,11 +19,15 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .annotations import Vocabulary
 from .shards import ShardFormatError, decode_sample, list_shards, read_manifest, validate_sample
+
+
+SHARD_URLS = "shards.txt"
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -191,8 +195,18 @@ class CacheInfo:
 
     @classmethod
     def read(cls, folder: str) -> CacheInfo:
+        """A shard folder: its manifest, and its ``*.tar`` files or, to stream them from object
+        storage, the URLs listed in ``shards.txt`` (anything webdataset opens: a path, ``pipe:``,
+        ``http(s):``; brace patterns like ``o365-r000-{000000..000099}.tar`` are expanded)."""
         manifest = read_manifest(folder)
-        shards = [str(p) for p in list_shards(folder)]
+        url_list = Path(folder) / SHARD_URLS
+        if url_list.is_file():
+            lines = [line.strip() for line in url_list.read_text().splitlines()]
+            shards = [url for line in lines if line and not line.startswith("#") for url in braceexpand(line)]
+            if not shards:
+                raise ShardFormatError(f"{url_list} lists no shard URLs")
+        else:
+            shards = [str(p) for p in list_shards(folder)]
         return cls(str(folder), shards, Vocabulary.from_dict(manifest["vocabulary"]), manifest)
 
     @property
