@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .annotations import Vocabulary
 from .shards import ShardFormatError, decode_sample, list_shards, read_manifest, validate_sample
 
-
 SHARD_URLS = "shards.txt"
 
 
