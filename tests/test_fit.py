@@ -85,11 +85,11 @@ def test_resume_restores_step_optimizer_and_schedule(shards, tmp_path):
     cfg = _cfg(shards, tmp_path, steps=6, val=False)
     cfg["trainer"]["val_check_interval"] = 3
     run(cfg)
-    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 6
     cfg["trainer"]["max_steps"], cfg["resume"] = 10, "last"
     run(cfg)
-    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 10
     assert second["lr_schedulers"][0]["last_epoch"] == 10
     state = second["optimizer_states"][0]["state"]
@@ -183,6 +183,12 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
                  "--resume", "last", "--out", str(tmp_path / "f"), "--val-shards", str(shards["val"]),
                  "--val-annotations", str(shards["val_json"])]) == 2
     assert "cannot resume" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = _cfg(shards, tmp_path / "g", steps=2, val=False)
+    cfg["resume"] = str(garbage)
+    with pytest.raises(FitError, match="not a readable Lightning checkpoint"):
+        run(cfg)
 
 
 def test_stage_configs_resolve():

@@ -178,7 +178,10 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         ckpt_path = out / "checkpoints" / "last.ckpt" if cfg["resume"] == "last" else Path(cfg["resume"])
         if not ckpt_path.is_file():
             raise FitError(f"cannot resume: {ckpt_path} does not exist (run without --resume to start afresh)")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+        try:
+            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated file, not a checkpoint, or one carrying code objects
+            raise FitError(f"cannot resume from {ckpt_path}: not a readable Lightning checkpoint ({err})") from err
         saved_head = saved.get("hyper_parameters", {}).get("head")
         if saved_head != head_cfg.to_dict():
             raise FitError(f"{ckpt_path} holds a head of sizes {saved_head}, this run trains {head_cfg.to_dict()}: "
@@ -214,7 +217,7 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
     result = {"best": checkpoint.best_model_path or None, "metrics": {}}
     if trainer.is_global_zero:
         best = checkpoint.best_model_path or checkpoint.last_model_path
-        final = RegionSpotModule.load_from_checkpoint(best, map_location="cpu", weights_only=False) if best else module
+        final = RegionSpotModule.load_from_checkpoint(best, map_location="cpu", weights_only=True) if best else module
         variant = cfg["model"].get("variant", "auto")
         result["head"] = str(save_head(final.head, out / "head.pt", variant=None if variant == "auto" else variant))
         result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
