@@ -121,8 +121,8 @@ def build_config(args: argparse.Namespace) -> dict:
     if isinstance(model, str):
         model = load_yaml(find_config("model", model))
     devices = args.devices
-    if devices is not None and devices != "auto":
-        devices = int(devices)
+    if devices is not None and devices.isdigit():
+        devices = int(devices)  # a count; "auto", "-1" and lists like "0,1" go to Lightning as given
     return merge(cfg, {
         "model": model,
         "init_from": args.init_from, "out": args.out, "seed": args.seed, "resume": args.resume,
