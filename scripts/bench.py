@@ -146,7 +146,9 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
             items = [dataset[i] for i in range(b, min(b + BATCH, len(dataset)))]
             split["prep"] += now() - t
             t = now()
-            embeddings = sam.encode_images(torch.stack([it["sam_input"] for it in items]))
+            sam_in = torch.stack([it["sam_input"] for it in items])
+            per_call = 1 if extractor.device.type == "cpu" else len(sam_in)  # as FeatureExtractor does
+            embeddings = torch.cat([sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
             split["sam_encoder"] += now() - t
             t = now()
             clip_tokens = clip.feature_map(torch.stack([it["clip_input"] for it in items])).half().cpu().numpy()
