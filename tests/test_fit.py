@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -215,3 +216,34 @@ def test_shards_stream_from_urls_listed_beside_the_manifest(shards, tmp_path):
     for batch, _ in zip(dm.train_dataloader(), range(6)):  # 24 images = 6 batches of 4: one epoch
         seen |= {m["key"] for m in batch.meta}
     assert len(seen) == 24
+
+
+def test_advanced_stage_mixes_datasets_with_their_own_vocabularies(shards, tmp_path):
+    """Two folders, two vocabularies: each batch is scored against its own dataset's texts."""
+    other = tmp_path / "renamed"
+    shutil.copytree(shards["val"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["vocabulary"]["names"] = [f"thing number {i}" for i in range(len(manifest["vocabulary"]["names"]))]
+    manifest["dataset"] = "renamed"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    init = save_head(RegionSpotHead(clip_dim=128, text_dim=64, **{k: v for k, v in TINY_MODEL.items() if k != "variant"}),
+                     tmp_path / "warmup_head.pt")
+    cfg = _cfg(shards, tmp_path / "run", steps=4, val=False, lr=0.0)
+    cfg["data"] |= {"train_shards": [str(shards["train"]), str(other)], "mix_weights": [1.0, 1.0], "workers": 0}
+    cfg["init_from"] = str(init)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(batch.dataset_index)
+
+    result = run(cfg, callbacks=[Spy()])
+    assert set(seen) == {0, 1} and len(seen) == 4  # both datasets drawn (seeded)
+    # lr 0: the exported head is exactly the warm-up head it started from
+    start, end = load_head(init).state_dict(), load_head(result["head"]).state_dict()
+    assert all(torch.equal(start[k], end[k]) for k in start)
+    # the renamed vocabulary got its own text embeddings in the cache
+    from regionspot_pl.backbones.clip import text_embeddings
+
+    a = text_embeddings(None, manifest["vocabulary"]["names"], shards["text_cache"], manifest["backbones"]["clip"]["id"])
+    assert a.shape == (40, 64)
