@@ -60,13 +60,14 @@ def encode_sample(
     meta: dict,
 ) -> dict:
     """Arrays and metadata of one image -> a webdataset sample (member name -> bytes)."""
-    arrays = {"sam.npy": sam, "boxes.npy": boxes, "labels.npy": labels, "scores.npy": scores, "clip.npy": clip}
+    arrays = {"sam": sam, "boxes": boxes, "labels": labels, "scores": scores, "clip": clip}
+    arrays = {k: np.ascontiguousarray(v, dtype=ARRAY_MEMBERS[f"{k}.npy"][0]) for k, v in arrays.items()}
+    meta = {"image_id": int(image_id), **meta}
+    # the checks a reader makes, on the arrays themselves: never write what a reader would refuse
+    validate_sample({"__key__": str(int(image_id)), **arrays, "meta": meta})
     sample = {"__key__": str(int(image_id))}
-    for name, array in arrays.items():
-        dtype, _ = ARRAY_MEMBERS[name]
-        sample[name] = _npy_bytes(np.ascontiguousarray(array, dtype=dtype))
-    sample["json"] = json.dumps({"image_id": int(image_id), **meta}, separators=(",", ":")).encode()
-    validate_sample(decode_sample(sample))  # never write what we could not read back
+    sample.update({f"{k}.npy": _npy_bytes(v) for k, v in arrays.items()})
+    sample["json"] = json.dumps(meta, separators=(",", ":")).encode()
     return sample
 
 
