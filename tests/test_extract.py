@@ -191,6 +191,12 @@ def test_torchrun_environment_sets_rank(monkeypatch, demo_data, tiny_backbones, 
                             "--sam-checkpoint", str(tiny_backbones["sam_checkpoint"]),
                             "--clip-model", str(tiny_backbones["clip_dir"])])
     assert (cfg.rank, cfg.world_size) == (1, 3)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = config_from_args(["--images", str(demo_data["val_images"]), "--annotations", str(demo_data["val_json"]),
+                            "--out", str(tmp_path), "--sam-type", "tiny", "--device", "cuda",
+                            "--sam-checkpoint", str(tiny_backbones["sam_checkpoint"]),
+                            "--clip-model", str(tiny_backbones["clip_dir"])])
+    assert cfg.device == "cuda:1"  # each torchrun process on its own GPU
 
 
 def _broken_dataset(demo_data, tmp_path) -> tuple[Path, Path]:

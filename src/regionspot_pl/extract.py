@@ -340,6 +340,8 @@ def config_from_args(argv: list[str] | None = None) -> ExtractConfig:
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     values.setdefault("rank", int(os.environ.get("RANK", 0)))
     values.setdefault("world_size", int(os.environ.get("WORLD_SIZE", 1)))
+    if values.get("device") == "cuda" and "LOCAL_RANK" in os.environ:
+        values["device"] = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process
     known = {f.name for f in fields(ExtractConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
