@@ -160,7 +160,9 @@ _SHAPE_POLYS: dict[str, list[tuple[np.ndarray, int]]] = {
 }
 
 
-def _shape_polys(shape: str, radius: float, aspect: float, angle: float) -> list[tuple[np.ndarray, int]]:
+def _shape_polys(
+    shape: str, radius: float, aspect: float, angle: float
+) -> list[tuple[np.ndarray, int]]:
     """The shape's polygons scaled, stretched and rotated about the origin (pixel units)."""
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
@@ -444,8 +446,9 @@ def _write_split(
 
 
 def _category_records(
-    cats: dict[int, Category], train_images: list[dict], train_anns: list[dict], num_train: int
+    cats: dict[int, Category], train_anns: list[dict], num_train: int
 ) -> list[dict[str, Any]]:
+    """Category records with image/instance counts and frequency counted on the train split."""
     image_sets: dict[int, set[int]] = {c: set() for c in cats}
     instances = dict.fromkeys(cats, 0)
     for a in train_anns:
@@ -532,7 +535,7 @@ def generate_demo_dataset(
     val_images, val_anns = _write_split(
         "val", val_plans, out, image_size, seed, cats, VAL_ID_OFFSET
     )
-    categories = _category_records(cats, train_images, train_anns, num_train)
+    categories = _category_records(cats, train_anns, num_train)
     info = {
         "description": "regionspot_pl synthetic demo scenes (coloured, textured shapes)",
         "version": str(GENERATOR_VERSION),
