@@ -227,7 +227,9 @@ class Predictor:
                 f"{clip.text_dim}); pass the CLIP the head was trained with"
             )
         sam = SamRegionEncoder(build_sam(sam_type, sam_checkpoint))
-        return cls(head_module, sam, clip, model_identity(clip_model), device, text_cache, precision)
+        return cls(
+            head_module, sam, clip, model_identity(clip_model), device, text_cache, precision
+        )
 
     # ----------------------------------------------------------------------------------- image
     @torch.inference_mode()
@@ -266,7 +268,9 @@ class Predictor:
         return tokens.float().half().float(), masks
 
     @torch.inference_mode()
-    def _run_head(self, tokens: Tensor, with_attention: bool, layer: int = -1) -> tuple[Tensor, Tensor | None]:
+    def _run_head(
+        self, tokens: Tensor, with_attention: bool, layer: int = -1
+    ) -> tuple[Tensor, Tensor | None]:
         """Region tokens [N, 256] -> (embeddings [N, text_dim], attention of ``layer`` [N, T] or None)."""
         assert self._clip_tokens is not None
         hook = _CrossAttentionRecorder(self.head, layer) if with_attention else None
@@ -297,6 +301,10 @@ class Predictor:
         return_attention: bool = False,
     ) -> list[dict[str, Any]]:
         """Name each box of the current image.
+
+        The boxes of one call are the queries of one image and attend to each other in the
+        head's self-attention, as all boxes of an image do in training and in the batch path:
+        a box's scores therefore depend on the other boxes passed with it.
 
         Args:
             boxes: [N, 4] x1, y1, x2, y2 in pixels of the image given to ``set_image``.
@@ -393,7 +401,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", required=True, help="class-name file (one a line) or 'cat,dog,...'")
     p.add_argument("--head", required=True, help="head checkpoint (save_head / convert output)")
     p.add_argument("--sam-type", required=True, choices=SAM_TYPES)
-    p.add_argument("--sam-checkpoint", required=True, help="e.g. " + OFFICIAL_SAM_CHECKPOINTS["vit_b"])
+    p.add_argument(
+        "--sam-checkpoint", required=True, help="e.g. " + OFFICIAL_SAM_CHECKPOINTS["vit_b"]
+    )
     p.add_argument("--clip-model", required=True, help="local Hugging Face CLIP folder")
     p.add_argument("--out", required=True, help="picture to write (PNG)")
     p.add_argument("--attention-out", help="also write the boxes' attention maps (PNG grid)")
@@ -405,7 +415,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
     from . import viz  # matplotlib is needed only here
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own errors
 
     try:
         if args.topk < 1:
@@ -443,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps([{k: r[k] for k in ("box", "labels", "scores")} for r in results], indent=1))
+    # one box a line: parseable as a whole, readable by eye
+    rows = [json.dumps({k: r[k] for k in ("box", "labels", "scores")}) for r in results]
+    print("[\n" + ",\n".join(rows) + "\n]")
     return 0
 
 

@@ -28,7 +28,9 @@ def _to_pil(image: ImageInput) -> Image.Image:
         return image.convert("RGB")
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"image must be a PIL image or HxWx3 uint8 array, got {array.dtype} {array.shape}")
+        raise ValueError(
+            f"image must be a PIL image or HxWx3 uint8 array, got {array.dtype} {array.shape}"
+        )
     return Image.fromarray(array)
 
 
@@ -58,15 +60,25 @@ def _caption(
     font,
     image_size: tuple[int, int],
     outline: tuple[int, int, int] | None = None,
+    taken: list[tuple[float, float, float, float]] | None = None,
 ) -> None:
-    """A filled label above (x, y), moved inside the picture if it would leave it."""
+    """A filled label at the box corner ``anchor``: above it if there is room, else just inside;
+    moved down past captions already in ``taken`` (which it joins), so none covers another."""
     x, y = anchor
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = 3
     w, h = right - left + 2 * pad, bottom - top + 2 * pad
     x = min(max(0, x), image_size[0] - w)
-    y = y - h if y - h >= 0 else y  # inside the box's top edge when there is no room above
+    y = y - h if y - h >= 0 else y
+    taken = taken if taken is not None else []
+    moved = True
+    while moved:  # terminates: y only grows, and each step passes one caption
+        moved = False
+        for tx1, ty1, tx2, ty2 in taken:
+            if x < tx2 and tx1 < x + w and y < ty2 and ty1 < y + h:
+                y, moved = ty2 + 1, True
     y = min(max(0, y), image_size[1] - h)
+    taken.append((x, y, x + w, y + h))
     width = 3 if outline is not None else 0
     draw.rectangle([x, y, x + w, y + h], fill=fill, outline=outline, width=width)
     # dark text on light colours, white text on dark ones
@@ -101,7 +113,9 @@ def draw_detections(
     base = _to_pil(image)
     n = len(boxes)
     if not (len(labels) == len(scores) == n):
-        raise ValueError(f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box")
+        raise ValueError(
+            f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box"
+        )
     if gt_labels is not None and len(gt_labels) != n:
         raise ValueError(f"gt_labels has {len(gt_labels)} entries for {n} boxes")
     if masks is not None and len(masks) != n:
@@ -113,12 +127,16 @@ def draw_detections(
         for mask, colour in zip(masks, colours):
             m = np.asarray(mask, dtype=bool)
             if m.shape != canvas.shape[:2]:
-                raise ValueError(f"mask shape {m.shape} does not match the image {canvas.shape[:2]}")
+                raise ValueError(
+                    f"mask shape {m.shape} does not match the image {canvas.shape[:2]}"
+                )
             canvas[m] = (1 - _MASK_ALPHA) * canvas[m] + _MASK_ALPHA * np.asarray(colour, np.float32)
     picture = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     scale = _upscale_factor(picture.size, min_size)
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
+        picture = picture.resize(
+            (picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC
+        )
 
     draw = ImageDraw.Draw(picture)
     font = _font(picture.width)
@@ -127,6 +145,7 @@ def draw_detections(
     for box, colour in zip(boxes, colours):
         x1, y1, x2, y2 = (float(v) * scale for v in box)
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+    taken: list[tuple[float, float, float, float]] = []
     for i, (box, colour) in enumerate(zip(boxes, colours)):
         text = f"{labels[i]} {float(scores[i]):.2f}"
         outline = None
@@ -136,7 +155,7 @@ def draw_detections(
             if not correct:
                 text += f" (gt: {gt_labels[i]})"
         _caption(draw, text, (float(box[0]) * scale, float(box[1]) * scale), colour, font,
-                 picture.size, outline)  # fmt: skip
+                 picture.size, outline, taken)  # fmt: skip
     return picture
 
 
@@ -148,13 +167,14 @@ def draw_attention(
     title: str | None = None,
     min_size: int = 512,
     cmap: str = "jet",
+    value_range: tuple[float, float] | None = None,
 ) -> Image.Image:
     """One region query's attention over the CLIP feature map, as a heat map on the image.
 
     CLIP sees the whole image resized to a square, so patch (r, c) of the ``grid x grid`` map
     covers the same fraction of the image whatever its aspect ratio: the map is upsampled
-    straight to the image size. The heat map is normalized to its own max; the caption gives
-    the class-token weight and the largest patch weight (absolute, rows sum to 1).
+    straight to the image size. Colours span the patch weights' own min..max (blue..red with
+    ``jet``); the caption gives the class-token weight and that range (absolute; rows sum to 1).
 
     Args:
         image: HxWx3 uint8 array or PIL image.
@@ -162,6 +182,8 @@ def draw_attention(
         attention: [T] weights over CLIP tokens, class token first (T = 1 + grid^2).
         grid: side of the patch grid (14 for ViT-B/16 at 224); None infers it from T.
         title: first caption line (e.g. the box's label).
+        value_range: (low, high) patch weights the colours span; give several panels the same
+            range to compare them (e.g. decoder layers). None: this map's own min..max.
     """
     base = _to_pil(image)
     weights = np.asarray(attention, dtype=np.float64).reshape(-1)
@@ -173,14 +195,20 @@ def draw_attention(
             f"patches = {1 + grid * grid}"
         )
     cls_weight, patches = float(weights[0]), weights[1:].reshape(grid, grid)
-    peak = float(patches.max())
-    normalized = patches / peak if peak > 0 else patches
+    low, peak = float(patches.min()), float(patches.max())
+    # By default min-max: the colours span this query's own range (an untrained head is near
+    # uniform, 1/T everywhere, and would paint the whole image hot on a 0..max scale); the
+    # caption always gives the map's true range.
+    lo, hi = value_range if value_range is not None else (low, peak)
+    normalized = np.clip((patches - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(patches)
 
     scale = _upscale_factor(base.size, min_size)
     size = (base.width * scale, base.height * scale)
     picture = base.resize(size, Image.Resampling.BICUBIC) if scale > 1 else base
     # upsample the [0, 1] map as an 8-bit image (bilinear), then colour it
-    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(
+        size, Image.Resampling.BILINEAR
+    )
     coloured = colormaps[cmap](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3] * 255
     blended = (1 - _HEAT_ALPHA) * np.asarray(picture, np.float32) + _HEAT_ALPHA * coloured
     picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
@@ -193,7 +221,9 @@ def draw_attention(
 
     # caption band below the picture, so it never hides the heat map
     font = _font(picture.width)
-    lines = ([title] if title else []) + [f"class token {cls_weight:.3f} | max patch {peak:.3f}"]
+    lines = ([title] if title else []) + [
+        f"class token {cls_weight:.3f} | patches {low:.4f}-{peak:.4f}"
+    ]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     heights = [measure.textbbox((0, 0), t, font=font) for t in lines]
     line_h = max(b[3] - b[1] for b in heights) + 6
@@ -202,7 +232,12 @@ def draw_attention(
     out.paste(picture, (0, 0))
     draw = ImageDraw.Draw(out)
     for i, (text, bbox) in enumerate(zip(lines, heights)):
-        draw.text((6 - bbox[0], picture.height + 4 + i * line_h - bbox[1]), text, fill=(0, 0, 0), font=font)
+        draw.text(
+            (6 - bbox[0], picture.height + 4 + i * line_h - bbox[1]),
+            text,
+            fill=(0, 0, 0),
+            font=font,
+        )
     return out
 
 
@@ -225,7 +260,9 @@ def save_grid(
     rows = math.ceil(len(images) / cols)
     cell_w = max(im.width for im in images)
     cell_h = max(im.height for im in images)
-    sheet = Image.new("RGB", (cols * cell_w + (cols + 1) * gap, rows * cell_h + (rows + 1) * gap), background)
+    sheet = Image.new(
+        "RGB", (cols * cell_w + (cols + 1) * gap, rows * cell_h + (rows + 1) * gap), background
+    )
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         sheet.paste(im.convert("RGB"), (gap + c * (cell_w + gap), gap + r * (cell_h + gap)))
