@@ -159,6 +159,18 @@ class _CrossAttentionRecorder:
         self._handle.remove()
 
 
+def check_head_fits_clip(head: RegionSpotHead, clip: ClipEncoder, head_name: str = "the head",
+                         clip_where: str = "") -> None:
+    """The head's CLIP width and text dim must be the CLIP model's (a BL head needs ViT-L/14)."""
+    cfg = head.config
+    if (cfg.clip_dim, cfg.text_dim) != (clip.vision_dim, clip.text_dim):
+        raise ValueError(
+            f"{head_name} (clip_dim {cfg.clip_dim}, text_dim {cfg.text_dim}) does not fit the CLIP "
+            f"model{clip_where} (vision width {clip.vision_dim}, text dim {clip.text_dim}); use the "
+            "CLIP the head was trained with (BB: ViT-B/16, BL: ViT-L/14)"
+        )
+
+
 class Predictor:
     """Frozen SAM + CLIP + a trained head: set an image once, then name any of its boxes.
 
@@ -178,13 +190,7 @@ class Predictor:
         text_cache: str | Path | None = None,
         precision: str = "auto",
     ) -> None:
-        cfg = head.config
-        if (cfg.clip_dim, cfg.text_dim) != (clip.vision_dim, clip.text_dim):
-            raise ValueError(
-                f"the head (clip_dim {cfg.clip_dim}, text_dim {cfg.text_dim}) does not fit the "
-                f"CLIP model (vision width {clip.vision_dim}, text dim {clip.text_dim}); use the "
-                "CLIP the head was trained with (BB: ViT-B/16, BL: ViT-L/14)"
-            )
+        check_head_fits_clip(head, clip)
         self.device = torch.device(device)
         self.head = head.to(self.device).eval()
         self.sam = sam.to(self.device).eval()
@@ -216,16 +222,10 @@ class Predictor:
         extractor's). ``precision``: autocast as in extraction (auto = fp32 on CPU).
         """
         head_module = load_head(head)
-        cfg = head_module.config
         clip_model_hf, tokenizer = load_clip(clip_model)
         clip = ClipEncoder(clip_model_hf, tokenizer)
-        if (cfg.clip_dim, cfg.text_dim) != (clip.vision_dim, clip.text_dim):
-            # Checked before building SAM, which can take a while for the real models.
-            raise ValueError(
-                f"head {head} (clip_dim {cfg.clip_dim}, text_dim {cfg.text_dim}) does not fit "
-                f"the CLIP model in {clip_model} (vision width {clip.vision_dim}, text dim "
-                f"{clip.text_dim}); pass the CLIP the head was trained with"
-            )
+        # before building SAM, which can take a while for the real models
+        check_head_fits_clip(head_module, clip, f"head {head}", f" in {clip_model}")
         sam = SamRegionEncoder(build_sam(sam_type, sam_checkpoint))
         return cls(
             head_module, sam, clip, model_identity(clip_model), device, text_cache, precision
