@@ -70,7 +70,7 @@ def test_scores_equal_cached_batch_path(setup):
         with torch.no_grad():  # the batch path: head on the float16 cache read back as float32
             regions = predictor.head(
                 torch.from_numpy(sample["sam"].astype(np.float32))[None],
-                torch.from_numpy(sample["clip"])[None],
+                torch.tensor(sample["clip"])[None],  # a copy: the cache's view is read-only
             )[0]
         expected = region_logits(regions, texts).softmax(-1).numpy()
 

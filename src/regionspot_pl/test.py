@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -40,7 +39,7 @@ from .backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_ident
 from .config import find_config, load_yaml, merge
 from .data.annotations import AnnotationError, Vocabulary, read_json
 from .data.datamodule import CacheInfo, collate_regions
-from .data.shards import ShardFormatError, decode_sample, iter_samples, validate_sample
+from .data.shards import ShardFormatError, iter_samples
 from .evaluation.baselines import BASELINES, box_crops, crop_logits
 from .evaluation.metrics import (
     LVIS_METRICS,
@@ -218,10 +217,7 @@ class _CropStream(IterableDataset):
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
         if not mine:
             return
-        # Our own split above, and a pipeline without webdataset's default per-worker split,
-        # which would split the already split list again and drop shards.
-        for raw in wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples()):
-            s = validate_sample(decode_sample(raw))
+        for s in iter_samples(mine):
             meta = s["meta"]
             path = self.images / meta["file_name"]
             try:

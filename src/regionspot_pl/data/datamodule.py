@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .annotations import Vocabulary
-from .shards import ShardFormatError, decode_sample, list_shards, read_manifest, validate_sample
+from .shards import ShardFormatError, decoded_samples, list_shards, read_manifest
 
 SHARD_URLS = "shards.txt"
 
@@ -68,12 +68,11 @@ class ShardStream(IterableDataset):
                 return
             # One pipeline per epoch: the shuffle buffer drains at the epoch's end, so no sample
             # of the next epoch is drawn before every sample of this one has been.
-            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+            stages = [wds.SimpleShardList(urls), decoded_samples]
             if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}-{rank}-{worker}-{epoch}")  # webdataset wants random.Random
                 stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
-            for raw in wds.DataPipeline(*stages):
-                sample = validate_sample(decode_sample(raw))
+            for sample in wds.DataPipeline(*stages):
                 sample["dataset_index"] = self.dataset_index
                 yield sample
             if not self.repeat:
@@ -106,33 +105,34 @@ class RegionBatch:
 def collate_regions(samples: list[dict], max_boxes: int | None = None,
                     rng: np.random.Generator | None = None) -> RegionBatch:
     """Pad per-image boxes to the batch maximum; keep a random subset when over ``max_boxes``."""
-    picked = []
+    if len({s["dataset_index"] for s in samples}) != 1:
+        raise ValueError("a batch must come from one dataset (its vocabulary scores it)")
+    picked = []  # per image: the kept box indices, or None for all of them (no fancy-index copy)
     for s in samples:
         n = len(s["labels"])
         if max_boxes is not None and n > max_boxes:
-            keep = np.sort((rng or np.random.default_rng()).choice(n, max_boxes, replace=False))
+            picked.append(np.sort((rng or np.random.default_rng()).choice(n, max_boxes, replace=False)))
         else:
-            keep = np.arange(n)
-        picked.append(keep)
-    if len({s["dataset_index"] for s in samples}) != 1:
-        raise ValueError("a batch must come from one dataset (its vocabulary scores it)")
-    b, n = len(samples), max(1, max(len(k) for k in picked))
-    sam = torch.zeros(b, n, samples[0]["sam"].shape[1], dtype=torch.float32)
-    boxes = torch.zeros(b, n, 4)
-    labels = torch.full((b, n), -1, dtype=torch.int64)
-    scores = torch.zeros(b, n)
-    valid = torch.zeros(b, n, dtype=torch.bool)
-    for i, (s, keep) in enumerate(zip(samples, picked)):
-        k = len(keep)
-        sam[i, :k] = torch.from_numpy(s["sam"][keep].astype(np.float32))
-        boxes[i, :k] = torch.from_numpy(s["boxes"][keep])
-        labels[i, :k] = torch.from_numpy(s["labels"][keep])
-        scores[i, :k] = torch.from_numpy(s["scores"][keep])
-        valid[i, :k] = True
-    clip = torch.from_numpy(np.stack([s["clip"] for s in samples]))
-    meta = [{**s["meta"], "kept": keep.tolist() if len(keep) < len(s["labels"]) else None, "key": s["__key__"]}
+            picked.append(None)
+    counts = [len(s["labels"]) if keep is None else len(keep) for s, keep in zip(samples, picked)]
+    b, n = len(samples), max(1, *counts)
+    # filled in NumPy (cheaper per call than torch indexing), wrapped without a copy at the end
+    sam = np.zeros((b, n, samples[0]["sam"].shape[1]), np.float32)
+    boxes = np.zeros((b, n, 4), np.float32)
+    labels = np.full((b, n), -1, np.int64)
+    scores = np.zeros((b, n), np.float32)
+    for i, (s, keep, k) in enumerate(zip(samples, picked, counts)):
+        rows = slice(None) if keep is None else keep
+        sam[i, :k] = s["sam"][rows]
+        boxes[i, :k] = s["boxes"][rows]
+        labels[i, :k] = s["labels"][rows]
+        scores[i, :k] = s["scores"][rows]
+    valid = np.arange(n)[None, :] < np.array(counts)[:, None]
+    clip = np.stack([s["clip"] for s in samples])
+    meta = [{**s["meta"], "kept": None if keep is None else keep.tolist(), "key": s["__key__"]}
             for s, keep in zip(samples, picked)]
-    return RegionBatch(sam, clip, boxes, labels, scores, valid, samples[0]["dataset_index"], meta)
+    return RegionBatch(*(torch.from_numpy(a) for a in (sam, clip, boxes, labels, scores, valid)),
+                       samples[0]["dataset_index"], meta)
 
 
 class MixedBatches(IterableDataset):

@@ -17,6 +17,11 @@ member          dtype, shape       meaning
 SAM masks, or absent when extraction ran with masks off. Shards are named
 ``{dataset}-r{rank:03d}-{index:06d}.tar``; each has a sidecar ``.json`` with its counts.
 A folder of shards also holds ``manifest.json`` (vocabulary, backbones, config).
+
+Reading is the training loader's hot loop, so it avoids copies: tar members are read with one
+``read`` each (webdataset's ``tarfile`` stream copies every member several times, 2.4x slower
+end to end, docs/benchmarks.md) and the ``.npy`` arrays are NumPy views of those bytes.
+webdataset still opens the URLs and groups members into samples.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, url_opener
 
 ARRAY_MEMBERS = {
     "sam.npy": (np.float16, 2),
@@ -72,21 +79,59 @@ def encode_sample(
 
 
 def decode_sample(sample: dict) -> dict:
-    """A raw webdataset sample (member -> bytes) -> dict of arrays and ``meta``. No pickle."""
+    """A raw webdataset sample (member -> bytes) -> dict of arrays and ``meta``. No pickle.
+
+    ``clip`` is a read-only view of the member's bytes (no copy: it is most of a sample's
+    bytes and ``collate_regions`` copies it into the batch anyway); the small per-box arrays are
+    writable copies.
+    """
     key = sample.get("__key__", "?")
     out = {"__key__": key}
     for name in ARRAY_MEMBERS:
         if name not in sample:
             raise ShardFormatError(f"sample {key} ({sample.get('__url__', 'unknown shard')}) lacks member {name}")
         try:
-            out[name[:-4]] = np.load(io.BytesIO(sample[name]), allow_pickle=False)
+            array = npy_view(sample[name])
         except ValueError as err:
             raise ShardFormatError(f"sample {key}: member {name} is not a plain .npy array ({err})") from err
+        out[name[:-4]] = array if name == "clip.npy" else array.copy()
     try:
         out["meta"] = json.loads(sample["json"])
     except (KeyError, json.JSONDecodeError) as err:
         raise ShardFormatError(f"sample {key}: missing or invalid json member ({err})") from err
     return out
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_npy_headers: dict[bytes, tuple[tuple[int, ...], np.dtype, bool, int]] = {}
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """The array stored in ``.npy`` bytes, as a read-only view of them (``np.load`` without the copy).
+
+    Headers are parsed by NumPy's own ``np.lib.format`` (a literal, never a pickle) and cached:
+    a cache holds few distinct ones (the CLIP member's is the same in every sample).
+    Raises ValueError for object arrays, unknown versions and a size that disagrees with the header.
+    """
+    if data[:6] != _NPY_MAGIC or data[6:7] not in (b"\x01", b"\x02", b"\x03"):
+        raise ValueError("no .npy magic/version")
+    header_end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    header = data[:header_end]
+    parsed = _npy_headers.get(header)
+    if parsed is None:
+        fp = io.BytesIO(header)
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+        if dtype.hasobject:
+            raise ValueError(f"dtype {dtype} holds Python objects, which would need pickle")
+        if len(_npy_headers) > 4096:  # shapes vary with box counts; keep the cache bounded
+            _npy_headers.clear()
+        parsed = _npy_headers[header] = (shape, dtype, fortran, int(np.prod(shape)))
+    shape, dtype, fortran, count = parsed
+    if len(data) - header_end != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - header_end} data bytes for shape {shape} of {dtype}")
+    return np.frombuffer(data, dtype, count, header_end).reshape(shape, order="F" if fortran else "C")
 
 
 def validate_sample(s: dict) -> dict:
@@ -189,8 +234,62 @@ def shard_counts(folder: str | Path) -> dict:
     return total
 
 
-def iter_samples(shards: list[str | Path]):
-    """Decoded, validated samples of the given shards, in order (for evaluation and tests)."""
-    dataset = wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False)
-    for raw in dataset:
+TAR_BLOCK = 512
+
+
+def tar_members(stream, url: str) -> Iterator[dict]:
+    """``{"fname", "data", "__url__"}`` of each regular file of a ustar stream, one ``read`` each.
+
+    The ustar subset our writer (and ``tar``) produces: a checksum checked on every header,
+    directories skipped, extended (pax/GNU) headers refused with the way out.
+    """
+    offset = 0
+    while True:
+        header = stream.read(TAR_BLOCK)
+        if not header or header.count(0) == TAR_BLOCK:  # end of archive
+            return
+        where = f"shard {url}, byte {offset}"
+        if len(header) < TAR_BLOCK:
+            raise ShardFormatError(f"{where}: truncated tar header; the shard is incomplete, re-extract it")
+        try:
+            checksum, size = (int(header[a:b].replace(b"\0", b" ").strip() or b"0", 8) for a, b in ((148, 156), (124, 136)))
+        except ValueError:
+            raise ShardFormatError(f"{where}: not a tar header; the file is corrupt or not a shard") from None
+        if checksum != 256 + sum(header[:148]) + sum(header[156:]):  # checksum field counted as spaces
+            raise ShardFormatError(f"{where}: tar header checksum mismatch; the shard is corrupt, re-extract it")
+        kind = header[156:157]
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        data = stream.read(size)
+        if len(data) < size:
+            raise ShardFormatError(f"{where}: member {name.decode(errors='replace')} is truncated; re-extract the shard")
+        stream.read(-size % TAR_BLOCK)
+        offset += TAR_BLOCK + size + (-size % TAR_BLOCK)
+        if kind in (b"0", b"\0"):
+            yield {"fname": (prefix + b"/" + name if prefix else name).decode(), "data": data, "__url__": url}
+        elif kind in (b"x", b"g", b"L", b"K"):
+            raise ShardFormatError(
+                f"{where}: pax/GNU extended tar header, which the shard reader does not read; "
+                "re-pack the shard with `tar --format=ustar` (regionspot_pl's writer never writes one)"
+            )
+
+
+def _expand_shards(sources: Iterable[dict]) -> Iterator[dict]:
+    for source in sources:
+        with source["stream"] as stream:
+            yield from tar_members(stream, source["url"])
+        yield {}  # webdataset's end-of-shard marker: samples never span shards
+
+
+def decoded_samples(sources: Iterable[dict]) -> Iterator[dict]:
+    """A webdataset pipeline stage: ``{"url": ...}`` items -> decoded, validated samples.
+
+    URLs are anything webdataset opens (a path, ``pipe:``, ``http(s):``).
+    """
+    for raw in group_by_keys(_expand_shards(url_opener(sources))):
         yield validate_sample(decode_sample(raw))
+
+
+def iter_samples(shards: list[str | Path]) -> Iterator[dict]:
+    """Decoded, validated samples of the given shards, in order (for evaluation and tests)."""
+    return decoded_samples({"url": str(s)} for s in shards)
