@@ -27,6 +27,7 @@ absolute numbers as indicative. Prints one table; writes it to bench_out/bench.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import io
@@ -56,6 +57,7 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones  # noqa: E402
 from regionspot_pl.data.annotations import Vocabulary, load_coco  # noqa: E402
 from regionspot_pl.data.datamodule import RegionDataModule, collate_regions  # noqa: E402
 from regionspot_pl.data.shards import (  # noqa: E402
+    ARRAY_MEMBERS,
     MANIFEST,
     AtomicShardWriter,
     decode_sample,
@@ -63,6 +65,7 @@ from regionspot_pl.data.shards import (  # noqa: E402
     iter_samples,
     list_shards,
     shard_name,
+    tar_members,
     validate_sample,
     write_json_atomic,
 )
@@ -134,12 +137,12 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
     extractor([dataset[i] for i in range(min(BATCH, len(dataset)))], "bench")
 
     # -- ours, end to end: run_extraction's loop (DataLoader decoding workers -> FeatureExtractor -> writer)
-    def end_to_end(workers: int) -> float:
+    def end_to_end(workers: int, extract: FeatureExtractor = extractor) -> float:
         loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=list)
         writer = AtomicShardWriter(scratch / f"e2e-w{workers}.tar")
         start = now()
         for items in loader:
-            for sample in extractor(items, "bench"):
+            for sample in extract(items, "bench"):
                 writer.write(sample)
         writer.commit({})
         return now() - start
@@ -234,6 +237,17 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
         w_ours.commit({})
         w_naive.commit({})
     e2e = {w: end_to_end(w) for w in (0, 2)}
+    # the options: bf16 autocast (as on GPUs; fast only on CPUs with AVX512-BF16/AMX) and
+    # torch.compile, each timed after a warm-up pass that includes the compilation
+    options = {"--precision bf16": {"precision": "bf16"}, "--compile": {"compile": True},
+               "--compile --precision bf16": {"compile": True, "precision": "bf16"}}
+    e2e_fp32 = min(e2e[0], end_to_end(0))
+    variants = {}
+    for flags, change in options.items():
+        variant = FeatureExtractor(dataclasses.replace(cfg, **change))
+        warm_up = end_to_end(0, variant)
+        variants[flags] = (min(end_to_end(0, variant), end_to_end(0, variant)), warm_up)
+        del variant
     n_img, n_box = reps * num_images, reps * num_boxes
     ours_total, naive_total = sum(split.values()), sum(naive.values())
     ratio = naive_total / ours_total
@@ -242,6 +256,32 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
               f"{n_img / naive_total:.1f} img/s, {n_box / naive_total:.0f} box/s (SamPredictor per box)",
               ratio, target=">= 5x", met=ratio >= 5, seconds_ours=ours_total, seconds_naive=naive_total,
               images=n_img, boxes=n_box)
+    for flags, (seconds, warm_up) in variants.items():
+        table.add(f"extract: run_extraction's loop, {flags} vs default fp32 (workers 0)",
+                  f"{num_images / seconds:.1f} img/s (first pass {warm_up:.0f} s)",
+                  f"{num_images / e2e_fp32:.1f} img/s", e2e_fp32 / seconds, seconds=seconds,
+                  first_pass_seconds=warm_up, seconds_fp32=e2e_fp32)
+    fastest = min(variants, key=lambda k: variants[k][0])
+    best = naive_total / reps / variants[fastest][0]
+    table.add(f"extract: fastest option ({fastest}) vs naive (SamPredictor per box)",
+              f"{num_images / variants[fastest][0]:.1f} img/s", f"{n_img / naive_total:.1f} img/s", best,
+              target=">= 5x", met=best >= 5)
+    # the decoder's arithmetic against what this CPU's matmul units deliver: how much room is left
+    rec = max(records, key=lambda r: len(r.boxes))
+    with torch.inference_mode():
+        emb = sam.encode_images(dataset[records.index(rec)]["sam_input"][None])[0]
+        per_box = counted_gflop(lambda: sam.encode_boxes(emb, torch.from_numpy(rec.boxes), (rec.height, rec.width)))
+    per_box /= len(rec.boxes)
+    rate = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    work = per_box * n_box
+    table.add(f"extract: decoder arithmetic ({per_box:.2f} GFLOP/box counted) vs CPU fp32 matmul rate",
+              f"{work / split['decoder']:.0f} GFLOP/s = {100 * work / split['decoder'] / rate[torch.float32]:.0f}%",
+              f"naive {work / naive['decoder']:.0f} GFLOP/s = {100 * work / naive['decoder'] / rate[torch.float32]:.0f}%",
+              100 * work / split["decoder"] / rate[torch.float32], ratio_fmt="{:.0f}%", gflop_per_box=per_box)
+    table.add("cpu: measured matmul rate (2048 x 2048, torch), bf16 vs fp32",
+              f"bf16 {rate[torch.bfloat16]:.0f} GFLOP/s", f"fp32 {rate[torch.float32]:.0f} GFLOP/s",
+              rate[torch.bfloat16] / rate[torch.float32], fp32_gflops=rate[torch.float32],
+              bf16_gflops=rate[torch.bfloat16])
     table.add("extract: run_extraction's loop (DataLoader), workers 2 vs 0", f"w2 {num_images / e2e[2]:.1f} img/s",
               f"w0 {num_images / e2e[0]:.1f} img/s", e2e[0] / e2e[2], seconds_by_workers=e2e)
     num_images = n_img
@@ -330,16 +370,24 @@ def reader_rate(folder: Path, workers: int, batch_size: int, num_samples: int) -
     return seen / elapsed, seen * bytes_per_sample / elapsed / 1e6
 
 
-def decode_rate(shards: list[Path], ours: bool, batch_size: int = 16) -> float:
-    """samples/s of one pass, shards -> decoded samples -> batches, in one process (no shuffle).
-    Ours: ``shards.iter_samples``. Webdataset's: its ``tarfile`` reader, ``np.load`` per member."""
+def decode_rate(shards: list[Path], reader: str, batch_size: int = 16) -> float:
+    """samples/s of one pass over the shards in one process (no shuffle). ``reader``:
+    "ours" = ``shards.iter_samples`` + ``collate_regions``; "webdataset" = its ``tarfile`` reader and
+    ``np.load`` per member + ``collate_regions``; "tar" = our tar member loop alone (no decoding)."""
     def webdataset_samples():
         for raw in wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False):
             arrays = {k[:-4]: np.load(io.BytesIO(v), allow_pickle=False) for k, v in raw.items() if k.endswith(".npy")}
             yield validate_sample({"__key__": raw["__key__"], "meta": json.loads(raw["json"]), **arrays})
 
-    seen, batch, start = 0, [], now()
-    for sample in (iter_samples(shards) if ours else webdataset_samples()):
+    start = now()
+    if reader == "tar":
+        members = 0
+        for shard in shards:
+            with open(shard, "rb") as stream:
+                members += sum(1 for _ in tar_members(stream, str(shard)))
+        return members / (len(ARRAY_MEMBERS) + 1) / (now() - start)
+    seen, batch = 0, []
+    for sample in (iter_samples(shards) if reader == "ours" else webdataset_samples()):
         sample["dataset_index"] = 0
         batch.append(sample)
         if len(batch) == batch_size:
@@ -363,14 +411,19 @@ def bench_loading(table: Table, folders: dict[str, Path], samples: dict[str, int
                       ratio_fmt="{:.0f}%", target=">= 70%", met=pct >= 0.7, samples_per_s=rate, mb_per_s=mbps,
                       raw_mb_per_s=raw)
             results[(name, workers)] = (rate, mbps, raw)
-        # alternate the two decoders, best of 3 each: outside load falls on both
-        rates = {True: 0.0, False: 0.0}
+        # alternate the readers, best of 3 each: outside load falls on all alike
+        rates = dict.fromkeys(("ours", "webdataset", "tar"), 0.0)
         for _ in range(3):
-            for ours in (True, False):
-                rates[ours] = max(rates[ours], decode_rate(files, ours))
+            for reader in rates:
+                rates[reader] = max(rates[reader], decode_rate(files, reader))
         table.add(f"load: {name} decode path (one pass, batches of 16, workers 0)",
-                  f"{rates[True]:.0f} samples/s", f"{rates[False]:.0f} samples/s (webdataset tarfile + np.load)",
-                  rates[True] / rates[False], samples_per_s=rates[True], naive_samples_per_s=rates[False])
+                  f"{rates['ours']:.0f} samples/s", f"{rates['webdataset']:.0f} samples/s (webdataset tarfile + np.load)",
+                  rates["ours"] / rates["webdataset"], samples_per_s=rates["ours"],
+                  naive_samples_per_s=rates["webdataset"])
+        tar_mbps = rates["tar"] * size / count / 1e6
+        table.add(f"load: {name} tar member loop alone (no decoding, no batching)",
+                  f"{rates['tar']:.0f} samples/s, {tar_mbps:.0f} MB/s", f"cat {raw:.0f} MB/s (page cache)",
+                  100 * tar_mbps / raw, ratio_fmt="{:.0f}%", samples_per_s=rates["tar"], mb_per_s=tar_mbps)
     # The consumer is the limit that matters: RegionSpot-BL training at the GPU goal of 5,000 img/s
     # needs 5,000 samples/s from the loader workers together.
     rate = max(results[("BL", w)][0] for w in (0, 2))
@@ -378,6 +431,82 @@ def bench_loading(table: Table, folders: dict[str, Path], samples: dict[str, int
               f"{rate:.0f} samples/s", f"{TRAIN_TARGET} img/s (training goal)", rate / TRAIN_TARGET, target=">= 1x",
               met=rate >= TRAIN_TARGET, samples_per_s=rate)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs: what the GPU goals ask of the hardware
+# ---------------------------------------------------------------------------------------------
+
+H100_BF16_SPEC = 989  # TFLOP/s, H100 SXM dense bf16 datasheet figure (a measured matmul rate needs a GPU)
+EXTRACT_TARGET = 300  # images/s per GPU, issue #7's extraction goal
+
+
+def clip_vit_l14():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                            num_attention_heads=16, patch_size=14, image_size=224)).eval()
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """This machine's matmul rate in GFLOP/s (best of 5), the arithmetic limit to compare with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        start = now()
+        a @ b
+        best = min(best, now() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def counted_gflop(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def bench_flops(table: Table) -> dict:
+    """FLOPs of real-size SAM ViT-B, CLIP ViT-L/14 and the BL head step, counted by torch's
+    FlopCounterMode (matmuls and convolutions; 2 per multiply-add). The backbones run on the meta
+    device (shapes only, no compute); the head step runs for real."""
+    from segment_anything import sam_model_registry
+
+    boxes = BL["boxes"]
+    with torch.device("meta"), torch.no_grad():
+        sam = sam_model_registry["vit_b"](checkpoint=None).eval().requires_grad_(False)
+        sam_enc = counted_gflop(lambda: sam.image_encoder(torch.empty(1, 3, 1024, 1024)))
+        box_xyxy = torch.empty(boxes, 4)
+
+        def decode():
+            sparse, dense = sam.prompt_encoder(points=None, boxes=box_xyxy, masks=None)
+            sam.mask_decoder(torch.empty(1, 256, 64, 64), sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
+
+        per_box = counted_gflop(decode) / boxes
+        clip = counted_gflop(lambda: clip_vit_l14().requires_grad_(False)(pixel_values=torch.empty(1, 3, 224, 224)))
+    per_image = sam_enc + clip + boxes * per_box
+
+    torch.manual_seed(0)
+    head = RegionSpotHead.from_variant("BL").train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=2.5e-5)
+    texts = torch.nn.functional.normalize(torch.randn(BL["classes"], BL["text_dim"]), dim=-1)
+    rng = np.random.default_rng(2)
+    batch = collate_regions([decode_sample(bl_sample(rng, i + 1)) | {"dataset_index": 0} for i in range(16)])
+    head_per_image = counted_gflop(lambda: head_step(head, optimizer, batch, texts)) / 16
+
+    need = EXTRACT_TARGET * per_image / 1e3
+    table.add("flops: SAM ViT-B@1024 encoder + CLIP ViT-L/14@224 + 16 boxes' decoder (counted)",
+              f"{per_image:.0f} GFLOP/img ({sam_enc:.0f} + {clip:.0f} + 16 x {per_box:.1f})",
+              f"at {EXTRACT_TARGET} img/s: {need:.0f} TFLOP/s", 100 * need / H100_BF16_SPEC, ratio_fmt="{:.0f}%",
+              target="of H100 bf16 spec", sam_encoder_gflop=sam_enc, clip_gflop=clip, decoder_gflop_per_box=per_box)
+    need = TRAIN_TARGET * head_per_image / 1e3
+    table.add("flops: BL head training step (fwd + bwd, 16 boxes, 365 classes, counted)",
+              f"{head_per_image:.1f} GFLOP/img", f"at {TRAIN_TARGET} img/s: {need:.0f} TFLOP/s",
+              100 * need / H100_BF16_SPEC, ratio_fmt="{:.1f}%", target="of H100 bf16 spec",
+              head_gflop_per_image=head_per_image)
+    return {"extract_gflop_per_image": per_image, "head_gflop_per_image": head_per_image}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,10 +559,7 @@ def bench_training(table: Table, bl_folder: Path, steps: int, on_the_fly_batches
     gc.collect()
 
     # -- the reference's way: CLIP ViT-L/14 (and SAM ViT-B) forward on every batch, then the head
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                              num_attention_heads=16, patch_size=14, image_size=224)).eval()
+    vision = clip_vit_l14()
     small = in_memory_batch(2)
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -603,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_loading(table, {"demo": shards_dir / f"train-{num_images}", "BL": bl_train},
                   {"demo": 800 if quick else 3000, "BL": 128 if quick else 512})
+    bench_flops(table)
     bench_training(table, bl_train, steps=2 if quick else 4, on_the_fly_batches=1 if quick else 2,
                    with_sam=not (quick or args.no_sam))
     bench_evaluation(table, shards_dir / "val-14", bl_eval, metric_scale)

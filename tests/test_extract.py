@@ -30,6 +30,7 @@ from regionspot_pl.data.shards import (
 from regionspot_pl.extract import (
     ExtractConfig,
     FeatureExtractor,
+    ImageFeaturesInput,
     config_from_args,
     main,
     run_extraction,
@@ -89,6 +90,26 @@ def test_shards_hold_what_sam_predictor_and_hf_clip_give(demo_shards, demo_data,
     assert manifest["vocabulary"]["names"] == list(vocab.names)
     assert manifest["backbones"]["sam"]["type"] == "tiny" and len(manifest["backbones"]["sam"]["sha256_16"]) == 16
     assert manifest["counts"]["samples"] == 14 and manifest["config"]["shard_size"] == 4
+
+
+def test_compiled_extractor_gives_the_eager_results(demo_shards, demo_data, tiny_backbones, tmp_path):
+    """--compile (torch.compile of SAM's decoder and both encoders) changes speed, not results:
+    the same tokens up to float rounding and the same masks but for pixels at the threshold."""
+    cfg = _config(demo_data, tiny_backbones, tmp_path / "c", split="val", compile=True, precision="fp32")
+    extractor = FeatureExtractor(cfg)
+    assert hasattr(extractor.sam.sam.mask_decoder, "_orig_mod")  # torch.compile's wrapper
+    records, _, _ = load_coco(demo_data["val_json"])
+    records = sorted(records, key=lambda r: -len(r.boxes))[:3]  # different box counts: dynamic shapes
+    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform, 224)
+    compiled = [decode_sample(s) for s in extractor([dataset[i] for i in range(len(records))], "demo_val")]
+    eager = _samples(demo_shards["val"])
+    assert len({len(r.boxes) for r in records}) > 1
+    for s in compiled:
+        e = eager[s["__key__"]]
+        np.testing.assert_allclose(s["sam"].astype(np.float32), e["sam"].astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(s["clip"].astype(np.float32), e["clip"].astype(np.float32), rtol=2e-3, atol=2e-3)
+        ours, theirs = (mask_utils.decode(x["meta"]["masks"]).astype(bool) for x in (s, e))
+        assert (ours == theirs).mean() > 0.9999
 
 
 def test_shards_are_plain_webdataset_tars(demo_shards):
