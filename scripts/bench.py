@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/bench_metrics.py
 
@@ -396,6 +397,34 @@ def decode_rate(shards: list[Path], reader: str, batch_size: int = 16) -> float:
     return seen / (now() - start)
 
 
+class ReadyBatches(IterableDataset):
+    """Batches collated from samples held in memory: a worker that reads nothing, so the main
+    process's time per batch is the DataLoader's worker -> main transfer alone (shared memory)."""
+
+    def __init__(self, samples: list[dict]) -> None:
+        self.samples = samples
+
+    def __iter__(self):
+        while True:
+            yield collate_regions(self.samples)
+
+
+def transfer_ms(folder: Path) -> float:
+    """Median ms for the main process to receive one batch of 16 that a worker has ready."""
+    samples = [s | {"dataset_index": 0} for s in itertools.islice(iter_samples(list_shards(folder)), 16)]
+    loader = iter(DataLoader(ReadyBatches(samples), batch_size=None, num_workers=1, prefetch_factor=4))
+    next(loader)
+    times = []
+    for _ in range(6):
+        time.sleep(0.3)  # the worker fills its prefetch queue
+        for _ in range(4):
+            start = now()
+            next(loader)
+            times.append(now() - start)
+    del loader
+    return 1000 * sorted(times)[len(times) // 2]
+
+
 def bench_loading(table: Table, folders: dict[str, Path], samples: dict[str, int]) -> dict:
     results = {}
     for name, folder in folders.items():
@@ -424,6 +453,10 @@ def bench_loading(table: Table, folders: dict[str, Path], samples: dict[str, int
         table.add(f"load: {name} tar member loop alone (no decoding, no batching)",
                   f"{rates['tar']:.0f} samples/s, {tar_mbps:.0f} MB/s", f"cat {raw:.0f} MB/s (page cache)",
                   100 * tar_mbps / raw, ratio_fmt="{:.0f}%", samples_per_s=rates["tar"], mb_per_s=tar_mbps)
+    ms = transfer_ms(folders["BL"])
+    table.add("load: DataLoader worker -> main transfer of a ready BL batch (16 x 541 kB)",
+              f"{ms:.2f} ms/batch = at most {16000 / ms:.0f} samples/s", f"{TRAIN_TARGET} img/s (training goal)",
+              16000 / ms / TRAIN_TARGET, ms_per_batch=ms)
     # The consumer is the limit that matters: RegionSpot-BL training at the GPU goal of 5,000 img/s
     # needs 5,000 samples/s from the loader workers together.
     rate = max(results[("BL", w)][0] for w in (0, 2))

@@ -18,11 +18,13 @@ import torch
 from regionspot_pl import RegionSpotHead, load_head, save_head
 from regionspot_pl.data.datamodule import (
     MixedBatches,
+    RegionBatch,
     RegionDataModule,
     ShardStream,
+    collate_regions,
     shards_for_epoch,
 )
-from regionspot_pl.data.shards import ShardFormatError, list_shards
+from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.fit import FitError, _parser, build_config, main, run
 from regionspot_pl.module import RegionSpotModule, lr_factor
 
@@ -142,6 +144,27 @@ def test_padding_and_batch_layout(shards):
     assert batch.sam.shape[:2] == batch.labels.shape == batch.valid.shape
     assert (batch.labels[~batch.valid] == -1).all() and n.max() == batch.sam.shape[1]
     assert batch.clip.shape[1:] == (197, 128) and batch.clip.dtype == torch.float16
+
+
+def test_collate_keeps_every_value_caps_boxes_and_packs_one_storage(shards):
+    samples = [s | {"dataset_index": 0} for s in iter_samples(list_shards(shards["train"])[:2])][:5]
+    batch = collate_regions(samples)
+    storages = {getattr(batch, k).untyped_storage().data_ptr() for k in RegionBatch.TENSORS}
+    assert len(storages) == 1  # one shared-memory segment per batch when sent from a loader worker
+    for i, s in enumerate(samples):
+        k = len(s["labels"])
+        np.testing.assert_array_equal(batch.sam[i, :k].numpy(), s["sam"].astype(np.float32))
+        np.testing.assert_array_equal(batch.clip[i].numpy(), s["clip"])
+        np.testing.assert_array_equal(batch.boxes[i, :k].numpy(), s["boxes"])
+        np.testing.assert_array_equal(batch.labels[i, :k].numpy(), s["labels"])
+        np.testing.assert_array_equal(batch.scores[i, :k].numpy(), s["scores"])
+        assert batch.valid[i].sum() == k and (batch.labels[i, k:] == -1).all() and (batch.sam[i, k:] == 0).all()
+        assert batch.meta[i]["kept"] is None and batch.meta[i]["key"] == s["__key__"]
+    capped = collate_regions(samples, max_boxes=2, rng=np.random.default_rng(0))
+    assert capped.sam.shape[1] == 2 and capped.valid.all()
+    for i, s in enumerate(samples):
+        kept = capped.meta[i]["kept"] or list(range(len(s["labels"])))
+        np.testing.assert_array_equal(capped.boxes[i, : len(kept)].numpy(), s["boxes"][kept])
 
 
 def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):

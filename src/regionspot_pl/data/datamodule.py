@@ -93,8 +93,10 @@ class RegionBatch:
     dataset_index: int
     meta: list[dict] = field(default_factory=list)
 
+    TENSORS = ("sam", "clip", "boxes", "labels", "scores", "valid")
+
     def to(self, device: torch.device | str) -> RegionBatch:
-        moved = {k: getattr(self, k).to(device, non_blocking=True) for k in ("sam", "clip", "boxes", "labels", "scores", "valid")}
+        moved = {k: getattr(self, k).to(device, non_blocking=True) for k in self.TENSORS}
         return RegionBatch(**moved, dataset_index=self.dataset_index, meta=self.meta)
 
     @property
@@ -116,23 +118,42 @@ def collate_regions(samples: list[dict], max_boxes: int | None = None,
             picked.append(None)
     counts = [len(s["labels"]) if keep is None else len(keep) for s, keep in zip(samples, picked)]
     b, n = len(samples), max(1, *counts)
-    # filled in NumPy (cheaper per call than torch indexing), wrapped without a copy at the end
-    sam = np.zeros((b, n, samples[0]["sam"].shape[1]), np.float32)
-    boxes = np.zeros((b, n, 4), np.float32)
-    labels = np.full((b, n), -1, np.int64)
-    scores = np.zeros((b, n), np.float32)
+    t = batch_tensors({"sam": ((b, n, samples[0]["sam"].shape[1]), torch.float32),
+                       "clip": ((b, *samples[0]["clip"].shape), torch.float16),
+                       "boxes": ((b, n, 4), torch.float32), "labels": ((b, n), torch.int64),
+                       "scores": ((b, n), torch.float32), "valid": ((b, n), torch.bool)})
+    # filled through NumPy views (cheaper per call than torch indexing)
+    sam, clip, boxes, labels, scores, valid = (t[k].numpy() for k in RegionBatch.TENSORS)
+    sam.fill(0)
+    boxes.fill(0)
+    labels.fill(-1)
+    scores.fill(0)
     for i, (s, keep, k) in enumerate(zip(samples, picked, counts)):
         rows = slice(None) if keep is None else keep
         sam[i, :k] = s["sam"][rows]
         boxes[i, :k] = s["boxes"][rows]
         labels[i, :k] = s["labels"][rows]
         scores[i, :k] = s["scores"][rows]
-    valid = np.arange(n)[None, :] < np.array(counts)[:, None]
-    clip = np.stack([s["clip"] for s in samples])
+    np.less(np.arange(n)[None, :], np.array(counts)[:, None], out=valid)
+    np.stack([s["clip"] for s in samples], out=clip)
     meta = [{**s["meta"], "kept": None if keep is None else keep.tolist(), "key": s["__key__"]}
             for s, keep in zip(samples, picked)]
-    return RegionBatch(*(torch.from_numpy(a) for a in (sam, clip, boxes, labels, scores, valid)),
-                       samples[0]["dataset_index"], meta)
+    return RegionBatch(*(t[k] for k in RegionBatch.TENSORS), samples[0]["dataset_index"], meta)
+
+
+def batch_tensors(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """Uninitialised tensors of the given shapes, carved out of one buffer (64-byte aligned).
+
+    One storage per batch instead of six: a batch crosses from a loader worker to the main
+    process as one shared-memory segment, which is what a transfer costs (docs/benchmarks.md).
+    """
+    sizes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in specs.items()}
+    offsets, total = {}, 0
+    for k, size in sizes.items():
+        offsets[k] = total
+        total += -(-size // 64) * 64
+    buffer = torch.empty(total, dtype=torch.uint8)
+    return {k: buffer[offsets[k] : offsets[k] + sizes[k]].view(dtype).view(shape) for k, (shape, dtype) in specs.items()}
 
 
 class MixedBatches(IterableDataset):
