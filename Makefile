@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATASET ?=
 ARGS ?=
 
-.PHONY: install test lint demo extract bench clean-demo
+.PHONY: install test lint demo extract bench bench-real clean-demo
 
 install: $(STAMP)
 
@@ -33,3 +33,7 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
+
+# real-size SAM ViT-B + CLIP ViT-L/14 (random weights) on the GPU if there is one (docs/benchmarks.md)
+bench-real: install
+	$(PY) scripts/bench_real.py $(ARGS)
