@@ -209,10 +209,10 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         logger=CSVLogger(out, name="logs"), use_distributed_sampler=False,
         enable_model_summary=False, **trainer_cfg,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # resume never unpickles code
     # ModelCheckpoint saves on its interval only: make last.ckpt the final step, so that
     # `--resume last` with a larger --max-steps continues exactly where this run stopped.
-    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)  # with optimizer state
 
     result = {"best": checkpoint.best_model_path or None, "metrics": {}}
     if trainer.is_global_zero:
