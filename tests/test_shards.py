@@ -112,6 +112,11 @@ def test_corrupt_shards_are_reported_with_where_and_what_to_do(tmp_path):
     with pytest.raises(ShardFormatError, match="truncated"):
         list(iter_samples([truncated]))
 
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:second_header])  # cut at a member boundary, as an interrupted copy can
+    with pytest.raises(ShardFormatError, match=f"byte {second_header}: the shard ends without tar's end-of-archive"):
+        list(iter_samples([cut]))
+
     not_tar = tmp_path / "not_tar.tar"
     not_tar.write_bytes(b"hello world " * 100)
     with pytest.raises(ShardFormatError, match="not a tar header"):

@@ -237,22 +237,30 @@ def shard_counts(folder: str | Path) -> dict:
 TAR_BLOCK = 512
 
 
+def _octal(field: bytes) -> int:
+    """A ustar number field: octal digits padded with NULs or spaces."""
+    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+
+
 def tar_members(stream, url: str) -> Iterator[dict]:
     """``{"fname", "data", "__url__"}`` of each regular file of a ustar stream, one ``read`` each.
 
-    The ustar subset our writer (and ``tar``) produces: a checksum checked on every header,
-    directories skipped, extended (pax/GNU) headers refused with the way out.
+    The ustar subset our writer (and ``tar``) produces: a checksum checked on every header, the
+    end-of-archive block required, directories skipped, extended (pax/GNU) headers refused.
     """
     offset = 0
     while True:
         header = stream.read(TAR_BLOCK)
-        if not header or header.count(0) == TAR_BLOCK:  # end of archive
-            return
         where = f"shard {url}, byte {offset}"
+        if not header:  # a copy cut at a member boundary: the samples after it would be lost silently
+            raise ShardFormatError(f"{where}: the shard ends without tar's end-of-archive blocks; it is "
+                                   "truncated, re-extract or re-copy it")
+        if header.count(0) == TAR_BLOCK:  # end of archive
+            return
         if len(header) < TAR_BLOCK:
             raise ShardFormatError(f"{where}: truncated tar header; the shard is incomplete, re-extract it")
         try:
-            checksum, size = (int(header[a:b].replace(b"\0", b" ").strip() or b"0", 8) for a, b in ((148, 156), (124, 136)))
+            checksum, size = _octal(header[148:156]), _octal(header[124:136])
         except ValueError:
             raise ShardFormatError(f"{where}: not a tar header; the file is corrupt or not a shard") from None
         if checksum != 256 + sum(header[:148]) + sum(header[156:]):  # checksum field counted as spaces
