@@ -481,14 +481,21 @@ def clip_vit_l14():
                                             num_attention_heads=16, patch_size=14, image_size=224)).eval()
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
-    """This machine's matmul rate in GFLOP/s (best of 5), the arithmetic limit to compare with."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048) -> float:
+    """The device's measured dense matmul rate in GFLOP/s (best of 10): the arithmetic limit."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = math.inf
-    for _ in range(5):
+    for _ in range(10):
+        sync(device)
         start = now()
         a @ b
+        sync(device)
         best = min(best, now() - start)
     return 2 * n**3 / best / 1e9
 

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -86,25 +85,6 @@ def supported_precisions(device: torch.device) -> list[str]:
     return ["fp32", "bf16"]
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """The device's measured dense matmul rate (best of 10), the limit the issue asks about."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = math.inf
-    for _ in range(10):
-        sync(device)
-        start = bench.now()
-        a @ b
-        sync(device)
-        best = min(best, bench.now() - start)
-    return 2 * n**3 / best / 1e12
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
@@ -153,15 +133,15 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
             start = bench.now()
             extractor(prepared[0], "bench")  # warm-up, compilation included
             first = bench.now() - start
-            sync(device)
+            bench.sync(device)
             start = bench.now()
             for items in prepared:
                 extractor(items, "bench")
-            sync(device)
+            bench.sync(device)
             seconds = bench.now() - start
             rate = num_images / seconds
             tflop = counted_tflop_per_image(extractor, boxes / num_images)
-            limit = matmul_tflops(device, DTYPES[precision])
+            limit = bench.matmul_gflops(DTYPES[precision], device, 8192 if device.type == "cuda" else 2048) / 1e3
             flags = f"--precision {precision}" + (" --compile" if compiled else "")
             peak = f", peak {peak_memory_gib(device):.1f} GiB" if device.type == "cuda" else ""
             table.add(f"real extract ({device.type}): SAM ViT-B@1024 + CLIP ViT-L/14, batch {batch}, {flags}",
@@ -188,11 +168,11 @@ def bench_training(table: bench.Table, out: Path, device: torch.device, steps: i
         with autocast:
             for i in range(3):  # warm-up; fp16 runs without a GradScaler: a speed measurement only
                 bench.head_step(head, optimizer, batches[i % 4], texts)
-            sync(device)
+            bench.sync(device)
             start = bench.now()
             for i in range(steps):
                 bench.head_step(head, optimizer, batches[i % 4], texts)
-            sync(device)
+            bench.sync(device)
         rate = 16 * steps / (bench.now() - start)
         table.add(f"real train ({device.type}): BL head step from device memory, {precision} autocast",
                   f"{rate:.3g} img/s (batch 16)", f"{bench.TRAIN_TARGET} img/s (goal)", rate / bench.TRAIN_TARGET,

@@ -179,8 +179,8 @@ class FeatureExtractor:
 
     def _compile(self) -> None:
         """torch.compile SAM's mask decoder (dynamic shapes: the box count varies per image) and
-        both image encoders. Fuses the decoder's per-box elementwise work: 1.55x end to end on a
-        CPU in fp32, 1.7x on top of bf16 (docs/benchmarks.md); outputs equal eager up to float
+        both image encoders. Fuses the decoder's per-box elementwise work: 1.5x end to end on a
+        CPU in fp32, 1.6-1.8x on top of bf16 (docs/benchmarks.md); outputs equal eager up to float
         rounding. The modules are replaced in place, so SAM's own code (and the region-token
         hook on the decoder's transformer) runs unchanged inside the compiled graph."""
         sam = self.sam.sam
@@ -344,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-masks", dest="masks", action="store_false", default=None, help="do not store SAM masks")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile SAM's decoder and the encoders: ~15-30 s to compile, then 1.5x (CPU, fp32)")
+                   help="torch.compile SAM's decoder and the encoders: ~10-30 s to compile, then 1.5x (CPU, fp32)")
     p.add_argument("--text-cache", help=f"HDF5 text-embedding cache (default {DEFAULT_TEXT_CACHE})")
     p.add_argument("--limit", type=int, help="only the first N images by id (smoke runs)")
     return p
