@@ -1,7 +1,7 @@
 """`make bench`: every stage of regionspot_pl against its naive alternative, as ratios, in one run.
 
-    .venv/bin/python scripts/bench.py            # default, about 10 minutes on 2 CPU cores
-    .venv/bin/python scripts/bench.py --quick    # smaller, about 3 minutes
+    .venv/bin/python scripts/bench.py            # default: 2 min 47 s on 2 CPU cores from a fresh clone
+    .venv/bin/python scripts/bench.py --quick    # smaller: 1 min 34 s from a fresh clone
     make bench ARGS="--quick"
 
 Everything is generated under bench_out/ (demo images, tiny random backbones, shards, synthetic
@@ -731,7 +731,7 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller run (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="smaller run (about 1.5 minutes on 2 cores)")
     p.add_argument("--out", default="bench_out", help="working folder (git-ignored); reused between runs")
     p.add_argument("--images", type=int, help="demo images to extract (default 48, quick 16)")
     p.add_argument("--metric-scale", type=float, help="fraction of LVIS val for the metric step (default 0.05, quick 0.01)")
