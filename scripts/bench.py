@@ -508,13 +508,12 @@ def counted_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def bench_flops(table: Table) -> dict:
-    """FLOPs of real-size SAM ViT-B, CLIP ViT-L/14 and the BL head step, counted by torch's
-    FlopCounterMode (matmuls and convolutions; 2 per multiply-add). The backbones run on the meta
-    device (shapes only, no compute); the head step runs for real."""
+def backbone_gflops(boxes: int = 16) -> tuple[float, float, float]:
+    """(SAM ViT-B@1024 image encoder per image, its prompt + mask decoder per box, CLIP ViT-L/14@224
+    per image) in GFLOP, counted by torch's FlopCounterMode (matmuls and convolutions, 2 per
+    multiply-add) on the meta device: shapes only, no compute."""
     from segment_anything import sam_model_registry
 
-    boxes = BL["boxes"]
     with torch.device("meta"), torch.no_grad():
         sam = sam_model_registry["vit_b"](checkpoint=None).eval().requires_grad_(False)
         sam_enc = counted_gflop(lambda: sam.image_encoder(torch.empty(1, 3, 1024, 1024)))
@@ -526,6 +525,14 @@ def bench_flops(table: Table) -> dict:
 
         per_box = counted_gflop(decode) / boxes
         clip = counted_gflop(lambda: clip_vit_l14().requires_grad_(False)(pixel_values=torch.empty(1, 3, 224, 224)))
+    return sam_enc, per_box, clip
+
+
+def bench_flops(table: Table) -> dict:
+    """FLOPs of real-size SAM ViT-B, CLIP ViT-L/14 (``backbone_gflops``) and the BL head step
+    (counted while it runs for real)."""
+    boxes = BL["boxes"]
+    sam_enc, per_box, clip = backbone_gflops()
     per_image = sam_enc + clip + boxes * per_box
 
     torch.manual_seed(0)

@@ -89,26 +89,6 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def counted_tflop_per_image(extractor: FeatureExtractor, mean_boxes: float) -> float:
-    """SAM encoder + CLIP + ``mean_boxes`` decoder calls, counted on the meta device."""
-    sam, clip = extractor.sam, extractor.clip
-    size = sam.img_size
-    with torch.device("meta"), torch.no_grad():
-        meta_sam = sam_model_registry["vit_b"](checkpoint=None).eval().requires_grad_(False)
-        encoder = bench.counted_gflop(lambda: meta_sam.image_encoder(torch.empty(1, 3, size, size)))
-
-        def decode():
-            sparse, dense = meta_sam.prompt_encoder(points=None, boxes=torch.empty(16, 4), masks=None)
-            grid = size // 16
-            meta_sam.mask_decoder(torch.empty(1, 256, grid, grid), meta_sam.prompt_encoder.get_dense_pe(),
-                                  sparse, dense, False)
-
-        per_box = bench.counted_gflop(decode) / 16
-        vision = bench.clip_vit_l14().requires_grad_(False)
-        clip_gflop = bench.counted_gflop(lambda: vision(pixel_values=torch.empty(1, 3, clip.image_size, clip.image_size)))
-    return (encoder + clip_gflop + mean_boxes * per_box) / 1e3
-
-
 def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_images: int, batch: int) -> None:
     backbones = write_real_backbones(out / "real")
     data = generate_demo_dataset(out / "real_data", num_train=num_images, num_val=14, image_size=640, seed=0)
@@ -118,6 +98,7 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
     cfg = ExtractConfig(images=str(data["train_images"]), annotations=str(data["train_json"]), out=str(out / "x"),
                         sam_checkpoint=str(backbones["sam_checkpoint"]), clip_model=str(backbones["clip_dir"]),
                         sam_type="vit_b", device=str(device), batch_size=batch)
+    sam_gflop, box_gflop, clip_gflop = bench.backbone_gflops()
     prepared = None
     for precision in supported_precisions(device):
         # compiling SAM ViT-B on a 2-core CPU takes longer than the run; on a GPU try it in half precision
@@ -140,7 +121,7 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
             bench.sync(device)
             seconds = bench.now() - start
             rate = num_images / seconds
-            tflop = counted_tflop_per_image(extractor, boxes / num_images)
+            tflop = (sam_gflop + clip_gflop + boxes / num_images * box_gflop) / 1e3
             limit = bench.matmul_gflops(DTYPES[precision], device, 8192 if device.type == "cuda" else 2048) / 1e3
             flags = f"--precision {precision}" + (" --compile" if compiled else "")
             peak = f", peak {peak_memory_gib(device):.1f} GiB" if device.type == "cuda" else ""

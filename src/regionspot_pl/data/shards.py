@@ -176,7 +176,7 @@ class AtomicShardWriter:
     def write(self, sample: dict) -> None:
         self._tar.write(sample)
         self.samples += 1
-        self.boxes += int(np.load(io.BytesIO(sample["labels.npy"]), allow_pickle=False).shape[0])
+        self.boxes += len(npy_view(sample["labels.npy"]))
 
     def commit(self, sidecar: dict) -> Path:
         self._tar.close()
@@ -237,6 +237,11 @@ def shard_counts(folder: str | Path) -> dict:
 TAR_BLOCK = 512
 
 
+def _at(url: str, offset: int) -> str:
+    """Where a tar header sits, for error messages (formatted only when one is raised)."""
+    return f"shard {url}, byte {offset}"
+
+
 def _octal(field: bytes) -> int:
     """A ustar number field: octal digits padded with NULs or spaces."""
     return int(field.replace(b"\0", b" ").strip() or b"0", 8)
@@ -251,33 +256,32 @@ def tar_members(stream, url: str) -> Iterator[dict]:
     offset = 0
     while True:
         header = stream.read(TAR_BLOCK)
-        where = f"shard {url}, byte {offset}"
         if not header:  # a copy cut at a member boundary: the samples after it would be lost silently
-            raise ShardFormatError(f"{where}: the shard ends without tar's end-of-archive blocks; it is "
+            raise ShardFormatError(f"{_at(url, offset)}: the shard ends without tar's end-of-archive blocks; it is "
                                    "truncated, re-extract or re-copy it")
         if header.count(0) == TAR_BLOCK:  # end of archive
             return
         if len(header) < TAR_BLOCK:
-            raise ShardFormatError(f"{where}: truncated tar header; the shard is incomplete, re-extract it")
+            raise ShardFormatError(f"{_at(url, offset)}: truncated tar header; the shard is incomplete, re-extract it")
         try:
             checksum, size = _octal(header[148:156]), _octal(header[124:136])
         except ValueError:
-            raise ShardFormatError(f"{where}: not a tar header; the file is corrupt or not a shard") from None
+            raise ShardFormatError(f"{_at(url, offset)}: not a tar header; the file is corrupt or not a shard") from None
         if checksum != 256 + sum(header[:148]) + sum(header[156:]):  # checksum field counted as spaces
-            raise ShardFormatError(f"{where}: tar header checksum mismatch; the shard is corrupt, re-extract it")
+            raise ShardFormatError(f"{_at(url, offset)}: tar header checksum mismatch; the shard is corrupt, re-extract it")
         kind = header[156:157]
         name = header[:100].split(b"\0", 1)[0]
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
         data = stream.read(size)
         if len(data) < size:
-            raise ShardFormatError(f"{where}: member {name.decode(errors='replace')} is truncated; re-extract the shard")
+            raise ShardFormatError(f"{_at(url, offset)}: member {name.decode(errors='replace')} is truncated; re-extract the shard")
         stream.read(-size % TAR_BLOCK)
         offset += TAR_BLOCK + size + (-size % TAR_BLOCK)
         if kind in (b"0", b"\0"):
             yield {"fname": (prefix + b"/" + name if prefix else name).decode(), "data": data, "__url__": url}
         elif kind in (b"x", b"g", b"L", b"K"):
             raise ShardFormatError(
-                f"{where}: pax/GNU extended tar header, which the shard reader does not read; "
+                f"{_at(url, offset)}: pax/GNU extended tar header, which the shard reader does not read; "
                 "re-pack the shard with `tar --format=ustar` (regionspot_pl's writer never writes one)"
             )
 
