@@ -25,12 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
+from .backbones.image import (
+    ImageReadError,
+    masks_to_original,
+    read_image,
+    resize_for_backbones,
+    resolve_image_path,
+    scale_boxes,
+)
 from .backbones.sam import (
     OFFICIAL_SAM_CHECKPOINTS,
     SAM_TYPES,
@@ -41,7 +48,9 @@ from .backbones.sam import (
 from .config import load_yaml
 from .data.annotations import AnnotationError, ImageRecord, load_coco
 from .data.shards import (
+    FORMAT_VERSION,
     MANIFEST,
+    PROTOCOL,
     AtomicShardWriter,
     encode_sample,
     shard_counts,
@@ -92,17 +101,18 @@ def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 class ImageFeaturesInput(Dataset):
-    """Decodes images and prepares both encoders' inputs, inside DataLoader workers.
+    """Decodes and resizes images for both encoders, inside DataLoader workers.
 
-    Holds only plain data and SAM's weight-free transform, so it is cheap to send to workers.
+    The image path of :mod:`regionspot_pl.backbones.image`: read (EXIF applied), detectron2's
+    test resize, then SAM's longest-side resize; both images stay uint8 so they cross to the
+    device at a quarter of float32's bytes and are normalized there. Holds only plain data and
+    SAM's weight-free transform, so it is cheap to send to workers.
     """
 
-    def __init__(self, records: list[tuple[int, ImageRecord]], image_dir: str, sam_transform: SamTransform,
-                 clip_size: int):
+    def __init__(self, records: list[tuple[int, ImageRecord]], image_dir: str, sam_transform: SamTransform):
         self.records = records
         self.image_dir = Path(image_dir)
         self.sam_transform = sam_transform
-        self.clip_size = clip_size
 
     def __len__(self) -> int:
         return len(self.records)
@@ -110,21 +120,16 @@ class ImageFeaturesInput(Dataset):
     def __getitem__(self, i: int) -> dict:
         shard, rec = self.records[i]
         item = {"shard": shard, "record": rec}
-        path = self.image_dir / rec.file_name
         try:
-            with Image.open(path) as im:
-                image = np.array(im.convert("RGB"))
-        except Exception as err:  # missing, truncated or not an image: logged and counted, not fatal
-            item["error"] = f"{path}: {type(err).__name__}: {err}"
+            path = resolve_image_path(self.image_dir, rec.file_name)
+            image, item["raw_orientation"] = read_image(path, (rec.height, rec.width))
+        except ImageReadError as err:  # missing, truncated or wrong size: logged and counted, not fatal
+            item["error"] = str(err)
             return item
-        if image.shape[:2] != (rec.height, rec.width):
-            item["error"] = (
-                f"{path}: image is {image.shape[1]}x{image.shape[0]} but the annotations say "
-                f"{rec.width}x{rec.height}; boxes would be misplaced"
-            )
-            return item
-        item["sam_input"] = self.sam_transform(image)
-        item["clip_input"] = clip_preprocess(torch.from_numpy(image).permute(2, 0, 1), self.clip_size)
+        resized = resize_for_backbones(image)
+        item["resized_size"] = resized.shape[:2]
+        item["sam_image"] = self.sam_transform.resize(resized)
+        item["clip_image"] = torch.from_numpy(resized).permute(2, 0, 1)
         return item
 
 
@@ -189,34 +194,45 @@ class FeatureExtractor:
         self.clip.model.vision_model = torch.compile(self.clip.model.vision_model)
 
     @torch.inference_mode()
-    def __call__(self, items: list[dict], dataset: str) -> list[dict]:
-        """Prepared items (no errors) -> encoded webdataset samples, in the same order."""
-        sam_in = torch.stack([it["sam_input"] for it in items]).to(self.device, non_blocking=True)
-        clip_in = torch.stack([it["clip_input"] for it in items]).to(self.device, non_blocking=True)
+    def encode(self, items: list[dict]) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+        """Prepared items -> per image (SAM tokens [N, 256] float32, CLIP tokens [T, D] float16,
+        masks [N, H, W] bool at the original size), in the same order."""
+        sam_in = self.sam.prepare([it["sam_image"] for it in items])
+        clip_in = torch.stack([
+            clip_preprocess(it["clip_image"].to(self.device, non_blocking=True), self.clip.image_size)
+            for it in items
+        ])
+        out = []
         with autocast_for(self.device, self.precision):
             # On a CPU a batch only adds memory traffic to SAM's ViT (batch 8 ran at 0.53x the
             # per-image speed, docs/benchmarks.md); on a GPU the batch is what fills the device.
             per_call = 1 if self.device.type == "cpu" else len(sam_in)
             embeddings = torch.cat([self.sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
             clip_tokens = self.clip.feature_map(clip_in).half().cpu().numpy()
-            samples = []
             for i, it in enumerate(items):
                 rec: ImageRecord = it["record"]
-                boxes = torch.from_numpy(rec.boxes).to(self.device)
-                tokens, masks = self.sam.encode_boxes(embeddings[i], boxes, (rec.height, rec.width))
-                meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": dataset}
-                if self.with_masks:
-                    meta["masks"] = masks_to_rle(masks)
-                samples.append(
-                    encode_sample(rec.image_id, tokens.float().cpu().numpy(), rec.boxes, rec.labels,
-                                  rec.scores, clip_tokens[i], meta)
-                )
+                original, resized = (rec.height, rec.width), tuple(it["resized_size"])
+                boxes = scale_boxes(torch.from_numpy(rec.boxes).to(self.device), original, resized)
+                tokens, masks = self.sam.encode_boxes(embeddings[i], boxes, resized)
+                out.append((tokens.float().cpu().numpy(), clip_tokens[i], masks_to_original(masks, original)))
+        return out
+
+    def __call__(self, items: list[dict], dataset: str) -> list[dict]:
+        """Prepared items (no errors) -> encoded webdataset samples, in the same order."""
+        samples = []
+        for it, (tokens, clip_tokens, masks) in zip(items, self.encode(items)):
+            rec: ImageRecord = it["record"]
+            meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": dataset}
+            if self.with_masks:
+                meta["masks"] = masks_to_rle(masks)
+            samples.append(encode_sample(rec.image_id, tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, meta))
         return samples
 
 
 def _manifest(cfg: ExtractConfig, vocab, extractor: FeatureExtractor, read_stats) -> dict:
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
+        "protocol": PROTOCOL,
         "dataset": cfg.dataset,
         "vocabulary": vocab.to_dict(),
         "backbones": {
@@ -240,6 +256,8 @@ def _check_same_run(out: Path, manifest: dict) -> None:
         return
     old = json.loads(path.read_text())
     diffs = [k for k in ExtractConfig.CONTENT_FIELDS if old.get("config", {}).get(k) != manifest["config"].get(k)]
+    if old.get("protocol") != manifest["protocol"]:
+        diffs.append(f"feature protocol ({old.get('protocol') or 'unrecorded'} -> {manifest['protocol']})")
     for b in ("sam", "clip"):
         key = "sha256_16" if b == "sam" else "id"
         if old.get("backbones", {}).get(b, {}).get(key) != manifest["backbones"][b][key]:
@@ -277,11 +295,12 @@ def run_extraction(cfg: ExtractConfig) -> dict:
                if not (out / shard_name(dataset, cfg.rank, j)).exists() for rec in shard]
     done_before = sum(len(s) for s in shards) - len(pending)
     loader = DataLoader(
-        ImageFeaturesInput(pending, cfg.images, extractor.sam.transform, extractor.clip.image_size),
+        ImageFeaturesInput(pending, cfg.images, extractor.sam.transform),
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate,
         pin_memory=extractor.device.type == "cuda", persistent_workers=False,
     )
-    summary = {"images": 0, "boxes": 0, "skipped": 0, "resumed_images": done_before}
+    # raw_orientation: images whose annotated size fits only the pixels as stored (EXIF ignored)
+    summary = {"images": 0, "boxes": 0, "skipped": 0, "raw_orientation": 0, "resumed_images": done_before}
     remaining = {j: len(shards[j]) for j, _ in pending}
     writers: dict[int, AtomicShardWriter] = {}
     skipped: dict[int, list] = {}
@@ -303,6 +322,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
                 if "error" not in it:
                     writers[j].write(next(samples))
                     summary["images"] += 1
+                    summary["raw_orientation"] += int(it["raw_orientation"])
                     summary["boxes"] += len(it["record"].boxes)
                 remaining[j] -= 1
                 if remaining[j] == 0:

@@ -23,10 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
+from .backbones.image import (
+    ImageReadError,
+    masks_to_original,
+    pil_to_rgb,
+    read_image,
+    resize_for_backbones,
+    scale_boxes,
+)
 from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, build_sam
 from .extract import DEFAULT_TEXT_CACHE, autocast_for
 from .model import RegionSpotHead, load_head, region_logits
@@ -42,19 +50,19 @@ _BORDER_TOLERANCE = 1e-3
 def load_image(image: ImageLike) -> np.ndarray:
     """A path, PIL image or HxWx3 uint8 array -> HxWx3 uint8 RGB array.
 
-    Files are decoded as the extractor decodes them (``np.array(Image.open(f).convert("RGB"))``).
+    Files are decoded as the extractor decodes them (``backbones.image.read_image``: EXIF
+    orientation applied); PIL images and arrays are taken as they are.
     """
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
         try:
-            with Image.open(path) as im:
-                return np.array(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"image {path} could not be read as an image ({err})") from err
+            return read_image(path)[0]
+        except ImageReadError as err:
+            raise ValueError(str(err)) from err
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+        return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(
@@ -202,6 +210,7 @@ class Predictor:
         self.clip_grid: int = int(vision.image_size) // int(vision.patch_size)
         self.image: np.ndarray | None = None
         self._sam_embedding: Tensor | None = None  # [256, h, w]
+        self._resized_size: tuple[int, int] = (0, 0)  # (h, w) of the image the backbones saw
         self._clip_tokens: Tensor | None = None  # [T, vision_dim], float16-rounded, float32
         self._texts: dict[tuple[str, ...], Tensor] = {}
 
@@ -240,14 +249,17 @@ class Predictor:
         calls only run SAM's prompt encoder + mask decoder and the head.
         """
         pixels = load_image(image)
-        sam_in = self.sam.preprocess(pixels)[None].to(self.device)
-        clip_in = clip_preprocess(torch.from_numpy(pixels).permute(2, 0, 1), self.clip.image_size)
+        resized = resize_for_backbones(pixels)  # the image both backbones see
+        sam_in = self.sam.prepare([self.sam.transform.resize(resized)])
+        clip_image = torch.from_numpy(resized).permute(2, 0, 1).to(self.device)
+        clip_in = clip_preprocess(clip_image, self.clip.image_size)
         with autocast_for(self.device, self.precision):
             embedding = self.sam.encode_images(sam_in)[0]
             # The cache holds CLIP tokens in float16; round them the same way.
-            clip_tokens = self.clip.feature_map(clip_in[None].to(self.device)).half()[0]
+            clip_tokens = self.clip.feature_map(clip_in[None]).half()[0]
         self._sam_embedding = embedding
         self._clip_tokens = clip_tokens.float()
+        self._resized_size = (int(resized.shape[0]), int(resized.shape[1]))
         self.image = pixels
 
     @property
@@ -260,10 +272,13 @@ class Predictor:
     # ----------------------------------------------------------------------------------- boxes
     @torch.inference_mode()
     def _region_tokens(self, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, 4] checked boxes -> (SAM tokens [N, 256] float16-rounded, masks [N, H, W])."""
+        """[N, 4] checked boxes (original pixels) -> (SAM tokens [N, 256] float16-rounded,
+        masks [N, H, W] at the original size), through the resized image as extraction does."""
         assert self._sam_embedding is not None
+        boxes = scale_boxes(boxes.to(self.device), self.image_size, self._resized_size)
         with autocast_for(self.device, self.precision):
-            tokens, masks = self.sam.encode_boxes(self._sam_embedding, boxes, self.image_size)
+            tokens, masks = self.sam.encode_boxes(self._sam_embedding, boxes, self._resized_size)
+        masks = masks_to_original(masks, self.image_size)
         # The cache stores SAM tokens in float16 too (the batch path reads them back as float32).
         return tokens.float().half().float(), masks
 

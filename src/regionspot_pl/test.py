@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_identity, text_embeddings
+from .backbones.image import ImageReadError, read_image, resolve_image_path
 from .config import find_config, load_yaml, merge
 from .data.annotations import AnnotationError, Vocabulary, read_json
 from .data.datamodule import CacheInfo, collate_regions
@@ -219,17 +219,12 @@ class _CropStream(IterableDataset):
             return
         for s in iter_samples(mine):
             meta = s["meta"]
-            path = self.images / meta["file_name"]
             try:
-                with Image.open(path) as im:
-                    image = np.array(im.convert("RGB"))
-            except Exception as err:  # missing or unreadable: the folder is probably the wrong one
-                yield {"error": f"cannot read image {path} ({type(err).__name__}: {err}); the crop baselines need "
-                                "the original images: pass --images DIR, the folder the shards were extracted from"}
-                return
-            if image.shape[:2] != (meta["height"], meta["width"]):
-                yield {"error": f"image {path} is {image.shape[1]}x{image.shape[0]} but the shards say "
-                                f"{meta['width']}x{meta['height']}: --images is not the folder the shards came from"}
+                path = resolve_image_path(self.images, meta["file_name"])
+                image, _raw = read_image(path, (meta["height"], meta["width"]))
+            except ImageReadError as err:  # missing, unreadable or resized: probably the wrong folder
+                yield {"error": f"{err}; the crop baselines need the original images: pass --images DIR, "
+                                "the folder the shards were extracted from"}
                 return
             masks = meta.get("masks")
             crops = box_crops(image, s["boxes"], self.size, masks if self.with_masks else None)
@@ -322,7 +317,7 @@ def run_test(cfg: dict) -> dict:
     for key in ("shards", "annotations") + (("head",) if method == "regionspot" else ()):
         if not cfg.get(key):
             raise TestError(f"no {key} given: pass --{key.replace('_', '-')} or set '{key}' in the config")
-    topk = int(cfg.get("topk") or MAX_DETS_PER_IMAGE)
+    topk = int(MAX_DETS_PER_IMAGE if cfg.get("topk") is None else cfg["topk"])
     if topk < 1:
         raise TestError(f"--topk must be >= 1, got {topk}")
     if topk > MAX_DETS_PER_IMAGE:

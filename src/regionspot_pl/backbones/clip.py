@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
+from torchvision.transforms import functional as TF
 from transformers import AutoTokenizer, CLIPModel
 
 from .templates import TEMPLATES
@@ -32,6 +33,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Suffixes the reference strips from class names before prompting (COCO-panoptic style names).
 _NAME_SUFFIXES = ("-other", "-merged", "-stuff")
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# Names the way prompts are made (name handling + templates); part of every text-cache key.
+PROMPT_PROTOCOL = "reference-prompts-v2"
 
 
 def load_clip(model_dir: str | Path) -> tuple[CLIPModel, transformers.PreTrainedTokenizerBase]:
@@ -72,8 +75,9 @@ def load_clip(model_dir: str | Path) -> tuple[CLIPModel, transformers.PreTrained
 def clip_preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
     """[3, H, W] uint8 (or float in [0, 1]) -> [3, size, size] CLIP-normalized float32.
 
-    The whole image is resized to a square (no crop, aspect ratio not kept) with bilinear
-    antialiased interpolation, as RegionSpot feeds CLIP. CPU-cheap; safe in DataLoader workers.
+    The whole image is resized to a square (no crop, aspect ratio not kept) with torchvision's
+    tensor ``resize``, bilinear and WITHOUT antialiasing: what the reference ran (torchvision
+    < 0.17 did not antialias tensors). Runs on the input's device.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
@@ -81,20 +85,19 @@ def clip_preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
             "permute an HxWx3 array with .permute(2, 0, 1)"
         )
     x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    x = F.interpolate(
-        x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )[0]
+    x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
 def clean_class_name(name: str) -> str:
-    """Drop the '-other', '-merged', '-stuff' suffixes the reference removes before prompting,
-    and read LVIS-style underscores as spaces ('aerosol_can' -> 'aerosol can')."""
+    """The reference's only change to a class name before prompting: drop the substrings
+    '-other', '-merged' and '-stuff'. Underscores and parentheses stay (LVIS 'aerosol_can'
+    gives 'a photo of a aerosol_can.'), as the published weights were trained and tested."""
     for suffix in _NAME_SUFFIXES:
         name = name.replace(suffix, "")
-    return name.replace("_", " ")
+    return name
 
 
 def _pooled(output: torch.Tensor | object) -> torch.Tensor:
@@ -228,7 +231,9 @@ def model_identity(model_dir: str | Path) -> str:
 
 
 def _vocabulary_key(class_names: Sequence[str], templates: Sequence[str]) -> str:
-    text = json.dumps([[clean_class_name(c) for c in class_names], list(templates)])
+    # PROMPT_PROTOCOL is hashed in so that entries written under another name handling or
+    # template set can never be read back as this one's.
+    text = json.dumps([PROMPT_PROTOCOL, [clean_class_name(c) for c in class_names], list(templates)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

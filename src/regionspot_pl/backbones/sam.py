@@ -172,39 +172,47 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
 
 
 class SamTransform:
-    """SAM's input transform, without the model: picklable and CPU-only for DataLoader workers.
+    """SAM's input transform, without the model: picklable, so DataLoader workers can use it.
 
-    Does exactly what ``SamPredictor.set_image`` + ``Sam.preprocess`` do: resize the longest side
-    to ``img_size`` with ``ResizeLongestSide.apply_image`` (PIL), normalize with SAM's pixel
-    mean/std, pad bottom/right with zeros to a square.
+    ``resize`` is ``SamPredictor.set_image``'s resize (``ResizeLongestSide.apply_image``, PIL) and
+    stays uint8, so an image crosses to the device at a quarter of float32's bytes;
+    ``normalize_and_pad`` is ``Sam.preprocess`` (SAM's pixel mean/std, zero padding bottom/right
+    to a square) and runs wherever its input lives. ``__call__`` does both.
     """
 
     def __init__(self, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> None:
         self.img_size = img_size
-        self.resize = ResizeLongestSide(img_size)
+        self.resizer = ResizeLongestSide(img_size)
         self.pixel_mean = pixel_mean.detach().to("cpu", torch.float32).reshape(3, 1, 1)
         self.pixel_std = pixel_std.detach().to("cpu", torch.float32).reshape(3, 1, 1)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 RGB -> [3, img_size, img_size] float32."""
+    def resize(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> [3, h, w] uint8 with the longest side ``img_size``."""
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
             shape = getattr(image, "shape", type(image).__name__)
             raise ValueError(f"SAM preprocess expects an HxWx3 RGB numpy array, got {shape}")
         if image.dtype != np.uint8:
             raise ValueError(
                 f"SAM preprocess expects uint8 pixels in [0, 255], got {image.dtype}; "
-                "convert with np.asarray(PIL.Image.open(f).convert('RGB'))"
+                "read images with regionspot_pl.backbones.image.read_image"
             )
-        resized = torch.as_tensor(self.resize.apply_image(image)).permute(2, 0, 1)
-        x = (resized.float() - self.pixel_mean) / self.pixel_std
+        return torch.as_tensor(self.resizer.apply_image(image)).permute(2, 0, 1).contiguous()
+
+    def normalize_and_pad(self, resized: torch.Tensor) -> torch.Tensor:
+        """[3, h, w] uint8 from ``resize`` -> [3, img_size, img_size] float32, same device."""
+        mean = self.pixel_mean.to(resized.device)
+        std = self.pixel_std.to(resized.device)
+        x = (resized.float() - mean) / std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
 
-    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the resized image inside the padded square, as SamPredictor's input_size."""
-        return ResizeLongestSide.get_preprocess_shape(
-            original_size[0], original_size[1], self.img_size
-        )
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> [3, img_size, img_size] float32 (``resize`` then ``normalize_and_pad``)."""
+        return self.normalize_and_pad(self.resize(image))
+
+    def input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of an (H, W) image inside the padded square, as SamPredictor's input_size."""
+        return ResizeLongestSide.get_preprocess_shape(image_size[0], image_size[1], self.img_size)
 
 
 class SamRegionEncoder(nn.Module):
@@ -237,26 +245,38 @@ class SamRegionEncoder(nn.Module):
         return self.sam.image_encoder(batch.to(self.sam.device))
 
     @torch.no_grad()
+    def prepare(self, resized: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 [3, h, w] images from ``transform.resize`` -> [B, 3, S, S] float32 on SAM's
+        device: moved as uint8, normalized and padded there."""
+        device = self.sam.device
+        return torch.stack(
+            [self.transform.normalize_and_pad(r.to(device, non_blocking=True)) for r in resized]
+        )
+
+    @torch.no_grad()
     def encode_boxes(
         self,
         image_embedding: torch.Tensor,
         boxes: torch.Tensor,
-        original_size: tuple[int, int],
+        image_size: tuple[int, int],
         chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region tokens and box-prompted masks for all boxes of one image.
+        """Region tokens and box-prompted masks for all boxes of one image, as ``SamPredictor``
+        gives them for the image it was set to.
 
         Args:
             image_embedding: [256, h, w], one image's output of ``encode_images``.
-            boxes: [N, 4] xyxy in original-image pixels.
-            original_size: (H, W) of the original image.
+            boxes: [N, 4] xyxy in the pixels of the image SAM was given (in this package the
+                resized image of :mod:`regionspot_pl.backbones.image`).
+            image_size: (H, W) of that image.
             chunk_size: boxes per decoder call; None = all N in one call. The decoder repeats
                 the image embedding per box, so bound this for memory with hundreds of boxes.
 
         Returns:
             tokens: [N, 256] float32, the two-way transformer's output for the first mask token
                 (``hs[:, 1]``; index 0 is the iou token).
-            masks: [N, H, W] bool, the ``multimask_output=False`` mask at original size.
+            masks: [N, H, W] bool, the ``multimask_output=False`` mask at ``image_size``
+                (SAM's ``postprocess_masks``, threshold 0).
         """
         if image_embedding.ndim != 3:
             raise ValueError(
@@ -266,7 +286,7 @@ class SamRegionEncoder(nn.Module):
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be [N, 4] xyxy pixels, got {tuple(boxes.shape)}")
         device = self.sam.device
-        height, width = int(original_size[0]), int(original_size[1])
+        height, width = int(image_size[0]), int(image_size[1])
         n = boxes.shape[0]
         if n == 0:
             return (
@@ -281,13 +301,13 @@ class SamRegionEncoder(nn.Module):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _decode(
-        self, image_embedding: torch.Tensor, boxes: torch.Tensor, original_size: tuple[int, int]
+        self, image_embedding: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched prompt-encoder + mask-decoder call for [n, 4] boxes."""
         sam = self.sam
         device = sam.device
-        boxes = ResizeLongestSide(self.img_size).apply_boxes_torch(
-            boxes.to(device, torch.float32), original_size
+        boxes = self.transform.resizer.apply_boxes_torch(
+            boxes.to(device, torch.float32), image_size
         )
         sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
 
@@ -309,6 +329,6 @@ class SamRegionEncoder(nn.Module):
         finally:
             handle.remove()
         tokens = captured[0][:, 1].float()
-        input_size = self.transform.input_size(original_size)
-        masks = sam.postprocess_masks(low_res, input_size, original_size)[:, 0]
+        input_size = self.transform.input_size(image_size)
+        masks = sam.postprocess_masks(low_res, input_size, image_size)[:, 0]
         return tokens, masks > sam.mask_threshold

@@ -1,14 +1,16 @@
-"""The 80 ImageNet prompt templates of OpenAI CLIP's zero-shot classifier.
+"""The 81 prompt templates RegionSpot's reference fills with every class name.
 
-RegionSpot encodes every class name with all of them and averages the un-normalized text
-features (paper Table 5: +1.4 AP over plain class names). The list and its order are those of
-the CLIP notebook "Prompt_Engineering_for_ImageNet" (``imagenet_templates``); the order does not
-change the average but is kept so that cache keys hash the same text as other copies.
+The plain ``'{}.'`` first, then the 80 ImageNet templates of OpenAI CLIP's notebook
+"Prompt_Engineering_for_ImageNet" (``imagenet_templates``), in that notebook's order. Every
+class name fills all 81; the un-normalized text features are averaged (paper Table 5: +1.4 AP
+over plain class names). The order does not change the average; it is kept so that text-cache
+keys hash the same text as other copies of the list.
 """
 
 from __future__ import annotations
 
 TEMPLATES: tuple[str, ...] = (
+    "{}.",
     "a bad photo of a {}.",
     "a photo of many {}.",
     "a sculpture of a {}.",

@@ -45,6 +45,10 @@ ARRAY_MEMBERS = {
 }
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# How the features were computed (the image path, SAM/CLIP inputs, prompts): the reference's
+# inference path since "reference-v1". Shards of any other protocol give other numbers, so
+# fit and test refuse them.
+PROTOCOL = "reference-v1"
 
 
 class ShardFormatError(ValueError):
@@ -208,7 +212,16 @@ def read_manifest(folder: str | Path) -> dict:
         raise ShardFormatError(
             f"{folder} has no {MANIFEST}: is it a folder written by `python -m regionspot_pl.extract --out`?"
         )
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    found = manifest.get("protocol") if isinstance(manifest, dict) else None
+    if found != PROTOCOL:
+        raise ShardFormatError(
+            f"the shards in {folder} were extracted with the feature protocol "
+            f"{found or 'from before protocols were recorded'}, not this version's {PROTOCOL!r} "
+            "(the reference's image path and prompts): re-extract them with "
+            f"`python -m regionspot_pl.extract --out {folder}` into an empty folder"
+        )
+    return manifest
 
 
 def list_shards(folder: str | Path) -> list[Path]:

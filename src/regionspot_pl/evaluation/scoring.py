@@ -1,9 +1,11 @@
 """RegionSpot's test-time scoring rule: from region-class logits to ranked detections.
 
 Boxes come from outside (GT boxes or a proposal source); the model only names them. Each
-(box, class) pair of an image is a candidate detection, scored by the class probability
-(softmax over the vocabulary), times the proposal's own score when the boxes are proposals.
-The image keeps its top-K pairs, so one box may be reported under several classes.
+(box, class) pair of an image is a candidate detection. As the reference does: the
+``CANDIDATES_PER_IMAGE`` = 900 pairs with the highest class PROBABILITY (softmax over the
+vocabulary) are kept first, and only then is each multiplied by its box's proposal score
+(1 for GT boxes); the image reports its best ``MAX_DETS_PER_IMAGE`` = 300 final scores, all
+that LVIS scores. One box may be reported under several classes.
 """
 
 from __future__ import annotations
@@ -14,51 +16,60 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# The reference ranks the (box, class) pairs by probability and keeps 900 before the proposal
+# score enters; a pair outside those 900 never becomes a detection, however good its box.
+CANDIDATES_PER_IMAGE = 900
 # LVIS scores at most 300 detections per image (LVISResults drops the rest), so a longer list
 # only costs time and disk.
 MAX_DETS_PER_IMAGE = 300
+
+
+def _top(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest values and their indices, descending. A stable sort rather than topk():
+    GT boxes often tie (equal probabilities), and tied pairs must not be ordered by the kernel."""
+    ordered, index = values.sort(descending=True, stable=True)
+    return ordered[:k], index[:k]
 
 
 def score_regions(
     logits: Tensor,
     proposal_scores: Tensor | None = None,
     topk: int = MAX_DETS_PER_IMAGE,
+    candidates: int = CANDIDATES_PER_IMAGE,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank the (box, class) pairs of one image by score and keep the best ``K``.
+    """Rank the (box, class) pairs of one image as the reference does and keep the best ``K``.
 
-    score[n, c] = softmax(logits[n])[c] * proposal_scores[n] (the factor is 1 when
-    ``proposal_scores`` is None, i.e. for GT boxes).
+    1. probability p[n, c] = softmax(logits[n])[c];
+    2. keep the ``candidates`` pairs of highest p;
+    3. score = p * proposal_scores[n] (1 when ``proposal_scores`` is None, i.e. GT boxes);
+    4. keep the ``topk`` best scores.
 
     Args:
         logits: [N, C] region-class logits of the N boxes over a vocabulary of C classes.
         proposal_scores: [N] confidence of each proposal, or None for GT boxes.
-        topk: detections to keep. Clamped to 300: the LVIS evaluator keeps at most 300 per
-            image, and reporting more would only grow the results file.
+        topk: detections to keep, at most 300 (the most LVIS scores per image).
+        candidates: pairs kept by probability before the proposal score enters (900).
 
     Returns:
         box_idx [K] int64 (row of ``logits``), class_idx [K] int64 (contiguous class index),
-        scores [K] float32, sorted by descending score, K = min(topk, 300, N * C). Ties keep
-        the lower flat index (box-major) first, so the ranking is deterministic.
+        scores [K] float32, sorted by descending score, K = min(topk, 300, candidates, N * C).
+        Ties keep the lower flat index (box-major) first, so the ranking is deterministic.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, C] for one image, got shape {tuple(logits.shape)}")
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+    if topk < 1 or candidates < 1:
+        raise ValueError(f"topk and candidates must be >= 1, got {topk} and {candidates}")
     num_boxes, num_classes = logits.shape
-    probs = logits.float().softmax(dim=-1)
+    if proposal_scores is not None and proposal_scores.shape != (num_boxes,):
+        raise ValueError(
+            f"proposal_scores must be [N] = [{num_boxes}] (one per box), got shape "
+            f"{tuple(proposal_scores.shape)}"
+        )
+    probs, flat_idx = _top(logits.float().softmax(dim=-1).flatten(), candidates)
     if proposal_scores is not None:
-        if proposal_scores.shape != (num_boxes,):
-            raise ValueError(
-                f"proposal_scores must be [N] = [{num_boxes}] (one per box), got shape "
-                f"{tuple(proposal_scores.shape)}"
-            )
-        probs = probs * proposal_scores.to(probs)[:, None]
-
-    k = min(topk, MAX_DETS_PER_IMAGE, num_boxes * num_classes)
-    # A stable sort rather than topk(): GT boxes often tie (equal probabilities), and the
-    # order of tied detections must not depend on the kernel.
-    scores, flat_idx = probs.flatten().sort(descending=True, stable=True)
-    scores, flat_idx = scores[:k], flat_idx[:k]
+        probs = probs * proposal_scores.to(probs)[flat_idx // num_classes]
+    scores, order = _top(probs, min(topk, MAX_DETS_PER_IMAGE))
+    flat_idx = flat_idx[order]
     return flat_idx // num_classes, flat_idx % num_classes, scores
 
 
@@ -79,11 +90,12 @@ def detections_to_results(
         box_idx, class_idx, scores: [K] as returned by :func:`score_regions`.
         category_ids: [C] dataset category id of each contiguous class index.
         masks_rle: [N] compressed RLE mask of each box (e.g. SAM's box-prompted mask from
-            ``pycocotools.mask.encode``), or None for box results only.
+            ``pycocotools.mask.encode``) for mask results, or None for box results.
 
     Returns:
-        K dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (plus
-        ``"segmentation"`` with str counts when ``masks_rle`` is given), in input order.
+        K dicts in input order: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
+        for box results; for mask results ``"segmentation"`` (str counts) in place of
+        ``"bbox"``, as the reference writes them, so LVIS takes each area from its mask.
     """
     if boxes_xyxy.dim() != 2 or boxes_xyxy.shape[-1] != 4:
         raise ValueError(f"boxes_xyxy must be [N, 4], got shape {tuple(boxes_xyxy.shape)}")
@@ -109,14 +121,12 @@ def detections_to_results(
 
     results = []
     for b, c, s in zip(box_idx.tolist(), class_idx.tolist(), scores.tolist()):
-        det: dict[str, Any] = {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[c]),
-            "bbox": [float(v) for v in xywh[b]],
-            "score": float(s),
-        }
-        if segms is not None:
+        det: dict[str, Any] = {"image_id": int(image_id), "category_id": int(category_ids[c])}
+        if segms is None:
+            det["bbox"] = [float(v) for v in xywh[b]]
+        else:
             det["segmentation"] = dict(segms[b])  # own copy: evaluators write into results
+        det["score"] = float(s)
         results.append(det)
     return results
 

@@ -14,7 +14,12 @@ def region_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> Tensor:
-    """Sigmoid focal loss against one-hot targets, summed over classes, averaged over boxes.
+    """Sigmoid focal loss against one-hot targets, reduced per image as the reference does.
+
+    Per image: summed over classes, averaged over that image's counted boxes; then summed over
+    the images of the batch (the reference's per-GPU batch; DDP averages over GPUs). Padded
+    queries and unknown labels are not counted (the reference repeats an image's own boxes as
+    padding instead, which re-weights them; masked padding leaves each box's weight 1/N).
 
     Args:
         logits: [B, N, C] region-class logits.
@@ -29,11 +34,13 @@ def region_focal_loss(
     keep = labels >= 0
     if valid is not None:
         keep = keep & valid
-    logits, labels = logits[keep].float(), labels[keep]
-    if labels.numel() == 0:
+    if not keep.any():
         return logits.sum() * 0.0
-    if int(labels.max()) >= logits.shape[-1]:
-        raise ValueError(f"label {int(labels.max())} outside a vocabulary of {logits.shape[-1]} classes")
-    targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-    loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
-    return loss / labels.numel()
+    if int(labels[keep].max()) >= logits.shape[-1]:
+        raise ValueError(f"label {int(labels[keep].max())} outside a vocabulary of {logits.shape[-1]} classes")
+    logits = logits.float()
+    targets = F.one_hot(labels.clamp(min=0), logits.shape[-1]).to(logits.dtype)
+    per_box = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none").sum(-1)
+    counted = keep.to(per_box.dtype)
+    per_image = (per_box * counted).sum(1) / counted.sum(1).clamp(min=1.0)  # [B]
+    return per_image.sum()
