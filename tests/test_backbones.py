@@ -11,6 +11,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 from torch.nn import functional as F
+from torchvision.transforms import functional as TF
 from transformers import CLIPVisionModel
 
 from regionspot_pl.backbones import (
@@ -216,18 +217,20 @@ def test_unusable_checkpoints(tmp_path, tiny_backbones):
 
 
 def test_templates():
-    assert len(TEMPLATES) == 80 and len(set(TEMPLATES)) == 80
+    """The reference's 81: the plain '{}.' first, then CLIP's 80 ImageNet templates."""
+    assert len(TEMPLATES) == 81 and len(set(TEMPLATES)) == 81
     assert all(t.count("{}") == 1 for t in TEMPLATES)
-    assert TEMPLATES[0] == "a bad photo of a {}." and "a photo of a {}." in TEMPLATES
+    assert TEMPLATES[0] == "{}." and TEMPLATES[1] == "a bad photo of a {}."
+    assert TEMPLATES[-1] == "a tattoo of the {}." and "a photo of a {}." in TEMPLATES
 
 
 def test_clip_preprocess_matches_manual():
     img = torch.randint(0, 256, (3, 90, 130), dtype=torch.uint8)
     out = clip_preprocess(img, 224)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-    manual = F.interpolate(
-        img[None].float() / 255, size=(224, 224), mode="bilinear", antialias=True
-    )[0]
+    # torchvision's tensor resize without antialiasing, as the reference's torchvision did
+    manual = TF.resize(img.float() / 255, [224, 224], interpolation=TF.InterpolationMode.BILINEAR,
+                       antialias=False)
     manual = (manual - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[
         :, None, None
     ]
@@ -271,11 +274,11 @@ def test_tiny_clip_has_sincos_positions(clip):
 
 def test_encode_texts_template_average(clip):
     templates = ["a photo of a {}.", "itap of my {}.", "the {} in a video game."]
-    got = clip.encode_texts(["dog", "traffic light-other"], templates, batch_size=2)
+    got = clip.encode_texts(["aerosol_can", "traffic light-other"], templates, batch_size=2)
     assert got.shape == (2, 64)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
     expected = []
-    for name in ["dog", "traffic light"]:  # suffix '-other' removed
+    for name in ["aerosol_can", "traffic light"]:  # '-other' removed, the underscore kept
         feats = []
         for t in templates:  # one prompt at a time: no padding, no batching
             ids = clip.tokenizer(t.format(name), return_tensors="pt")
@@ -284,7 +287,7 @@ def test_encode_texts_template_average(clip):
             feats.append(out if isinstance(out, torch.Tensor) else out.pooler_output)
         expected.append(F.normalize(torch.cat(feats).mean(0), dim=-1))
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
-    # the default is all 80 templates
+    # the default is all 81 templates
     assert clip.encode_texts(["dog"]).shape == (1, 64)
 
 
@@ -317,7 +320,7 @@ def test_text_embedding_cache(clip, tmp_path, monkeypatch):
         assert set(f) == {"model-a", "model-b"} and len(f["model-a"]) == 2
         (entry,) = f["model-b"].values()
         assert [n.decode() for n in entry["class_names"][()]] == ["cat", "dog"]
-        assert entry["templates"].shape == (80,)
+        assert entry["templates"].shape == (81,)
     assert not list(tmp_path.glob("*.tmp"))  # temp files replaced, none left over
 
 

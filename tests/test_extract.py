@@ -13,12 +13,14 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
+from torchvision.transforms import functional as TF
 from transformers import CLIPVisionModel
 
-from regionspot_pl.backbones.clip import clip_preprocess
+from regionspot_pl.backbones.clip import CLIP_MEAN, CLIP_STD
 from regionspot_pl.backbones.sam import build_sam
 from regionspot_pl.data.annotations import AnnotationError, load_coco
 from regionspot_pl.data.shards import (
+    PROTOCOL,
     ShardFormatError,
     decode_sample,
     encode_sample,
@@ -54,39 +56,61 @@ def _same(a: dict, b: dict) -> bool:
     return all(np.array_equal(a[k], b[k]) for k in ("sam", "boxes", "labels", "scores", "clip")) and a["meta"] == b["meta"]
 
 
+def _reference_resize(image: np.ndarray) -> np.ndarray:
+    """detectron2's ResizeShortestEdge(800, 1333) written out independently: PIL bilinear."""
+    h, w = image.shape[:2]
+    scale = 800 / min(h, w)
+    newh, neww = (800, scale * w) if h < w else (scale * h, 800)
+    if max(newh, neww) > 1333:
+        newh, neww = newh * 1333 / max(newh, neww), neww * 1333 / max(newh, neww)
+    size = (int(neww + 0.5), int(newh + 0.5))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
 def test_shards_hold_what_sam_predictor_and_hf_clip_give(demo_shards, demo_data, tiny_backbones):
+    """The reference's path, rebuilt from the libraries: SamPredictor on the detectron2-resized
+    image (boxes scaled into it, masks nearest-upsampled back), HF CLIP on torchvision's
+    non-antialiased square resize of that image."""
     samples = _samples(demo_shards["val"])
     records, vocab, _ = load_coco(demo_data["val_json"])
     assert len(samples) == len(records) == 14
     rec = max(records, key=lambda r: len(r.boxes))  # the image with the most boxes
     s = samples[str(rec.image_id)]
     assert s["sam"].shape == (len(rec.boxes), 256) and s["sam"].dtype == np.float16
-    np.testing.assert_array_equal(s["boxes"], rec.boxes)
+    np.testing.assert_array_equal(s["boxes"], rec.boxes)  # boxes stay in original pixels
     np.testing.assert_array_equal(s["labels"], rec.labels)
     assert s["meta"]["dataset"] == "demo_val" and s["meta"]["width"] == rec.width
 
     image = np.array(Image.open(demo_data["val_images"] / rec.file_name).convert("RGB"))
+    resized = _reference_resize(image)
+    assert resized.shape[:2] != image.shape[:2]  # the demo's images are smaller than 800
     sam = build_sam("tiny", tiny_backbones["sam_checkpoint"])
     predictor = SamPredictor(sam)
     seen = {}
     hook = sam.mask_decoder.transformer.register_forward_hook(lambda m, a, o: seen.update(hs=o[0]))
-    predictor.set_image(image)
-    boxes = predictor.transform.apply_boxes_torch(torch.from_numpy(rec.boxes), image.shape[:2])
+    predictor.set_image(resized)
+    (h, w), (rh, rw) = image.shape[:2], resized.shape[:2]
+    scaled = torch.from_numpy(rec.boxes).double() * torch.tensor([rw / w, rh / h, rw / w, rh / h]).double()
+    boxes = predictor.transform.apply_boxes_torch(scaled.float(), resized.shape[:2])
     masks, _, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
     hook.remove()
     expected_tokens = seen["hs"][:, 1].numpy()  # first mask token; index 0 is the IoU token
     np.testing.assert_allclose(s["sam"].astype(np.float32), expected_tokens, rtol=2e-3, atol=2e-3)
+    expected_masks = torch.nn.functional.interpolate(masks.float(), size=(h, w), mode="nearest")[:, 0] > 0
     stored = mask_utils.decode(s["meta"]["masks"]).transpose(2, 0, 1).astype(bool)
-    np.testing.assert_array_equal(stored, masks[:, 0].numpy())
+    np.testing.assert_array_equal(stored, expected_masks.numpy())
 
     vision = CLIPVisionModel.from_pretrained(tiny_backbones["clip_dir"], local_files_only=True).eval()
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    square = TF.resize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255, [224, 224],
+                       interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
     with torch.no_grad():
-        pixels = clip_preprocess(torch.from_numpy(image).permute(2, 0, 1), 224)[None]
-        expected_clip = vision(pixel_values=pixels).last_hidden_state[0].numpy()
+        expected_clip = vision(pixel_values=((square - mean) / std)[None]).last_hidden_state[0].numpy()
     assert s["clip"].shape == (197, 128) and s["clip"].dtype == np.float16
     np.testing.assert_allclose(s["clip"].astype(np.float32), expected_clip, rtol=2e-3, atol=2e-3)
 
     manifest = read_manifest(demo_shards["val"])
+    assert manifest["protocol"] == PROTOCOL
     assert manifest["vocabulary"]["names"] == list(vocab.names)
     assert manifest["backbones"]["sam"]["type"] == "tiny" and len(manifest["backbones"]["sam"]["sha256_16"]) == 16
     assert manifest["counts"]["samples"] == 14 and manifest["config"]["shard_size"] == 4
@@ -100,7 +124,7 @@ def test_compiled_extractor_gives_the_eager_results(demo_shards, demo_data, tiny
     assert hasattr(extractor.sam.sam.mask_decoder, "_orig_mod")  # torch.compile's wrapper
     records, _, _ = load_coco(demo_data["val_json"])
     records = sorted(records, key=lambda r: -len(r.boxes))[:3]  # different box counts: dynamic shapes
-    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform, 224)
+    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform)
     compiled = [decode_sample(s) for s in extractor([dataset[i] for i in range(len(records))], "demo_val")]
     eager = _samples(demo_shards["val"])
     assert len({len(r.boxes) for r in records}) > 1
@@ -269,6 +293,9 @@ def test_proposals_replace_ground_truth(demo_data, tiny_backbones, tmp_path):
     for s in _samples(tmp_path / "out").values():
         assert (s["labels"] == -1).all() and np.allclose(s["scores"], 0.25) and len(s["labels"]) > 0
     props.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(AnnotationError, match="entry 'not' is not .*keyed by image id"):
+        run_extraction(cfg)
+    props.write_text(json.dumps("boxes"))
     with pytest.raises(AnnotationError, match="COCO results list"):
         load_coco(demo_data["val_json"], props)
 

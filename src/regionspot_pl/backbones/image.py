@@ -138,7 +138,7 @@ def resize_for_backbones(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected uint8 pixels, got {image.dtype}")
     new_h, new_w = resized_shape(image.shape[0], image.shape[1])
     resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
-    return np.asarray(resized)
+    return np.array(resized)  # writable: torch.from_numpy shares it
 
 
 def scale_boxes(boxes: Tensor, original_size: tuple[int, int], resized_size: tuple[int, int]) -> Tensor:
