@@ -33,6 +33,7 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench_host.py
 
 # real-size SAM ViT-B + CLIP ViT-L/14 (random weights) on the GPU if there is one (docs/benchmarks.md)
 bench-real: install
