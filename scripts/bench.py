@@ -45,7 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/bench_metrics.py
@@ -54,6 +53,12 @@ import bench_metrics  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from regionspot_pl.backbones.clip import clip_preprocess  # noqa: E402
+from regionspot_pl.backbones.image import (  # noqa: E402
+    masks_to_original,
+    read_image,
+    resize_for_backbones,
+    scale_boxes,
+)
 from regionspot_pl.backbones.tiny import write_tiny_backbones  # noqa: E402
 from regionspot_pl.data.annotations import Vocabulary, load_coco  # noqa: E402
 from regionspot_pl.data.datamodule import RegionDataModule, collate_regions  # noqa: E402
@@ -130,7 +135,7 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
                         sam_type="tiny", device="cpu", batch_size=BATCH, precision="fp32")
     extractor = FeatureExtractor(cfg)
     sam, clip = extractor.sam, extractor.clip
-    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, sam.transform, clip.image_size)
+    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, sam.transform)
     scratch = out / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
 
@@ -155,20 +160,23 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
             items = [dataset[i] for i in range(b, min(b + BATCH, len(dataset)))]
             split["prep"] += now() - t
             t = now()
-            sam_in = torch.stack([it["sam_input"] for it in items])
+            sam_in = sam.prepare([it["sam_image"] for it in items])
             per_call = 1 if extractor.device.type == "cpu" else len(sam_in)  # as FeatureExtractor does
             embeddings = torch.cat([sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
             split["sam_encoder"] += now() - t
             t = now()
-            clip_tokens = clip.feature_map(torch.stack([it["clip_input"] for it in items])).half().cpu().numpy()
+            clip_in = torch.stack([clip_preprocess(it["clip_image"], clip.image_size) for it in items])
+            clip_tokens = clip.feature_map(clip_in).half().cpu().numpy()
             split["clip"] += now() - t
             for i, it in enumerate(items):
                 rec = it["record"]
                 t = now()
-                tokens, masks = sam.encode_boxes(embeddings[i], torch.from_numpy(rec.boxes), (rec.height, rec.width))
+                original, resized = (rec.height, rec.width), tuple(it["resized_size"])
+                boxes = scale_boxes(torch.from_numpy(rec.boxes), original, resized)
+                tokens, masks = sam.encode_boxes(embeddings[i], boxes, resized)
                 split["decoder"] += now() - t
                 t = now()
-                rles = masks_to_rle(masks)
+                rles = masks_to_rle(masks_to_original(masks, original))
                 split["rle"] += now() - t
                 t = now()
                 meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": "bench",
@@ -190,27 +198,29 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
         try:
             for rec in records[b : b + BATCH]:
                 t = now()
-                with Image.open(image_dir / rec.file_name) as im:
-                    image = np.array(im.convert("RGB"))
-                sam_input = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None].contiguous()
-                clip_input = clip_preprocess(torch.from_numpy(image).permute(2, 0, 1), clip.image_size)[None]
+                image, _ = read_image(image_dir / rec.file_name)
+                resized = resize_for_backbones(image)
+                sam_input = torch.as_tensor(predictor.transform.apply_image(resized)).permute(2, 0, 1)[None].contiguous()
+                clip_input = clip_preprocess(torch.from_numpy(resized).permute(2, 0, 1), clip.image_size)[None]
                 naive["prep"] += now() - t
                 t = now()
-                predictor.set_torch_image(sam_input, image.shape[:2])
+                predictor.set_torch_image(sam_input, resized.shape[:2])
                 naive["sam_encoder"] += now() - t
                 t = now()
                 with torch.no_grad():
                     clip_tokens = clip.feature_map(clip_input)[0].half().numpy()
                 naive["clip"] += now() - t
                 tokens, rles = [], []
+                (h, w), (rh, rw) = image.shape[:2], resized.shape[:2]
                 for box in rec.boxes:
                     t = now()
                     captured.clear()
-                    mask, _, _ = predictor.predict(box=box, multimask_output=False)
+                    mask, _, _ = predictor.predict(box=box * np.array([rw / w, rh / h, rw / w, rh / h]),
+                                                   multimask_output=False)
                     tokens.append(captured[0][0, 1].float().numpy())
                     naive["decoder"] += now() - t
                     t = now()
-                    rles += masks_to_rle(torch.from_numpy(mask))
+                    rles += masks_to_rle(masks_to_original(torch.from_numpy(mask), (h, w)))
                     naive["rle"] += now() - t
                 t = now()
                 meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": "bench",
@@ -270,8 +280,10 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
     # the decoder's arithmetic against what this CPU's matmul units deliver: how much room is left
     rec = max(records, key=lambda r: len(r.boxes))
     with torch.inference_mode():
-        emb = sam.encode_images(dataset[records.index(rec)]["sam_input"][None])[0]
-        per_box = counted_gflop(lambda: sam.encode_boxes(emb, torch.from_numpy(rec.boxes), (rec.height, rec.width)))
+        item = dataset[records.index(rec)]
+        emb = sam.encode_images(sam.prepare([item["sam_image"]]))[0]
+        boxes = scale_boxes(torch.from_numpy(rec.boxes), (rec.height, rec.width), tuple(item["resized_size"]))
+        per_box = counted_gflop(lambda: sam.encode_boxes(emb, boxes, tuple(item["resized_size"])))
     per_box /= len(rec.boxes)
     rate = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     work = per_box * n_box

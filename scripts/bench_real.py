@@ -13,11 +13,13 @@ dict, a Hugging Face CLIP folder) and loaded by the package's own code, as a use
   FLOPs counted by torch's FlopCounterMode (SAM encoder + CLIP + the decoder for each box).
 - training: the RegionSpot-BL head step (batch 16, ~16 boxes, focal loss, AdamW) from batches in
   device memory under autocast, and the shard reader (``RegionDataModule``) with 0..N workers,
-  against issue #7's goal of 5,000 images/s.
+  against the goal of 5,000 images/s.
+- ``--profile``: one more extraction pass under ``torch.profiler``; writes the top operators and
+  kernels (``profile/top_ops.txt``), a Chrome trace (``profile/trace.json``) and the GPU idle
+  fraction (wall time not covered by any kernel, ``profile/summary.json``) to the output folder.
 
-On the lent GPU machine (see /work/.library/device/README.md), which lacks some of our
-dependencies: download their wheels into an ignored ``.whl/`` (segment-anything, webdataset,
-braceexpand, pycocotools, lvis), name ``.whl`` in ``carry`` and run
+On a GPU machine whose Python lacks some of our dependencies: download their wheels into an
+ignored ``.whl/`` (segment-anything, webdataset, braceexpand, pycocotools, lvis) and run
 ``pip install --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src python3 scripts/bench_real.py``.
 Prints one table; writes bench_out/bench_real.json.
 """
@@ -89,7 +91,8 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_images: int, batch: int) -> None:
+def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_images: int, batch: int,
+                     profile: bool = False) -> None:
     backbones = write_real_backbones(out / "real")
     data = generate_demo_dataset(out / "real_data", num_train=num_images, num_val=14, image_size=640, seed=0)
     records, _, _ = load_coco(data["train_json"])
@@ -105,8 +108,7 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
         for compiled in (False, True) if device.type == "cuda" and precision != "fp32" else (False,):
             extractor = FeatureExtractor(dataclasses.replace(cfg, precision=precision, compile=compiled))
             if prepared is None:  # decoding + resizing happen in DataLoader workers in a real run
-                dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform,
-                                             extractor.clip.image_size)
+                dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform)
                 prepared = [[dataset[i] for i in range(b, min(b + batch, len(dataset)))]
                             for b in range(0, len(dataset), batch)]
             if device.type == "cuda":
@@ -131,9 +133,49 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
                       100 * tflop * rate / limit, ratio_fmt="{:.0f}%", target=">= 40% (GPU)",
                       met=tflop * rate / limit >= 0.4 if device.type == "cuda" else None, images_per_s=rate,
                       tflop_per_image=tflop, matmul_tflops=limit, peak_gib=peak_memory_gib(device))
+            if profile and (precision, compiled) == (supported_precisions(device)[-1], False):
+                profile_extraction(extractor, prepared, device, out / "profile")
             del extractor
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
+    """Share of ``wall_us`` covered by the union of (start, end) intervals (kernels may overlap)."""
+    covered, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            covered += b - max(a, end)
+            end = b
+    return covered / max(wall_us, 1e-9)
+
+
+def profile_extraction(extractor: FeatureExtractor, prepared: list, device: torch.device, out: Path) -> None:
+    """One extraction pass under torch.profiler: top ops/kernels, a Chrome trace, GPU idle share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        start = bench.now()
+        for items in prepared:
+            extractor(items, "bench")
+        bench.sync(device)
+        wall_us = (bench.now() - start) * 1e6
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    (out / "top_ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    prof.export_chrome_trace(str(out / "trace.json"))
+    summary = {"device": str(device), "wall_s": wall_us / 1e6, "gpu_idle_fraction": None}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        starts = min((e.time_range.start for e in kernels), default=0.0)
+        spans = [(e.time_range.start - starts, e.time_range.end - starts) for e in kernels]
+        summary["gpu_idle_fraction"] = 1.0 - busy_fraction(spans, wall_us)
+        summary["kernels"] = len(kernels)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    idle = summary["gpu_idle_fraction"]
+    print(f"[bench-real] profile written to {out}/ (GPU idle {'n/a on CPU' if idle is None else f'{idle:.0%}'})")
 
 
 def bench_training(table: bench.Table, out: Path, device: torch.device, steps: int, workers: list[int]) -> None:
@@ -177,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
     p.add_argument("--steps", type=int, default=50, help="timed head steps per precision")
     p.add_argument("--workers", type=int, nargs="+", help="reader workers to try (default 0 2 4 8, capped by cores)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one extraction pass (lowest precision, eager): OUT/profile/")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -185,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench-real] {name}, torch {torch.__version__}, into {out}/", flush=True)
     started = bench.now()
     table = bench.Table()
-    bench_extraction(table, out, device, args.images, args.batch_size)
+    bench_extraction(table, out, device, args.images, args.batch_size, args.profile)
     bench_training(table, out, device, args.steps, workers)
     total = bench.now() - started
     print(f"\nregionspot_pl bench-real, {name}, torch {torch.__version__}, {total:.0f} s\n")

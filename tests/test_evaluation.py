@@ -342,10 +342,15 @@ def test_detections_to_results_format() -> None:
         7, boxes, torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0.9, 0.4]),
         CATEGORY_IDS, masks_rle=masks,
     )
-    assert dets[0] == {"image_id": 7, "category_id": FREQUENT, "bbox": [10.0, 20.0, 20.0, 40.0],
-                       "score": pytest.approx(0.9), "segmentation": dets[0]["segmentation"]}
-    assert dets[1]["category_id"] == RARE and dets[1]["bbox"] == [0.0, 0.0, 5.0, 5.0]
+    # mask results carry no bbox (as the reference writes them): LVIS takes areas from the masks
+    assert dets[0] == {"image_id": 7, "category_id": FREQUENT, "score": pytest.approx(0.9),
+                       "segmentation": dets[0]["segmentation"]}
     assert isinstance(dets[0]["segmentation"]["counts"], str)
+    dets = detections_to_results(7, boxes, torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0.9, 0.4]),
+                                 CATEGORY_IDS)
+    assert dets[0] == {"image_id": 7, "category_id": FREQUENT, "bbox": [10.0, 20.0, 20.0, 40.0],
+                       "score": pytest.approx(0.9)}
+    assert dets[1]["category_id"] == RARE and dets[1]["bbox"] == [0.0, 0.0, 5.0, 5.0]
     json.dumps(dets)  # plain JSON types only
     with pytest.raises(ValueError, match="category_ids maps only 3 classes"):
         detections_to_results(7, boxes, torch.tensor([0]), torch.tensor([3]), torch.ones(1),
