@@ -96,8 +96,8 @@ def _give_sincos_positions(model: CLIPModel) -> None:
     """Replace the vision position embeddings by 2-D sin-cos ones at the patch content's scale.
 
     With HF's init (std 0.02, far below the patch content) the tokens carry almost no location
-    and a head cannot learn to route its cross-attention to a box (NOTES.md); trained CLIPs do
-    carry location. The scale is the RMS a unit-variance input gives through the patch
+    and a head cannot learn to route its cross-attention to a box (on the demo's scenes: 24%
+    held-out top-1 with HF's init, 43% with these, 8% chance); trained CLIPs do carry location. The scale is the RMS a unit-variance input gives through the patch
     embedding, sqrt(sum(w^2) / width); the class token gets a zero position.
     """
     embeddings = model.vision_model.embeddings

@@ -24,7 +24,8 @@ Design choices (why):
 - Val is balanced: every class gets about the same number of images, so APr is measured on enough
   instances to mean something.
 - Every object is annotated, so each image lists every absent class in ``neg_category_ids``. LVIS
-  evaluation is federated; without negatives random scores reach a far too high AP (see NOTES.md).
+  evaluation is federated; without negatives random scores reach a far too high AP (0.43 for
+  random scores on a scene set without negatives, 0.13 with every absent class listed).
 - Boxes, areas and RLE masks describe the *visible* part of each object (as COCO/LVIS do); the
   placement keeps at least ``_MIN_VISIBLE`` of every object visible.
 - Image ids: train ``1..num_train``, val ``1_000_001..``; unique across splits so caches keyed by
