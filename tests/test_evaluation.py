@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import subprocess
@@ -27,7 +28,7 @@ from regionspot_pl.evaluation import (
     format_metrics_table,
     score_regions,
 )
-from regionspot_pl.evaluation.metrics import _numpy_float_alias
+from regionspot_pl.evaluation.metrics import BACKENDS, _numpy_float_alias
 
 # ---------------------------------------------------------------------------------------------
 # A tiny hand-made LVIS-style set: 3 images of 200x200, one category per frequency split, with
@@ -160,7 +161,7 @@ def test_lvis_keeps_at_most_max_dets_per_image() -> None:
 def test_numpy_float_alias_is_scoped() -> None:
     assert "float" not in vars(np)  # NumPy >= 1.24, as pinned
     gt = make_lvis_gt()
-    evaluate_detections(gt, perfect_results(gt))
+    evaluate_detections(gt, perfect_results(gt), backend="lvis")
     assert not hasattr(np, "float"), "the lvis workaround leaked np.float"
     with pytest.raises(RuntimeError), _numpy_float_alias():
         assert np.float is float  # type: ignore[attr-defined]
@@ -173,13 +174,15 @@ def test_inputs_are_not_modified_and_output_is_quiet(capsys: pytest.CaptureFixtu
     for det in results:
         det["segmentation"] = box_rle([round(v) for v in det["bbox"]])
     gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
-    for iou_type in ("bbox", "segm"):
-        evaluate_detections(gt, results, iou_type)
-        evaluate_detections(gt, results, iou_type, kind="coco")
+    for iou_type, backend in itertools.product(("bbox", "segm"), BACKENDS):
+        evaluate_detections(gt, results, iou_type, backend=backend)
+        evaluate_detections(gt, results, iou_type, kind="coco", backend=backend)
     assert gt == gt_before and results == results_before
     assert capsys.readouterr().out == ""
     evaluate_detections(gt, results, verbose=True)
-    assert "Average Precision" in capsys.readouterr().out
+    assert "APr = " in capsys.readouterr().out  # hotcoco's summary
+    evaluate_detections(gt, results, verbose=True, backend="lvis")
+    assert "Average Precision" in capsys.readouterr().out  # the LVIS API's
 
 
 def test_metric_without_ground_truth_is_nan() -> None:
@@ -197,8 +200,9 @@ def test_metric_without_ground_truth_is_nan() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_coco_kind_matches_cocoeval(iou_type: str, capsys: pytest.CaptureFixture) -> None:
+def test_coco_kind_matches_cocoeval(iou_type: str, backend: str) -> None:
     gt = make_coco_gt()
     results = noisy_results(gt)
     if iou_type == "segm":
@@ -216,14 +220,15 @@ def test_coco_kind_matches_cocoeval(iou_type: str, capsys: pytest.CaptureFixture
     expected = {k: float(reference.stats[i]) for i, k in enumerate(COCO_METRICS)}
     assert 0.0 < expected["AP"] < 1.0  # a non-trivial case
 
-    auto = evaluate_detections(gt, results, iou_type)  # no 'frequency': COCO chosen
-    official = evaluate_detections(gt, results, iou_type, max_dets=100)
-    forced = evaluate_detections(make_lvis_gt(), results, iou_type, kind="coco", max_dets=100)
+    auto = evaluate_detections(gt, results, iou_type, backend=backend)  # no 'frequency': COCO
+    official = evaluate_detections(gt, results, iou_type, max_dets=100, backend=backend)
+    forced = evaluate_detections(make_lvis_gt(), results, iou_type, kind="coco", max_dets=100,
+                                 backend=backend)
     for metrics in (auto, official, forced):
         assert list(metrics) == list(COCO_METRICS)  # APr/APc/APf are absent for COCO
-        assert metrics == pytest.approx(expected)
+        assert metrics == pytest.approx(expected, abs=1e-12)
     # A cap other than 100 still yields an AP (COCOeval.summarize alone would give -1 there).
-    capped = evaluate_detections(gt, results, iou_type, max_dets=1)
+    capped = evaluate_detections(gt, results, iou_type, max_dets=1, backend=backend)
     assert 0.0 < capped["AP"] < 1.0
 
 
@@ -399,26 +404,44 @@ def test_cli_writes_metrics_json(tmp_path: Path, capsys: pytest.CaptureFixture) 
     gt = make_lvis_gt()
     gt_path = write_json(tmp_path / "gt.json", gt)
     res_path = write_json(tmp_path / "res.json", perfect_results(gt, segm=True))
-    out = tmp_path / "sub" / "metrics.json"
+    out = tmp_path / "sub"
     rc = main([str(gt_path), str(res_path), "--iou-type", "bbox", "segm", "--out", str(out)])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert stdout.splitlines()[1].split() == ["bbox"] + ["100.0"] * 9
-    written = json.loads(out.read_text())
+    assert f"report: {out / 'report.md'}" in stdout
+    written = json.loads((out / "metrics.json").read_text())
     assert list(written) == ["bbox", "segm"]
     for metrics in written.values():
         assert list(metrics) == list(LVIS_METRICS)
         assert all(v == pytest.approx(1.0) for v in metrics.values())
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "ap_per_class.png",
+                                               "ap_per_class.csv"}
 
     # COCO-style GT: six metrics; a metric with nothing to score is written as null.
     coco = make_coco_gt()
     coco["annotations"] = [a for a in coco["annotations"] if a["area"] > 32**2]
     coco_path = write_json(tmp_path / "coco.json", coco)
     coco_res = write_json(tmp_path / "coco_res.json", perfect_results(coco))
-    assert main([str(coco_path), str(coco_res), "--out", str(out)]) == 0
-    written = json.loads(out.read_text())
-    assert list(written) == ["bbox"] and list(written["bbox"]) == list(COCO_METRICS)
-    assert written["bbox"]["APs"] is None and written["bbox"]["AP"] == pytest.approx(1.0)
+    for backend in BACKENDS:
+        assert main([str(coco_path), str(coco_res), "--out", str(out), "--metric-backend", backend]) == 0
+        written = json.loads((out / "metrics.json").read_text())
+        assert list(written) == ["bbox"] and list(written["bbox"]) == list(COCO_METRICS)
+        assert written["bbox"]["APs"] is None and written["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_cli_out_is_a_folder_and_backend_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gt = make_lvis_gt()
+    gt_path = write_json(tmp_path / "gt.json", gt)
+    res_path = write_json(tmp_path / "res.json", perfect_results(gt))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(gt_path), str(res_path), "--out", str(tmp_path / "metrics.json")])
+    assert exit_info.value.code == 2
+    assert "--out is an output folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(gt_path), str(res_path), "--metric-backend", "pycocotools"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'pycocotools'" in capsys.readouterr().err
 
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
