@@ -130,7 +130,7 @@ def test_error_messages(setup, tmp_path):
     predictor: Predictor = setup["predictor"]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="broken.jpg could not be read"):
+    with pytest.raises(ValueError, match="broken.jpg could not be decoded"):
         predictor.set_image(bad)
     with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
         predictor.set_image(tmp_path / "missing.png")
@@ -202,7 +202,7 @@ def test_cli_end_to_end(setup, tmp_path, capsys):
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 3
-    assert set(printed[0]) == {"box", "labels", "scores"} and len(printed[0]["labels"]) == 2
+    assert set(printed[0]) == {"box", "labels", "scores", "iou"} and len(printed[0]["labels"]) == 2
     assert printed[0]["labels"][0] in setup["names"][:6]
     with Image.open(out) as im:
         assert im.format == "PNG" and min(im.size) >= 256

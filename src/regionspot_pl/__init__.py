@@ -11,9 +11,11 @@ from .model import (
     RegionSpotHead,
     convert_official,
     load_head,
+    load_pretrained,
     region_focal_loss,
     region_logits,
     save_head,
+    save_pretrained,
 )
 
 __all__ = [
@@ -23,8 +25,10 @@ __all__ = [
     "RegionSpotHead",
     "convert_official",
     "load_head",
+    "load_pretrained",
     "region_focal_loss",
     "region_logits",
     "save_head",
+    "save_pretrained",
 ]
 __version__ = "0.1.0"

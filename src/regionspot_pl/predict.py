@@ -1,11 +1,34 @@
-"""Name any boxes of one image with a trained RegionSpot head, and draw the result.
+"""Name any region of one image with a trained RegionSpot head, and draw the result.
 
-    python -m regionspot_pl.predict --image IMG --boxes "x1,y1,x2,y2;..." --vocab "cat,dog" \
-        --head HEAD.pt --sam-type vit_b --sam-checkpoint sam_vit_b_01ec64.pth \
+    python -m regionspot_pl.predict --image IMG --vocab "cat,dog" \
+        [--boxes "x1,y1,x2,y2;..."] [--points "x,y[,label] ...;..."] [--multimask] \
+        --head HEAD --sam-type vit_b --sam-checkpoint sam_vit_b_01ec64.pth \
         --clip-model DIR --out OUT.png [--topk 3] [--device cpu]
+    python -m regionspot_pl.predict --everything (--image IMG --out OUT.png | --images DIR [--out PICS])
+        --json OUT.json --vocab ... --head ... [--points-per-side 32 --pred-iou-thresh 0.88 ...]
 
-``--vocab`` is a file (one class name a line) if that path exists, else comma-separated names.
-Writes a picture (boxes, top label + probability, SAM mask) and prints JSON, one entry per box.
+Regions are SAM prompts, given in pixels of the original image:
+
+* ``--boxes "x1,y1,x2,y2;x1,y1,x2,y2"``: one region per ``;``-separated box.
+* ``--points "x,y[,label] x,y[,label];..."``: one region per ``;``-separated group; the points of
+  a group (separated by spaces) prompt SAM together. ``label`` is 1 (foreground, the default)
+  or 0 (background), as SAM's ``point_labels``. ``--points "120,80;300,200"`` is two regions of
+  one point each; ``--points "120,80 150,95,0"`` one region with a foreground and a background
+  point.
+* both: region i is box i together with points group i (SAM takes a box and points in one
+  prompt); the two must have as many ``;``-separated entries.
+
+``--multimask`` names SAM's three candidate masks of each region (printed with SAM's predicted
+IoU each; the picture shows the best). ``--vocab`` is a file (one class name a line) if that path
+exists, else comma-separated names. ``--head`` is a head file (``.pt``) or a model folder
+(config.json + model.safetensors, or a Hugging Face Hub id). Writes a picture (regions, top label
++ probability, SAM mask) and prints JSON, one entry per region.
+
+``--everything`` names every region SAM's own automatic mask generator finds (no prompts; its
+parameters are the flags below) against the vocabulary, drops those whose top probability is
+below ``--score-thresh``, and writes one JSON for all images (COCO layout: ``images``,
+``categories`` numbered 1.. in vocabulary order, and ``annotations`` with bbox, the generator's
+mask as RLE, category_id/name and score, which is also a COCO results list) plus pictures.
 
 The :class:`Predictor` computes features exactly as ``python -m regionspot_pl.extract`` does
 (same preprocessing, same autocast, CLIP and SAM tokens rounded through float16 as the cache
@@ -16,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.nn import functional as F
 
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
 from .backbones.image import (
@@ -41,6 +67,8 @@ from .model import RegionSpotHead, load_head, region_logits
 
 ImageLike = str | Path | Image.Image | np.ndarray
 BoxesLike = Sequence[Sequence[float]] | np.ndarray | Tensor
+# [K, 2] one region's points; [N, K, 2] N regions; or a list of N [K_i, 2] arrays
+PointsLike = Sequence[Any] | np.ndarray | Tensor
 VocabularyLike = Sequence[str] | str | Path
 
 # Boxes from annotation files are floats that may end a rounding error past the border.
@@ -136,6 +164,158 @@ def read_vocabulary(vocabulary: VocabularyLike) -> list[str]:
     return names
 
 
+def _regions_of(value: PointsLike, name: str, per_point: int) -> list[np.ndarray]:
+    """``point_coords`` (per_point 2) or ``point_labels`` (1) -> one float64 array per region:
+    [K, 2] / [K] is one region (as ``SamPredictor.predict``), [N, K, 2] / [N, K] is N regions
+    (as ``predict_torch``), a list of such per-region arrays allows a different K each."""
+    single = 2 if per_point == 2 else 1
+    shape_hint = "[K, 2] x, y" if per_point == 2 else "[K] labels"
+    usage = (
+        f"{name} must be {shape_hint} for one region, a batch of N such regions, or a list "
+        f"of N per-region arrays"
+    )
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+        if array.size == 0 and array.ndim <= 1:
+            return []  # no points at all, as boxes=[] is no boxes
+    except (TypeError, ValueError):  # ragged: regions with different numbers of points
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{usage}; got {value!r}") from None
+        regions = []
+        for i, entry in enumerate(value):
+            one = _regions_of(entry, f"{name}[{i}]", per_point)
+            if len(one) != 1:
+                raise ValueError(f"{usage}; entry {i} of the list is not one region's {shape_hint}") from None
+            regions.append(one[0])
+        return regions
+    if per_point == 2 and array.ndim >= 1 and array.shape[-1] != 2 and array.size:
+        raise ValueError(f"{usage}; got shape {array.shape}")
+    if array.ndim == single:
+        return [array]
+    if array.ndim == single + 1:
+        return list(array)
+    raise ValueError(f"{usage}; got shape {array.shape}")
+
+
+def check_points(
+    point_coords: PointsLike | None,
+    point_labels: PointsLike | None,
+    image_size: tuple[int, int],
+) -> list[tuple[Tensor, Tensor]]:
+    """Validate SAM point prompts against an image of (H, W).
+
+    Args:
+        point_coords: x, y pixels: [K, 2] for one region, [N, K, 2] for N, or a list of N
+            [K_i, 2] arrays.
+        point_labels: the same layout without the last axis; 1 foreground, 0 background.
+            None: every point is foreground.
+
+    Returns:
+        one (coords [K, 2] float32, labels [K] int64) per region; [] for no points.
+
+    Raises ValueError naming the first offending region and point.
+    """
+    if point_coords is None:
+        if point_labels is not None:
+            raise ValueError("point_labels given without point_coords")
+        return []
+    coords = _regions_of(point_coords, "point_coords", 2)
+    if point_labels is None:
+        labels = [np.ones(len(c)) for c in coords]
+    else:
+        labels = _regions_of(point_labels, "point_labels", 1)
+    if not coords and not labels:
+        return []
+    if len(labels) != len(coords):
+        raise ValueError(f"point_coords has {len(coords)} regions but point_labels {len(labels)}")
+    height, width = image_size
+    tol = _BORDER_TOLERANCE
+    out = []
+    for r, (xy, lab) in enumerate(zip(coords, labels)):
+        xy = xy.reshape(-1, 2) if xy.size == 0 else xy
+        if len(xy) == 0:
+            raise ValueError(f"region {r} has no points; give at least one x, y")
+        if lab.shape != (len(xy),):
+            raise ValueError(f"region {r} has {len(xy)} points but {lab.size} point_labels")
+        for i, (x, y) in enumerate(xy.tolist()):
+            where = f"point {i} of region {r} (x={x:g}, y={y:g})"
+            if not np.isfinite([x, y]).all():
+                raise ValueError(f"{where} has a non-finite coordinate")
+            if x < -tol or y < -tol or x > width + tol or y > height + tol:
+                raise ValueError(
+                    f"{where} is outside the image of {width}x{height} (W x H); coordinates "
+                    f"must lie in [0, {width}] x [0, {height}]"
+                )
+        bad = [v for v in lab.tolist() if v not in (0.0, 1.0)]
+        if bad:
+            raise ValueError(
+                f"point_labels of region {r} hold {bad[0]:g}; a label is 1 (foreground) or 0 "
+                "(background)"
+            )
+        out.append((torch.as_tensor(xy, dtype=torch.float32), torch.as_tensor(lab).long()))
+    return out
+
+
+@dataclass(frozen=True)
+class RegionPrompt:
+    """One region's SAM prompt in pixels of the original image: a box, points, or both."""
+
+    box: Tensor | None = None  # [4] x1, y1, x2, y2
+    point_coords: Tensor | None = None  # [K, 2] x, y
+    point_labels: Tensor | None = None  # [K] 1 foreground, 0 background
+
+    @property
+    def signature(self) -> tuple[bool, int]:
+        """(has a box, number of points): prompts alike in both share one decoder call."""
+        return self.box is not None, 0 if self.point_coords is None else len(self.point_coords)
+
+    def describe(self) -> dict[str, Any]:
+        """The prompt as JSON-ready lists (None where absent)."""
+        return {
+            "box": None if self.box is None else [float(v) for v in self.box.tolist()],
+            "point_coords": None if self.point_coords is None else self.point_coords.tolist(),
+            "point_labels": None if self.point_labels is None else self.point_labels.tolist(),
+        }
+
+
+def region_prompts(
+    boxes: BoxesLike | None,
+    point_coords: PointsLike | None,
+    point_labels: PointsLike | None,
+    image_size: tuple[int, int],
+) -> list[RegionPrompt]:
+    """Boxes and/or point prompts -> one checked :class:`RegionPrompt` per region.
+
+    With both, region i is box i with the points of region i, so their counts must agree.
+    """
+    checked = check_boxes(boxes, image_size) if boxes is not None else torch.zeros(0, 4)
+    points = check_points(point_coords, point_labels, image_size)
+    if len(checked) and points and len(checked) != len(points):
+        raise ValueError(
+            f"{len(checked)} boxes but {len(points)} point prompts: with both, region i is box i "
+            "together with the points of region i, so give as many of each"
+        )
+    n = max(len(checked), len(points))
+    return [
+        RegionPrompt(
+            box=checked[i] if len(checked) else None,
+            point_coords=points[i][0] if points else None,
+            point_labels=points[i][1] if points else None,
+        )
+        for i in range(n)
+    ]
+
+
+def scale_points(points: Tensor, original_size: tuple[int, int], resized_size: tuple[int, int]) -> Tensor:
+    """[..., 2] x, y in original pixels -> the resized image's pixels, scaled by (w / W, h / H)
+    as ``scale_boxes`` scales box corners."""
+    (height, width), (new_h, new_w) = original_size, resized_size
+    factors = torch.tensor([new_w / width, new_h / height], dtype=torch.float64)
+    return (points.to(torch.float64) * factors.to(points.device)).to(torch.float32)
+
+
 class _CrossAttentionRecorder:
     """Forward hook on one decoder layer's cross-attention (default: the last) that records its weights.
 
@@ -180,7 +360,8 @@ def check_head_fits_clip(head: RegionSpotHead, clip: ClipEncoder, head_name: str
 
 
 class Predictor:
-    """Frozen SAM + CLIP + a trained head: set an image once, then name any of its boxes.
+    """Frozen SAM + CLIP + a trained head: set an image once, then name any of its regions
+    (boxes, points, or both, as SAM takes them).
 
     Attributes:
         head, sam, clip: the models, in eval mode on ``device``.
@@ -213,6 +394,9 @@ class Predictor:
         self._resized_size: tuple[int, int] = (0, 0)  # (h, w) of the image the backbones saw
         self._clip_tokens: Tensor | None = None  # [T, vision_dim], float16-rounded, float32
         self._texts: dict[tuple[str, ...], Tensor] = {}
+        # prompts per SAM decoder call: it repeats the image embedding per prompt, so a bound
+        # keeps "name everything" (hundreds of masks) within memory
+        self.chunk_size: int | None = 64
 
     @classmethod
     def from_pretrained(
@@ -225,7 +409,8 @@ class Predictor:
         text_cache: str | Path | None = None,
         precision: str = "auto",
     ) -> Predictor:
-        """Load the head file, SAM (``sam_type`` + checkpoint) and a local CLIP directory.
+        """Load the head (a ``.pt`` file, a model folder or a Hugging Face Hub id), SAM
+        (``sam_type`` + checkpoint) and a local CLIP directory.
 
         ``text_cache``: HDF5 file of text embeddings (default ``cache/text_embeddings.h5``, the
         extractor's). ``precision``: autocast as in extraction (auto = fp32 on CPU).
@@ -265,28 +450,77 @@ class Predictor:
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the current image."""
-        if self.image is None:
-            raise RuntimeError("no image set: call predictor.set_image(image) first")
+        self._require_image()
         return int(self.image.shape[0]), int(self.image.shape[1])
 
-    # ----------------------------------------------------------------------------------- boxes
+    def _require_image(self) -> None:
+        if self.image is None:
+            raise RuntimeError("no image set: call predictor.set_image(image) first")
+
+    # --------------------------------------------------------------------------------- regions
     @torch.inference_mode()
-    def _region_tokens(self, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, 4] checked boxes (original pixels) -> (SAM tokens [N, 256] float16-rounded,
-        masks [N, H, W] at the original size), through the resized image as extraction does."""
+    def _prompt_tokens(
+        self, prompts: list[RegionPrompt], multimask: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """SAM on N prompts (original pixels) through the resized image, as extraction does.
+
+        Prompts alike in :attr:`RegionPrompt.signature` share one decoder call; the others are
+        decoded separately, since SAM batches only prompts with the same number of points.
+
+        Returns:
+            tokens [N, 256] (multimask: [N, 3, 256]), float16-rounded as the cache stores them;
+            masks [N, H, W] bool at the original size ([N, 3, H, W]); iou [N] ([N, 3]).
+        """
         assert self._sam_embedding is not None
-        boxes = scale_boxes(boxes.to(self.device), self.image_size, self._resized_size)
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt.signature, []).append(i)
+        parts = [(idx, self._decode_group([prompts[i] for i in idx], multimask)) for idx in groups.values()]
+        outputs = []
+        for j in range(3):  # tokens, masks, iou, each back in the order of the prompts
+            first = parts[0][1][j]
+            out = first.new_empty((len(prompts), *first.shape[1:]))
+            for idx, decoded in parts:
+                out[torch.as_tensor(idx, device=out.device)] = decoded[j]
+            outputs.append(out)
+        return outputs[0], outputs[1], outputs[2]
+
+    def _decode_group(
+        self, prompts: list[RegionPrompt], multimask: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One batch of prompts with one signature -> (tokens, masks, iou), see _prompt_tokens."""
+        original, resized = self.image_size, self._resized_size
+        boxes = coords = labels = None
+        if prompts[0].box is not None:
+            boxes = scale_boxes(torch.stack([p.box for p in prompts]).to(self.device), original, resized)
+        if prompts[0].point_coords is not None:
+            coords = torch.stack([p.point_coords for p in prompts]).to(self.device)
+            coords = scale_points(coords, original, resized)
+            labels = torch.stack([p.point_labels for p in prompts]).to(self.device)
         with autocast_for(self.device, self.precision):
-            tokens, masks = self.sam.encode_boxes(self._sam_embedding, boxes, self._resized_size)
-        masks = masks_to_original(masks, self.image_size)
+            tokens, masks, iou = self.sam.encode_prompts(
+                self._sam_embedding, resized, boxes=boxes, point_coords=coords,
+                point_labels=labels, multimask_output=multimask, chunk_size=self.chunk_size,
+            )  # fmt: skip
+        lead = masks.shape[:-2]
+        masks = masks_to_original(masks.reshape(-1, *masks.shape[-2:]), original)
         # The cache stores SAM tokens in float16 too (the batch path reads them back as float32).
-        return tokens.float().half().float(), masks
+        return tokens.float().half().float(), masks.reshape(*lead, *original), iou.float()
 
     @torch.inference_mode()
     def _run_head(
         self, tokens: Tensor, with_attention: bool, layer: int = -1
     ) -> tuple[Tensor, Tensor | None]:
-        """Region tokens [N, 256] -> (embeddings [N, text_dim], attention of ``layer`` [N, T] or None)."""
+        """Region tokens [N, 256] -> (embeddings [N, text_dim], attention of ``layer`` [N, T] or None).
+
+        Multimask tokens [N, 3, 256] -> [N, 3, text_dim] (and [N, 3, T]): one head pass per
+        candidate index, so each pass has the N queries a single-mask call has (the head's
+        self-attention lets the queries of one pass see each other, as in training).
+        """
+        if tokens.ndim == 3:
+            runs = [self._run_head(tokens[:, j], with_attention, layer) for j in range(tokens.shape[1])]
+            attention = torch.stack([r[1] for r in runs], 1) if with_attention else None
+            return torch.stack([r[0] for r in runs], 1), attention
         assert self._clip_tokens is not None
         hook = _CrossAttentionRecorder(self.head, layer) if with_attention else None
         try:
@@ -310,68 +544,114 @@ class Predictor:
 
     def predict(
         self,
-        boxes: BoxesLike,
-        vocabulary: VocabularyLike,
+        boxes: BoxesLike | None = None,
+        vocabulary: VocabularyLike | None = None,
         topk: int = 5,
         return_attention: bool = False,
+        *,
+        point_coords: PointsLike | None = None,
+        point_labels: PointsLike | None = None,
+        multimask_output: bool = False,
     ) -> list[dict[str, Any]]:
-        """Name each box of the current image.
+        """Name each region of the current image: a box, points, or both, as SAM takes them.
 
-        The boxes of one call are the queries of one image and attend to each other in the
+        The regions of one call are the queries of one image and attend to each other in the
         head's self-attention, as all boxes of an image do in training and in the batch path:
-        a box's scores therefore depend on the other boxes passed with it.
+        a region's scores therefore depend on the other regions passed with it.
 
         Args:
-            boxes: [N, 4] x1, y1, x2, y2 in pixels of the image given to ``set_image``.
+            boxes: [N, 4] x1, y1, x2, y2 in pixels of the image given to ``set_image``, or None.
             vocabulary: class names, or a text file with one name a line.
-            topk: labels kept per box (clamped to the vocabulary size).
+            topk: labels kept per region (clamped to the vocabulary size).
             return_attention: add ``"attention"``: [T] float32, the last decoder layer's
-                cross-attention of the box's query over CLIP tokens (class token first),
-                averaged over heads.
+                cross-attention of the region's query over CLIP tokens (class token first),
+                averaged over heads ([3, T] with ``multimask_output``).
+            point_coords: x, y pixels: [K, 2] for one region (as ``SamPredictor.predict``),
+                [N, K, 2] for N regions, or a list of N [K_i, 2] arrays; None for none. With
+                ``boxes`` too, region i is box i with the points of region i.
+            point_labels: same layout without the last axis, 1 foreground / 0 background;
+                None: all foreground.
+            multimask_output: SAM's three candidate masks per region, each named.
 
         Returns:
-            one dict per box: ``box`` [4] floats, ``labels`` [k] names and ``scores`` [k]
-            probabilities (softmax over the whole vocabulary), best first; ``mask`` HxW bool
-            numpy array (SAM's box-prompted mask).
+            one dict per region: ``box`` [4] floats (None without a box), ``point_coords``
+            [[x, y], ...] and ``point_labels`` (None without points); ``labels`` [k] names and
+            ``scores`` [k] probabilities (softmax over the whole vocabulary), best first;
+            ``mask`` HxW bool numpy array (SAM's prompted mask) and ``iou`` (SAM's predicted
+            IoU of it). With ``multimask_output``: ``labels`` and ``scores`` [3][k], ``masks``
+            [3, H, W] and ``iou`` [3], in SAM's order of the three candidates.
         """
-        if self.image is None:
-            raise RuntimeError("no image set: call predictor.set_image(image) first")
+        self._require_image()
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        names = read_vocabulary(vocabulary)
-        checked = check_boxes(boxes, self.image_size)
-        if len(checked) == 0:
+        names = read_vocabulary([] if vocabulary is None else vocabulary)
+        prompts = region_prompts(boxes, point_coords, point_labels, self.image_size)
+        if not prompts:
             return []
-        tokens, masks = self._region_tokens(checked)
+        tokens, masks, iou = self._prompt_tokens(prompts, multimask_output)
         embeddings, attention = self._run_head(tokens, return_attention)
         probs = region_logits(embeddings, self._text(names).to(embeddings.device)).softmax(-1)
         k = min(topk, len(names))
         # stable sort: equal probabilities keep vocabulary order, as score_regions does
         top_p, top_i = probs.cpu().sort(dim=-1, descending=True, stable=True)
+        top_p, top_i = top_p[..., :k].tolist(), top_i[..., :k].tolist()
+        masks_np, iou_list = masks.cpu().numpy(), iou.cpu().tolist()
         results = []
-        masks_np = masks.cpu().numpy()
-        for n in range(len(checked)):
-            result: dict[str, Any] = {
-                "box": [float(v) for v in checked[n].tolist()],
-                "labels": [names[i] for i in top_i[n, :k].tolist()],
-                "scores": [float(p) for p in top_p[n, :k].tolist()],
-                "mask": masks_np[n],
-            }
+        for n, prompt in enumerate(prompts):
+            result = prompt.describe()
+            if multimask_output:
+                result["labels"] = [[names[i] for i in row] for row in top_i[n]]
+                result.update(scores=top_p[n], masks=masks_np[n], iou=iou_list[n])
+            else:
+                result["labels"] = [names[i] for i in top_i[n]]
+                result.update(scores=top_p[n], mask=masks_np[n], iou=iou_list[n])
             if attention is not None:
                 result["attention"] = attention[n].numpy()
             results.append(result)
         return results
 
-    def attention_maps(self, boxes: BoxesLike, layer: int = -1) -> Tensor:
-        """[N, T] cross-attention of each box's query in decoder layer ``layer`` (default the
+    def region_embeddings(
+        self,
+        boxes: BoxesLike | None = None,
+        *,
+        point_coords: PointsLike | None = None,
+        point_labels: PointsLike | None = None,
+        multimask_output: bool = False,
+    ) -> Tensor:
+        """The regions' embeddings in CLIP's text space, for retrieval or your own classifier.
+
+        Prompts as in :meth:`predict`. ``100 * embeddings @ normalize(texts).T`` are the logits
+        ``predict`` takes the softmax of (``texts``: CLIP text embeddings of class names).
+
+        Returns:
+            [N, text_dim] float32 on the CPU, L2-normalized ([N, 3, text_dim] with
+            ``multimask_output``).
+        """
+        self._require_image()
+        prompts = region_prompts(boxes, point_coords, point_labels, self.image_size)
+        dim = self.head.config.text_dim
+        if not prompts:
+            return torch.zeros(0, *((3,) if multimask_output else ()), dim)
+        tokens, _, _ = self._prompt_tokens(prompts, multimask_output)
+        embeddings, _ = self._run_head(tokens, with_attention=False)
+        return F.normalize(embeddings.float(), dim=-1, eps=1e-7).cpu()
+
+    def attention_maps(
+        self,
+        boxes: BoxesLike | None = None,
+        layer: int = -1,
+        *,
+        point_coords: PointsLike | None = None,
+        point_labels: PointsLike | None = None,
+    ) -> Tensor:
+        """[N, T] cross-attention of each region's query in decoder layer ``layer`` (default the
         last; mean over heads), over the CLIP tokens of the current image, class token first;
-        rows sum to 1."""
-        if self.image is None:
-            raise RuntimeError("no image set: call predictor.set_image(image) first")
-        checked = check_boxes(boxes, self.image_size)
-        if len(checked) == 0:
+        rows sum to 1. Prompts as in :meth:`predict`."""
+        self._require_image()
+        prompts = region_prompts(boxes, point_coords, point_labels, self.image_size)
+        if not prompts:
             return torch.zeros(0, self.clip.num_tokens)
-        tokens, _ = self._region_tokens(checked)
+        tokens, _, _ = self._prompt_tokens(prompts)
         _, attention = self._run_head(tokens, with_attention=True, layer=layer)
         assert attention is not None
         return attention
@@ -398,6 +678,41 @@ def parse_boxes(text: str) -> list[list[float]]:
     return boxes
 
 
+def parse_points(text: str) -> tuple[list[list[list[float]]], list[list[int]]]:
+    """'x,y[,label] x,y[,label];x,y' -> (point_coords, point_labels), one entry per region.
+
+    ``;`` separates regions, whitespace the points of one region; a label is 1 (foreground,
+    the default) or 0 (background).
+    """
+    example = 'e.g. --points "120,80;300,200 310,260,0" (two regions, the second with a background point)'
+    coords, labels = [], []
+    for r, group in enumerate(g for g in text.split(";") if g.strip()):
+        xy, lab = [], []
+        for i, token in enumerate(re.sub(r"\s*,\s*", ",", group.strip()).split()):
+            try:
+                values = [float(v) for v in token.split(",")]
+            except ValueError:
+                values = []
+            if len(values) not in (2, 3):
+                raise ValueError(
+                    f"--points region {r} point {i} {token!r} is not x,y or x,y,label; separate "
+                    f"the points of a region with spaces and regions with \";\", {example}"
+                )
+            label = values[2] if len(values) == 3 else 1.0
+            if label not in (0.0, 1.0):
+                raise ValueError(
+                    f"--points region {r} point {i} {token!r}: label must be 1 (foreground) or "
+                    f"0 (background), got {label:g}"
+                )
+            xy.append(values[:2])
+            lab.append(int(label))
+        coords.append(xy)
+        labels.append(lab)
+    if not coords:
+        raise ValueError(f"--points is empty; {example}")
+    return coords, labels
+
+
 def parse_vocab(text: str) -> list[str] | Path:
     """--vocab: an existing file path, else comma-separated class names."""
     if Path(text).is_file():
@@ -411,71 +726,155 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--boxes", required=True, help='boxes in pixels: "x1,y1,x2,y2;x1,y1,x2,y2"')
+    p.add_argument("--image", help="image file")
+    p.add_argument(
+        "--images", help="with --everything: a folder of images (.jpg, .png, ...; not its subfolders)"
+    )
+    p.add_argument(
+        "--boxes", help='regions as boxes in pixels: "x1,y1,x2,y2;x1,y1,x2,y2" (";" between regions)'
+    )
+    p.add_argument(
+        "--points",
+        help='regions as points in pixels: "x,y[,label] x,y[,label];x,y" (";" between regions, '
+        "spaces between the points of one region; label 1 foreground (default), 0 background). "
+        "With --boxes: region i is box i plus points group i (as many groups as boxes)",
+    )
+    p.add_argument("--multimask", action="store_true", help="name SAM's three masks per region")
     p.add_argument("--vocab", required=True, help="class-name file (one a line) or 'cat,dog,...'")
-    p.add_argument("--head", required=True, help="head checkpoint (save_head / convert output)")
+    p.add_argument(
+        "--head", required=True,
+        help="head file (.pt: fit's head.pt, convert's output) or model folder / Hugging Face Hub id",
+    )  # fmt: skip
     p.add_argument("--sam-type", required=True, choices=SAM_TYPES)
     p.add_argument(
         "--sam-checkpoint", required=True, help="e.g. " + OFFICIAL_SAM_CHECKPOINTS["vit_b"]
     )
     p.add_argument("--clip-model", required=True, help="local Hugging Face CLIP folder")
-    p.add_argument("--out", required=True, help="picture to write (PNG)")
-    p.add_argument("--attention-out", help="also write the boxes' attention maps (PNG grid)")
-    p.add_argument("--topk", type=int, default=3, help="labels per box (default 3)")
+    p.add_argument(
+        "--out",
+        help="picture to write (PNG); with --everything --images a folder for one picture per "
+        "image (optional there)",
+    )
+    p.add_argument("--attention-out", help="also write the regions' attention maps (PNG grid)")
+    p.add_argument("--topk", type=int, default=3, help="labels per region (default 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--text-cache", default=DEFAULT_TEXT_CACHE, help="HDF5 text-embedding cache")
+    from .everything import add_everything_arguments  # the generator's flags live with it
+
+    add_everything_arguments(p)
     return p
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """Flags that do not go together, before anything is loaded."""
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    if args.everything:
+        given = [f for f in ("boxes", "points", "attention_out") if getattr(args, f)]
+        if given or args.multimask:
+            flag = "--" + (given[0].replace("_", "-") if given else "multimask")
+            raise ValueError(f"{flag} does not go with --everything, which finds the regions itself")
+        if bool(args.image) == bool(args.images):
+            raise ValueError("--everything takes one of --image IMG or --images DIR")
+        if not args.json:
+            raise ValueError("--everything needs --json OUT.json for the named regions")
+        if args.image and not args.out:
+            raise ValueError("--everything --image needs --out PICTURE.png")
+        return
+    if args.images:
+        raise ValueError("--images DIR works with --everything; name your own regions with --image")
+    if not args.image:
+        raise ValueError("give --image IMG (and --boxes and/or --points), or --everything")
+    if not (args.boxes or args.points):
+        raise ValueError("give the regions: --boxes and/or --points (or --everything)")
+    if not args.out:
+        raise ValueError("give --out PICTURE.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from . import viz  # matplotlib is needed only here
-
     hf_logging.disable_progress_bar()  # keep stderr for our own errors
-
     try:
-        if args.topk < 1:
-            raise ValueError(f"--topk must be >= 1, got {args.topk}")
-        boxes = parse_boxes(args.boxes)
-        vocab = parse_vocab(args.vocab)
-        image = load_image(args.image)  # fail on a bad image before loading any model
-        check_boxes(boxes, image.shape[:2])
-        read_vocabulary(vocab)
-        predictor = Predictor.from_pretrained(
-            args.head, args.sam_type, args.sam_checkpoint, args.clip_model,
-            device=args.device, text_cache=args.text_cache,
-        )  # fmt: skip
-        predictor.set_image(image)
-        results = predictor.predict(
-            boxes, vocab, topk=args.topk, return_attention=bool(args.attention_out)
-        )
-        picture = viz.draw_detections(
-            image,
-            [r["box"] for r in results],
-            [r["labels"][0] for r in results],
-            [r["scores"][0] for r in results],
-            masks=[r["mask"] for r in results],
-        )
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(out)
-        if args.attention_out:
-            maps = [
-                viz.draw_attention(image, r["box"], r["attention"], predictor.clip_grid,
-                                   title=f"box {i}: {r['labels'][0]}")
-                for i, r in enumerate(results)
-            ]  # fmt: skip
-            viz.save_grid(maps, args.attention_out, cols=min(4, len(maps)))
+        _check_mode(args)
+        if args.everything:
+            from .everything import run_cli
+
+            run_cli(args)
+        else:
+            _run_prompts(args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # one box a line: parseable as a whole, readable by eye
-    rows = [json.dumps({k: r[k] for k in ("box", "labels", "scores")}) for r in results]
-    print("[\n" + ",\n".join(rows) + "\n]")
     return 0
+
+
+def _run_prompts(args: argparse.Namespace) -> None:
+    """--boxes / --points: name the regions, draw them, print one JSON line per region."""
+    from . import viz  # matplotlib is needed only here
+
+    boxes = parse_boxes(args.boxes) if args.boxes else None
+    coords, labels = parse_points(args.points) if args.points else (None, None)
+    vocab = parse_vocab(args.vocab)
+    image = load_image(args.image)  # fail on bad input before loading any model
+    region_prompts(boxes, coords, labels, image.shape[:2])
+    read_vocabulary(vocab)
+    predictor = Predictor.from_pretrained(
+        args.head, args.sam_type, args.sam_checkpoint, args.clip_model,
+        device=args.device, text_cache=args.text_cache,
+    )  # fmt: skip
+    predictor.set_image(image)
+    results = predictor.predict(
+        boxes, vocab, topk=args.topk, return_attention=bool(args.attention_out),
+        point_coords=coords, point_labels=labels, multimask_output=args.multimask,
+    )  # fmt: skip
+    shown = [best_candidate(r) for r in results]
+    picture = viz.draw_detections(
+        image, [r["box"] for r in shown], [r["labels"][0] for r in shown],
+        [r["scores"][0] for r in shown], masks=[r["mask"] for r in shown],
+        points=[(r["point_coords"], r["point_labels"]) if r["point_coords"] else None for r in shown],
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    if args.attention_out:
+        maps = [
+            viz.draw_attention(image, region_box(r), r["attention"], predictor.clip_grid,
+                               title=f"region {i}: {r['labels'][0]}")
+            for i, r in enumerate(shown)
+        ]  # fmt: skip
+        viz.save_grid(maps, args.attention_out, cols=min(4, len(maps)))
+    keys = ("box", "point_coords", "point_labels", "labels", "scores", "iou")
+    # one region a line: parseable as a whole, readable by eye
+    rows = [json.dumps({k: r[k] for k in keys if r[k] is not None}) for r in results]
+    print("[\n" + ",\n".join(rows) + "\n]")
+
+
+def best_candidate(result: dict[str, Any]) -> dict[str, Any]:
+    """A multimask result reduced to its candidate of highest predicted IoU (as a single-mask
+    result: ``labels``, ``scores``, ``mask``, ``iou``, ``attention``); others as they are."""
+    if "masks" not in result:
+        return result
+    j = int(np.argmax(result["iou"]))
+    best = {k: v for k, v in result.items() if k != "masks"}
+    best.update(labels=result["labels"][j], scores=result["scores"][j],
+                mask=result["masks"][j], iou=result["iou"][j])  # fmt: skip
+    if "attention" in result:
+        best["attention"] = result["attention"][j]
+    return best
+
+
+def region_box(result: dict[str, Any]) -> list[float]:
+    """The region's prompt box, else the box around its mask, else around its points."""
+    if result.get("box") is not None:
+        return result["box"]
+    mask = result.get("mask")
+    if mask is not None and mask.any():
+        rows, cols = np.nonzero(mask)
+        return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+    xy = np.asarray(result["point_coords"], dtype=np.float64)
+    return [*xy.min(0).tolist(), *xy.max(0).tolist()]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pictures: named boxes with masks, region-query attention heat maps (paper Fig. 4), grids.
+"""Pictures: named regions with masks, SAM point prompts and "name everything" masks,
+region-query attention heat maps (paper Fig. 4), grids.
 
 Everything returns a ``PIL.Image``. Small images (the demo's are 256 px) are enlarged by an
 integer factor before drawing (``min_size``), so that captions stay readable; boxes, masks and
@@ -89,23 +90,28 @@ def _caption(
 
 def draw_detections(
     image: ImageInput,
-    boxes: Sequence[Sequence[float]] | np.ndarray,
+    boxes: Sequence[Sequence[float] | None] | np.ndarray,
     labels: Sequence[str],
     scores: Sequence[float],
     masks: Sequence[np.ndarray] | np.ndarray | None = None,
     gt_labels: Sequence[str] | None = None,
     min_size: int = 512,
+    points: Sequence[tuple[Sequence[Sequence[float]], Sequence[int]] | None] | None = None,
 ) -> Image.Image:
-    """Draw named boxes (and their masks) on an image.
+    """Draw named regions (boxes, masks, point prompts) on an image.
 
     Args:
         image: HxWx3 uint8 array or PIL image.
-        boxes: [N, 4] x1, y1, x2, y2 in pixels of ``image``.
-        labels, scores: [N] top class name and its probability per box.
-        masks: [N] HxW bool masks, overlaid in each box's colour; None for none.
+        boxes: [N] x1, y1, x2, y2 in pixels of ``image``; None for a region prompted by points
+            only (its caption then sits at its mask's, else its points', top-left corner).
+        labels, scores: [N] top class name and its probability per region.
+        masks: [N] HxW bool masks, overlaid in each region's colour; None for none.
         gt_labels: [N] true names; the caption gets a green outline when the label is right,
             a red one (and the true name) when it is wrong.
         min_size: enlarge small images by an integer factor to this longer side (0: never).
+        points: [N] (point_coords [K][2], point_labels [K]) or None per region: drawn as dots
+            in the region's colour, with a white ring for foreground (1) and a black ring with
+            a cross for background (0).
 
     Returns:
         the picture (size = image size x the upscale factor).
@@ -120,6 +126,8 @@ def draw_detections(
         raise ValueError(f"gt_labels has {len(gt_labels)} entries for {n} boxes")
     if masks is not None and len(masks) != n:
         raise ValueError(f"masks has {len(masks)} entries for {n} boxes")
+    if points is not None and len(points) != n:
+        raise ValueError(f"points has {len(points)} entries for {n} boxes")
     colours = palette(n)
 
     canvas = np.asarray(base).astype(np.float32)
@@ -143,10 +151,16 @@ def draw_detections(
     line = max(2, picture.width // 250)
     # boxes first, then all captions, so that no box line crosses a caption
     for box, colour in zip(boxes, colours):
-        x1, y1, x2, y2 = (float(v) * scale for v in box)
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        if box is not None:
+            x1, y1, x2, y2 = (float(v) * scale for v in box)
+            draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+    for prompt, colour in zip(points or [], colours):
+        if prompt is not None:
+            _draw_points(draw, prompt, colour, scale, radius=max(4, picture.width // 90))
     taken: list[tuple[float, float, float, float]] = []
     for i, (box, colour) in enumerate(zip(boxes, colours)):
+        if box is None:
+            box = _corner(masks[i] if masks is not None else None, points[i] if points else None)
         text = f"{labels[i]} {float(scores[i]):.2f}"
         outline = None
         if gt_labels is not None:
@@ -157,6 +171,98 @@ def draw_detections(
         _caption(draw, text, (float(box[0]) * scale, float(box[1]) * scale), colour, font,
                  picture.size, outline, taken)  # fmt: skip
     return picture
+
+
+def _corner(mask: np.ndarray | None, points) -> tuple[float, float]:
+    """Top-left corner of a region without a box: of its mask, else of its points."""
+    if mask is not None and np.asarray(mask).any():
+        rows, cols = np.nonzero(np.asarray(mask))
+        return float(cols.min()), float(rows.min())
+    if points is not None and len(points[0]):
+        xy = np.asarray(points[0], dtype=np.float64).reshape(-1, 2)
+        return float(xy[:, 0].min()), float(xy[:, 1].min())
+    return 0.0, 0.0
+
+
+def _draw_points(draw: ImageDraw.ImageDraw, prompt, colour, scale: int, radius: int) -> None:
+    """SAM point prompts: a dot in the region's colour; white ring = foreground, black ring
+    and a cross = background."""
+    coords, labels = prompt
+    for (x, y), label in zip(coords, labels):
+        cx, cy = float(x) * scale, float(y) * scale
+        ring = (255, 255, 255) if int(label) == 1 else (0, 0, 0)
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour,
+                     outline=ring, width=max(2, radius // 3))  # fmt: skip
+        if int(label) != 1:
+            d = radius * 0.6
+            draw.line([cx - d, cy - d, cx + d, cy + d], fill=ring, width=2)
+            draw.line([cx - d, cy + d, cx + d, cy - d], fill=ring, width=2)
+
+
+def draw_masks(
+    image: ImageInput,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    labels: Sequence[str],
+    scores: Sequence[float],
+    min_size: int = 512,
+    alpha: float = 0.55,
+) -> Image.Image:
+    """"Name everything" picture: each mask filled in its own colour with its outline, and
+    captioned with its label and probability at the top-left of the mask.
+
+    Args:
+        image: HxWx3 uint8 array or PIL image.
+        masks: [N] HxW bool masks in pixels of ``image``.
+        labels, scores: [N] class name and probability per mask.
+        min_size: enlarge small images by an integer factor to this longer side (0: never).
+        alpha: opacity of the mask fill.
+
+    Returns:
+        the picture (size = image size x the upscale factor). Larger masks are painted first,
+        so a small mask on top of a large one stays visible.
+    """
+    base = _to_pil(image)
+    n = len(masks)
+    if not (len(labels) == len(scores) == n):
+        raise ValueError(
+            f"masks ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per mask"
+        )
+    scale = _upscale_factor(base.size, min_size)
+    picture = base.resize((base.width * scale, base.height * scale), Image.Resampling.BICUBIC)
+    canvas = np.asarray(picture).astype(np.float32)
+    colours = palette(n)
+    big = [np.asarray(m, dtype=bool) for m in masks]
+    for m in big:
+        if m.shape != (base.height, base.width):
+            raise ValueError(f"mask shape {m.shape} does not match the image {(base.height, base.width)}")
+    big = [m.repeat(scale, 0).repeat(scale, 1) if scale > 1 else m for m in big]
+    width = max(1, picture.width // 300)
+    for i in sorted(range(n), key=lambda i: -int(big[i].sum())):
+        colour = np.asarray(colours[i], np.float32)
+        canvas[big[i]] = (1 - alpha) * canvas[big[i]] + alpha * colour
+        canvas[_outline(big[i], width)] = colour
+    picture = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    font = _font(picture.width)
+    taken: list[tuple[float, float, float, float]] = []
+    for i in range(n):
+        x, y = _corner(big[i], None)
+        _caption(draw, f"{labels[i]} {float(scores[i]):.2f}", (x, y), colours[i], font,
+                 picture.size, None, taken)  # fmt: skip
+    return picture
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` pixels of its border (4-neighbour erosion)."""
+    inner = mask.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
 
 
 def draw_attention(

@@ -1,8 +1,9 @@
-"""Frozen SAM: building it from a checkpoint, and the batched per-box region encoder.
+"""Frozen SAM: building it from a checkpoint, and the batched per-prompt region encoder.
 
 RegionSpot's position-aware region token is the output of SAM's mask decoder two-way transformer
 for the first mask token (the one SAM uses when ``multimask_output=False``). The same decoder call
-also gives the box-prompted mask, which mask AP is computed from. Everything here is SAM's own
+also gives the prompted mask, which mask AP is computed from. Prompts are boxes (training,
+extraction, test), points with labels, or both (the predictor), as ``SamPredictor`` takes them. Everything here is SAM's own
 code (``segment_anything``); this module only builds, loads and batches it.
 """
 
@@ -278,38 +279,93 @@ class SamRegionEncoder(nn.Module):
             masks: [N, H, W] bool, the ``multimask_output=False`` mask at ``image_size``
                 (SAM's ``postprocess_masks``, threshold 0).
         """
-        if image_embedding.ndim != 3:
-            raise ValueError(
-                f"encode_boxes expects one image's embedding [256, h, w], got "
-                f"{tuple(image_embedding.shape)}; index the batch from encode_images"
-            )
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be [N, 4] xyxy pixels, got {tuple(boxes.shape)}")
+        tokens, masks, _ = self.encode_prompts(
+            image_embedding, image_size, boxes=boxes, chunk_size=chunk_size
+        )
+        return tokens, masks
+
+    @torch.no_grad()
+    def encode_prompts(
+        self,
+        image_embedding: torch.Tensor,
+        image_size: tuple[int, int],
+        boxes: torch.Tensor | None = None,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        multimask_output: bool = False,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Region tokens, masks and predicted IoUs for N prompts of one image, each a box,
+        points, or both, exactly as ``SamPredictor.predict_torch`` prompts SAM.
+
+        Args:
+            image_embedding: [256, h, w], one image's output of ``encode_images``.
+            image_size: (H, W) of the image SAM was given; prompts are in its pixels.
+            boxes: [N, 4] xyxy, or None.
+            point_coords: [N, K, 2] x, y (K points per prompt, the same K for all N), or None.
+            point_labels: [N, K], 1 foreground, 0 background (SAM also reads -1 as padding).
+            multimask_output: SAM's three candidate masks per prompt instead of one.
+            chunk_size: prompts per decoder call; None = all N in one call.
+
+        Returns:
+            tokens: [N, 256] the first mask token's output ``hs[:, 1]``, or with
+                ``multimask_output`` [N, 3, 256] the three multimask tokens ``hs[:, 2:5]``
+                (``hs[:, 0]`` is the iou token); float32.
+            masks: [N, H, W] bool, or [N, 3, H, W] with ``multimask_output``.
+            iou: [N] SAM's predicted IoU of each mask, or [N, 3]; float32.
+        """
+        if image_embedding.ndim != 3:
+            raise ValueError(
+                f"encode_prompts expects one image's embedding [256, h, w], got "
+                f"{tuple(image_embedding.shape)}; index the batch from encode_images"
+            )
+        n = _check_prompts(boxes, point_coords, point_labels)
         device = self.sam.device
         height, width = int(image_size[0]), int(image_size[1])
-        n = boxes.shape[0]
         if n == 0:
+            extra = (3,) if multimask_output else ()
+            dim = self.sam.mask_decoder.transformer_dim
             return (
-                torch.zeros(0, self.sam.mask_decoder.transformer_dim, device=device),
-                torch.zeros(0, height, width, dtype=torch.bool, device=device),
+                torch.zeros(0, *extra, dim, device=device),
+                torch.zeros(0, *extra, height, width, dtype=torch.bool, device=device),
+                torch.zeros(0, *extra, device=device),
             )
         step = n if chunk_size is None else max(1, int(chunk_size))
+
+        def part(x: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if x is None else x[i : i + step]
+
         parts = [
-            self._decode(image_embedding, boxes[i : i + step], (height, width))
+            self._decode(
+                image_embedding, (height, width), part(boxes, i), part(point_coords, i),
+                part(point_labels, i), multimask_output,
+            )
             for i in range(0, n, step)
-        ]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ]  # fmt: skip
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
 
     def _decode(
-        self, image_embedding: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched prompt-encoder + mask-decoder call for [n, 4] boxes."""
+        self,
+        image_embedding: torch.Tensor,
+        image_size: tuple[int, int],
+        boxes: torch.Tensor | None,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched prompt-encoder + mask-decoder call for n prompts (see ``encode_prompts``)."""
         sam = self.sam
         device = sam.device
-        boxes = self.transform.resizer.apply_boxes_torch(
-            boxes.to(device, torch.float32), image_size
-        )
-        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        resizer = self.transform.resizer
+        if boxes is not None:
+            boxes = resizer.apply_boxes_torch(boxes.to(device, torch.float32), image_size)
+        points = None
+        if point_coords is not None:
+            coords = resizer.apply_coords_torch(point_coords.to(device, torch.float32), image_size)
+            points = (coords, point_labels.to(device, torch.int))
+        sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
 
         # MaskDecoder.predict_masks computes hs (the transformer's token outputs) but returns
         # only masks and iou; a forward hook on its transformer, whose output is (hs, src),
@@ -319,16 +375,50 @@ class SamRegionEncoder(nn.Module):
             lambda _module, _inputs, output: captured.append(output[0])
         )
         try:
-            low_res, _iou = sam.mask_decoder(
+            low_res, iou = sam.mask_decoder(
                 image_embeddings=image_embedding.unsqueeze(0).to(device),
                 image_pe=sam.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=False,
+                multimask_output=multimask_output,
             )
         finally:
             handle.remove()
-        tokens = captured[0][:, 1].float()
-        input_size = self.transform.input_size(image_size)
-        masks = sam.postprocess_masks(low_res, input_size, image_size)[:, 0]
-        return tokens, masks > sam.mask_threshold
+        hs = captured[0]
+        # token i+1 of hs is mask output i; multimask answers with mask outputs 1..3
+        tokens = (hs[:, 2:5] if multimask_output else hs[:, 1]).float()
+        masks = sam.postprocess_masks(low_res, self.transform.input_size(image_size), image_size)
+        masks = masks > sam.mask_threshold
+        if not multimask_output:
+            masks, iou = masks[:, 0], iou[:, 0]
+        return tokens, masks, iou.float()
+
+
+def _check_prompts(
+    boxes: torch.Tensor | None,
+    point_coords: torch.Tensor | None,
+    point_labels: torch.Tensor | None,
+) -> int:
+    """Shapes of one batch of SAM prompts; returns the number of prompts N."""
+    if boxes is None and point_coords is None:
+        raise ValueError("give boxes, point_coords (with point_labels), or both")
+    if boxes is not None and (boxes.ndim != 2 or boxes.shape[1] != 4):
+        raise ValueError(f"boxes must be [N, 4] xyxy pixels, got {tuple(boxes.shape)}")
+    if point_coords is not None:
+        if point_coords.ndim != 3 or point_coords.shape[2] != 2:
+            raise ValueError(
+                f"point_coords must be [N, K, 2] x, y pixels, got {tuple(point_coords.shape)}"
+            )
+        if point_labels is None or tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+            got = None if point_labels is None else tuple(point_labels.shape)
+            raise ValueError(
+                f"point_labels must be [N, K] = {tuple(point_coords.shape[:2])}, got {got}"
+            )
+    elif point_labels is not None:
+        raise ValueError("point_labels given without point_coords")
+    n = boxes.shape[0] if boxes is not None else point_coords.shape[0]
+    if boxes is not None and point_coords is not None and point_coords.shape[0] != n:
+        raise ValueError(
+            f"{n} boxes but {point_coords.shape[0]} point prompts: give one of each per region"
+        )
+    return int(n)

@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointError, convert_official, load_head, save_head
 from .head import VARIANTS, HeadConfig, RegionSpotHead, region_logits
 from .loss import region_focal_loss
+from .pretrained import load_pretrained, save_pretrained
 
 __all__ = [
     "VARIANTS",
@@ -11,7 +12,9 @@ __all__ = [
     "RegionSpotHead",
     "convert_official",
     "load_head",
+    "load_pretrained",
     "region_focal_loss",
     "region_logits",
     "save_head",
+    "save_pretrained",
 ]

@@ -1,8 +1,9 @@
 """Head checkpoints: our own format, and import of the official RegionSpot checkpoints.
 
-Our format is a plain dict (loadable with ``torch.load(..., weights_only=True)``):
+Our file format is a plain dict (loadable with ``torch.load(..., weights_only=True)``):
 ``{"format": "regionspot_pl.head", "version": 1, "variant": str, "config": HeadConfig dict,
-"state_dict": {official head key: tensor}}``.
+"state_dict": {official head key: tensor}}``. A head can also be a model folder
+(config.json + model.safetensors + README.md, :mod:`.pretrained`); :func:`load_head` reads both.
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ def save_head(head: RegionSpotHead, path: str | Path, variant: str | None = None
 
 
 def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> RegionSpotHead:
-    """Load a head written by :func:`save_head` or ``python -m regionspot_pl.convert``; eval mode."""
+    """Load a head; eval mode. ``path`` is a head file (:func:`save_head`, fit's ``head.pt``,
+    ``convert`` to a ``.pt``), a model folder (``save_pretrained``, fit's ``head/``, ``convert``
+    to a folder) or a Hugging Face Hub id of such a folder."""
+    from .pretrained import is_hub_id, load_pretrained  # it imports this module
+
+    if Path(path).is_dir() or is_hub_id(path):
+        return load_pretrained(path, map_location)
     payload = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
         hint = ""
@@ -106,6 +113,8 @@ def convert_official(src: str | Path, dst: str | Path) -> tuple[str, Path]:
 
     The official file is ``{"model": {"model.to_clip.weight": ..., "model.sam.*": ...,
     "model.clip_model.*": ..., ...}}``; only ``to_clip``/``decoder``/``projector`` are kept.
+    ``dst`` ending in ``.pt`` or ``.pth`` gets a head file (:func:`save_head`); any other ``dst``
+    a model folder with config.json, model.safetensors and a model card (``save_pretrained``).
 
     Returns:
         (variant name, destination path).
@@ -133,4 +142,8 @@ def convert_official(src: str | Path, dst: str | Path) -> tuple[str, Path]:
             f"{src}: head weights do not match a RegionSpot head of sizes {config}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return variant, save_head(head, dst, variant=variant)
+    if Path(dst).suffix in (".pt", ".pth"):
+        return variant, save_head(head, dst, variant=variant)
+    from .pretrained import official_card, save_pretrained
+
+    return variant, save_pretrained(head, dst, variant=variant, **official_card(variant, src))
