@@ -363,3 +363,23 @@ def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys
     ids = tokenizer("a photo of a dog.")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_encode_boxes_batch_equals_the_per_image_path(region_encoder):
+    """All boxes of several images in few decoder calls give each image's encode_boxes."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(300, 400), (512, 384), (200, 510)]
+    embeddings = torch.randn(3, 256, 32, 32, generator=gen)
+    boxes = []
+    for (h, w), n in zip(sizes, (5, 0, 7)):
+        xy = torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])
+        boxes.append(torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])], 1))
+    for per_call in (256, 4):  # one call for all 12 boxes; calls that straddle images
+        batched = region_encoder.encode_boxes_batch(embeddings, boxes, sizes, max_boxes_per_call=per_call)
+        for i, (tokens, masks) in enumerate(batched):
+            expected_tokens, expected_masks = region_encoder.encode_boxes(embeddings[i], boxes[i], sizes[i])
+            torch.testing.assert_close(tokens, expected_tokens, rtol=1e-5, atol=1e-5)
+            assert masks.shape == expected_masks.shape == (len(boxes[i]), *sizes[i])
+            assert (masks != expected_masks).sum() <= 1e-4 * masks.numel()  # float rounding at 0
+    with pytest.raises(ValueError, match="one of each per image"):
+        region_encoder.encode_boxes_batch(embeddings, boxes[:2], sizes)

@@ -287,6 +287,66 @@ class SamRegionEncoder(nn.Module):
         return tokens, masks
 
     @torch.no_grad()
+    def encode_boxes_batch(
+        self,
+        image_embeddings: torch.Tensor,
+        boxes: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        max_boxes_per_call: int = 256,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``encode_boxes`` for the boxes of several images, in as few decoder calls as
+        ``max_boxes_per_call`` allows (one per image would leave a GPU mostly idle).
+
+        SAM's decoder adds the image embedding to each prompt's dense embedding
+        (``src = repeat(image) + dense``); giving it a zero image and ``dense + image`` per box
+        computes the same sum, so boxes of different images share one call. Each box's math is
+        unchanged (equal to ``encode_boxes`` up to float rounding).
+
+        Args:
+            image_embeddings: [B, 256, h, w] from ``encode_images``.
+            boxes: B tensors [N_b, 4], xyxy in the pixels of image b (as ``encode_boxes``).
+            image_sizes: B (H, W) of the images SAM was given.
+            max_boxes_per_call: boxes per decoder call (each costs 256 x h x w floats).
+
+        Returns:
+            B pairs (tokens [N_b, 256] float32, masks [N_b, H_b, W_b] bool).
+        """
+        if not (len(boxes) == len(image_sizes) == image_embeddings.shape[0]):
+            raise ValueError(
+                f"{image_embeddings.shape[0]} embeddings, {len(boxes)} box sets and "
+                f"{len(image_sizes)} sizes: give one of each per image"
+            )
+        sam, device = self.sam, self.sam.device
+        owner = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
+        prompts = torch.cat([
+            self.transform.resizer.apply_boxes_torch(b.to(device, torch.float32).reshape(-1, 4), size)
+            for b, size in zip(boxes, image_sizes)
+        ])
+        tokens, low_res = [], []
+        for start in range(0, len(owner), max(1, int(max_boxes_per_call))):
+            index = owner[start : start + max_boxes_per_call].to(device)
+            sparse, dense = sam.prompt_encoder(
+                points=None, boxes=prompts[start : start + max_boxes_per_call], masks=None
+            )
+            hs, masks, _iou = self._decoder(
+                torch.zeros_like(image_embeddings[:1]).to(device), sparse,
+                dense + image_embeddings.to(device)[index], multimask_output=False,
+            )  # fmt: skip
+            tokens.append(hs[:, 1].float())
+            low_res.append(masks)
+        tokens_all = torch.cat(tokens) if tokens else torch.zeros(0, 256, device=device)
+        low_all = torch.cat(low_res) if low_res else None
+        results = []
+        for i, size in enumerate(image_sizes):
+            rows = (owner == i).nonzero().flatten().to(device)
+            if len(rows) == 0:
+                results.append((tokens_all[:0], torch.zeros(0, *size, dtype=torch.bool, device=device)))
+                continue
+            up = sam.postprocess_masks(low_all[rows], self.transform.input_size(size), size)
+            results.append((tokens_all[rows], up[:, 0] > sam.mask_threshold))
+        return results
+
+    @torch.no_grad()
     def encode_prompts(
         self,
         image_embedding: torch.Tensor,
@@ -346,6 +406,33 @@ class SamRegionEncoder(nn.Module):
         ]  # fmt: skip
         return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
 
+    def _decoder(
+        self, image: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAM's mask decoder on [1, 256, h, w] ``image`` and n prompts' embeddings ->
+        (hs [n, tokens, 256], low-res mask logits, predicted IoU).
+
+        ``MaskDecoder.predict_masks`` computes hs (the transformer's token outputs) but returns
+        only masks and iou; a forward hook on its transformer, whose output is (hs, src),
+        captures hs without copying SAM's code.
+        """
+        sam = self.sam
+        captured: list[torch.Tensor] = []
+        handle = sam.mask_decoder.transformer.register_forward_hook(
+            lambda _module, _inputs, output: captured.append(output[0])
+        )
+        try:
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=image,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+        finally:
+            handle.remove()
+        return captured[0], low_res, iou
+
     def _decode(
         self,
         image_embedding: torch.Tensor,
@@ -367,24 +454,7 @@ class SamRegionEncoder(nn.Module):
             points = (coords, point_labels.to(device, torch.int))
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
 
-        # MaskDecoder.predict_masks computes hs (the transformer's token outputs) but returns
-        # only masks and iou; a forward hook on its transformer, whose output is (hs, src),
-        # captures hs without copying SAM's code.
-        captured: list[torch.Tensor] = []
-        handle = sam.mask_decoder.transformer.register_forward_hook(
-            lambda _module, _inputs, output: captured.append(output[0])
-        )
-        try:
-            low_res, iou = sam.mask_decoder(
-                image_embeddings=image_embedding.unsqueeze(0).to(device),
-                image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
-        finally:
-            handle.remove()
-        hs = captured[0]
+        hs, low_res, iou = self._decoder(image_embedding.unsqueeze(0).to(device), sparse, dense, multimask_output)
         # token i+1 of hs is mask output i; multimask answers with mask outputs 1..3
         tokens = (hs[:, 2:5] if multimask_output else hs[:, 1]).float()
         masks = sam.postprocess_masks(low_res, self.transform.input_size(image_size), image_size)
