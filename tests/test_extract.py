@@ -31,6 +31,7 @@ from regionspot_pl.data.shards import (
 )
 from regionspot_pl.extract import (
     ExtractConfig,
+    ExtractError,
     FeatureExtractor,
     ImageFeaturesInput,
     config_from_args,
@@ -200,7 +201,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(demo_data, tiny_
 def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny_backbones, tmp_path):
     out = tmp_path / "out"
     run_extraction(_config(demo_data, tiny_backbones, out, split="val", shard_size=7))
-    with pytest.raises(SystemExit, match="differs in: shard_size"):
+    with pytest.raises(ExtractError, match="differs in: shard_size"):
         run_extraction(_config(demo_data, tiny_backbones, out, split="val", shard_size=5))
     # same path, edited content: resuming would silently mix two datasets
     edited = tmp_path / "val.json"
@@ -212,7 +213,7 @@ def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny
     first = json.loads((out / "manifest.json").read_text())
     first["config"]["annotations"] = str(edited)  # as if the file had been edited in place
     (out / "manifest.json").write_text(json.dumps(first))
-    with pytest.raises(SystemExit, match="annotation file content"):
+    with pytest.raises(ExtractError, match="annotation file content"):
         run_extraction(cfg)
 
 
@@ -274,11 +275,14 @@ def test_corrupt_images_and_bad_boxes_are_skipped_and_counted(demo_data, tiny_ba
     cfg.images, cfg.annotations = str(images), str(ann)
     summary = run_extraction(cfg)
     assert summary["images"] == 12 and summary["skipped"] == 2
+    assert summary["skipped_by_reason"] == {"missing": 1, "undecodable": 1}
     assert "skipping unreadable image" in caplog.text
     side = json.loads((tmp_path / "out" / "demo_val-r000-000000.json").read_text())
-    assert len(side["skipped"]) == 2 and any("No such file" in s or "not found" in s.lower() for s in side["skipped"])
+    assert sorted(s["reason"] for s in side["skipped"]) == ["missing", "undecodable"]
+    assert any("not found" in s["error"] for s in side["skipped"])
     manifest = read_manifest(tmp_path / "out")
     assert manifest["annotations"]["degenerate_dropped"] == 1 and manifest["counts"]["skipped"] == 2
+    assert manifest["counts"]["skipped_by_reason"] == {"missing": 1, "undecodable": 1}
     keys = _samples(tmp_path / "out")
     assert len(keys[str(third.image_id)]["labels"]) == len(third.labels)
 

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,17 +47,21 @@ from .backbones.sam import (
     build_sam,
 )
 from .config import load_yaml
-from .data.annotations import AnnotationError, ImageRecord, load_coco
+from .data.annotations import AnnotationError, ImageRecord, ReadStats, Vocabulary, load_coco
 from .data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     PROTOCOL,
     AtomicShardWriter,
+    FolderLock,
+    FolderLockError,
     encode_sample,
+    read_sidecar,
     shard_counts,
     shard_name,
     write_json_atomic,
 )
+from .stopping import Stopped, stop_on_signals
 
 log = logging.getLogger("regionspot_pl.extract")
 DEFAULT_TEXT_CACHE = "cache/text_embeddings.h5"
@@ -86,9 +91,40 @@ class ExtractConfig:
     compile: bool = False  # torch.compile the decoder and encoders (one-off compile time, then faster)
     text_cache: str = DEFAULT_TEXT_CACHE
     limit: int | None = None  # first N images only (smoke runs)
+    read_timeout: float = 600.0  # seconds without a decoded batch from the image readers: an error
 
     # Fields that decide the content of the shards: a rerun into the same --out must agree.
+    # (The precision actually used, the backbones' content and the input files' content are
+    # checked too, in _check_same_run.)
     CONTENT_FIELDS = ("annotations", "boxes", "sam_type", "clip_size", "dataset", "shard_size", "world_size", "masks", "limit")
+
+    def check(self) -> None:
+        """Numeric and choice flags, before any work: a clear error instead of a hang or a traceback."""
+        def need(ok: bool, flag: str, value: object, rule: str) -> None:
+            if not ok:
+                raise ExtractError(f"--{flag} {value} is invalid: it must be {rule}")
+
+        for flag in ("shard_size", "batch_size", "world_size"):
+            value = getattr(self, flag)
+            need(isinstance(value, int) and value >= 1, flag.replace("_", "-"), value, "an integer >= 1")
+        need(isinstance(self.workers, int) and self.workers >= 0, "workers", self.workers, "an integer >= 0")
+        need(isinstance(self.rank, int) and 0 <= self.rank < self.world_size, "rank", self.rank,
+             f"in 0..{self.world_size - 1} (--world-size {self.world_size})")
+        need(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit", self.limit, "an integer >= 1")
+        need(isinstance(self.read_timeout, (int, float)) and 0 < self.read_timeout < float("inf"), "read-timeout",
+             self.read_timeout, "a number of seconds > 0")
+        need(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        need(self.clip_size in (None, 224, 336), "clip-size", self.clip_size, "224 or 336")
+        need(self.sam_type in SAM_TYPES, "sam-type", self.sam_type, f"one of {', '.join(SAM_TYPES)}")
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LOCK = ".extract-r{rank:03d}.lock"
+PREFLIGHT_IMAGES = 16  # the first images of the plan looked up before the backbones are loaded
+
+
+class ExtractError(ValueError):
+    """An extraction is misconfigured, found nothing usable, or its folder is taken."""
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -120,12 +156,20 @@ class ImageFeaturesInput(Dataset):
     def __getitem__(self, i: int) -> dict:
         shard, rec = self.records[i]
         item = {"shard": shard, "record": rec}
-        try:
+        try:  # missing, truncated or wrong size: logged and counted by reason, not fatal
+            item["reason"] = "outside_images"  # a symlink leading out (names with '..' never get here)
             path = resolve_image_path(self.image_dir, rec.file_name)
+            item["reason"] = "missing"
+            if not path.is_file():
+                raise ImageReadError(f"image file not found: {path}")
+            item["reason"] = "undecodable"
             image, item["raw_orientation"] = read_image(path, (rec.height, rec.width))
-        except ImageReadError as err:  # missing, truncated or wrong size: logged and counted, not fatal
+        except ImageReadError as err:
             item["error"] = str(err)
+            if "record says" in item["error"]:  # read_image's size check
+                item["reason"] = "size_mismatch"
             return item
+        del item["reason"]
         resized = resize_for_backbones(image)
         item["resized_size"] = resized.shape[:2]
         item["sam_image"] = self.sam_transform.resize(resized)
@@ -137,15 +181,22 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """The precision ``auto`` stands for on this device: bf16 where the card has it, fp16 on
+    others (V100), fp32 on CPU. Recorded in the manifest: shards of one folder share it."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def autocast_for(device: torch.device, precision: str):
     """fp16 on cards without bf16 (V100), bf16 where supported; fp32 on CPU unless asked."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    precision = resolved_precision(device, precision)
+    if precision == "fp32":
         return nullcontext()
-    if precision == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
 
 
 def masks_to_rle(masks: torch.Tensor) -> list[dict]:
@@ -194,9 +245,9 @@ class FeatureExtractor:
         self.clip.model.vision_model = torch.compile(self.clip.model.vision_model)
 
     @torch.inference_mode()
-    def encode(self, items: list[dict]) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+    def encode(self, items: list[dict]) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
         """Prepared items -> per image (SAM tokens [N, 256] float32, CLIP tokens [T, D] float16,
-        masks [N, H, W] bool at the original size), in the same order."""
+        masks [N, H, W] bool at the original size, or None when masks are not stored), in order."""
         sam_in = self.sam.prepare([it["sam_image"] for it in items])
         clip_in = torch.stack([
             clip_preprocess(it["clip_image"].to(self.device, non_blocking=True), self.clip.image_size)
@@ -209,12 +260,17 @@ class FeatureExtractor:
             per_call = 1 if self.device.type == "cpu" else len(sam_in)
             embeddings = torch.cat([self.sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
             clip_tokens = self.clip.feature_map(clip_in).half().cpu().numpy()
-            for i, it in enumerate(items):
+            sizes = [tuple(it["resized_size"]) for it in items]
+            boxes = [scale_boxes(torch.from_numpy(it["record"].boxes).to(self.device),
+                                 (it["record"].height, it["record"].width), size) for it, size in zip(items, sizes)]
+            # all boxes of the batch through SAM's decoder together: one call per image would
+            # leave a GPU waiting on launches (equal results, tests/test_backbones.py)
+            decoded = self.sam.encode_boxes_batch(embeddings, boxes, sizes)
+            for it, clip_row, (tokens, masks) in zip(items, clip_tokens, decoded):
                 rec: ImageRecord = it["record"]
-                original, resized = (rec.height, rec.width), tuple(it["resized_size"])
-                boxes = scale_boxes(torch.from_numpy(rec.boxes).to(self.device), original, resized)
-                tokens, masks = self.sam.encode_boxes(embeddings[i], boxes, resized)
-                out.append((tokens.float().cpu().numpy(), clip_tokens[i], masks_to_original(masks, original)))
+                # masks are upsampled only where they are stored (evaluation splits)
+                full = masks_to_original(masks, (rec.height, rec.width)) if self.with_masks else None
+                out.append((tokens.float().cpu().numpy(), clip_row, full))
         return out
 
     def __call__(self, items: list[dict], dataset: str) -> list[dict]:
@@ -229,10 +285,11 @@ class FeatureExtractor:
         return samples
 
 
-def _manifest(cfg: ExtractConfig, vocab, extractor: FeatureExtractor, read_stats) -> dict:
+def _manifest(cfg: ExtractConfig, vocab: Vocabulary, extractor: FeatureExtractor, read_stats: ReadStats) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "protocol": PROTOCOL,
+        "precision": resolved_precision(extractor.device, cfg.precision),
         "dataset": cfg.dataset,
         "vocabulary": vocab.to_dict(),
         "backbones": {
@@ -254,10 +311,17 @@ def _check_same_run(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExtractError(f"{path} is not valid JSON ({err}): delete {out} to start over") from err
     diffs = [k for k in ExtractConfig.CONTENT_FIELDS if old.get("config", {}).get(k) != manifest["config"].get(k)]
     if old.get("protocol") != manifest["protocol"]:
         diffs.append(f"feature protocol ({old.get('protocol') or 'unrecorded'} -> {manifest['protocol']})")
+    old_precision = old.get("precision") or old.get("config", {}).get("precision")
+    if old_precision not in (None, "auto") and old_precision != manifest["precision"]:
+        diffs.append(f"precision ({old_precision} -> {manifest['precision']}; pass --precision {old_precision} "
+                     "to continue it)")
     for b in ("sam", "clip"):
         key = "sha256_16" if b == "sam" else "id"
         if old.get("backbones", {}).get(b, {}).get(key) != manifest["backbones"][b][key]:
@@ -266,80 +330,194 @@ def _check_same_run(out: Path, manifest: dict) -> None:
         if old.get("annotations", {}).get(key) != manifest["annotations"][key]:
             diffs.append(what)
     if diffs:
-        raise SystemExit(
-            f"error: {out} already holds shards of a different extraction (differs in: {', '.join(diffs)}). "
+        raise ExtractError(
+            f"{out} already holds shards of a different extraction (differs in: {', '.join(diffs)}). "
             "Use another --out, or delete the folder to start over."
         )
 
 
-def run_extraction(cfg: ExtractConfig) -> dict:
-    """Extract features for this rank's images; returns the run summary."""
-    start = time.time()
-    dataset = cfg.dataset or Path(cfg.annotations).stem
-    cfg.dataset = dataset
+def _plan(cfg: ExtractConfig) -> tuple[list[list[ImageRecord]], Vocabulary, ReadStats]:
+    """Check the inputs and plan this rank's shards; returns (shards, vocabulary, read stats).
+
+    Everything here runs before the backbones load: a bad flag, annotation file or image folder
+    fails in seconds, naming the file, the record and the fix.
+    """
+    cfg.check()
+    cfg.dataset = cfg.dataset or Path(cfg.annotations).stem
     if not Path(cfg.images).is_dir():
         raise FileNotFoundError(f"image folder not found: {cfg.images} (pass --images DIR)")
     records, vocab, read_stats = load_coco(cfg.annotations, cfg.boxes)
+    if read_stats.images_outside:
+        log.warning("%d images dropped: their file_name leads outside --images (e.g. %s)",
+                    read_stats.images_outside, ", ".join(map(repr, read_stats.outside_examples)))
     if cfg.limit is not None:
         records = sorted(records, key=lambda r: r.image_id)[: cfg.limit]
+        labelled = sum(int((r.labels >= 0).sum()) for r in records)
+        if cfg.boxes is None and labelled == 0:
+            raise ExtractError(f"the first {cfg.limit} images of {cfg.annotations} (--limit) hold no box with a class: "
+                               "raise --limit")
     shards = plan_shards(records, cfg.rank, cfg.world_size, cfg.shard_size)
+    if not shards:
+        raise ExtractError(f"rank {cfg.rank} of {cfg.world_size} gets no image ({len(records)} images in all): "
+                           "use a --world-size of at most the number of images")
+    _preflight_images(cfg, [rec for shard in shards for rec in shard][:PREFLIGHT_IMAGES])
+    return shards, vocab, read_stats
+
+
+def _preflight_images(cfg: ExtractConfig, first: list[ImageRecord]) -> None:
+    """The first images of the plan must be found: when none is, --images is the wrong folder,
+    and every image would be skipped one by one after the backbones have loaded."""
+    found = 0
+    for rec in first:
+        try:
+            found += resolve_image_path(cfg.images, rec.file_name).is_file()
+        except ImageReadError:
+            pass
+    if first and not found:
+        raise ExtractError(
+            f"none of the first {len(first)} images of {cfg.annotations} is under --images {cfg.images} "
+            f"(e.g. {Path(cfg.images) / first[0].file_name}): pass the folder their file_names are relative to"
+        )
+
+
+def run_extraction(cfg: ExtractConfig) -> dict:
+    """Extract features for this rank's images; returns the run summary.
+
+    The rank's part of ``--out`` is locked for the run (``.extract-rNNN.lock``, holding the pid
+    and host): a second extraction of the same rank into the same folder is refused.
+    """
+    start = time.time()
+    shards, vocab, read_stats = _plan(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out / LOCK.format(rank=cfg.rank), f"extraction folder {out} (rank {cfg.rank})"):
+        for stale in out.glob(f"{cfg.dataset}-r{cfg.rank:03d}-*.tar.tmp"):  # of a killed run of this rank
+            stale.unlink()
+        extractor = FeatureExtractor(cfg)
+        manifest = _manifest(cfg, vocab, extractor, read_stats)
+        _check_same_run(out, manifest)
+        write_json_atomic(out / MANIFEST, manifest)
+        summary = _extract_pending(cfg, shards, extractor, out, len(vocab))
+        manifest["counts"] = shard_counts(out)
+        write_json_atomic(out / MANIFEST, manifest)
+        _check_extracted(cfg, len(shards), out)
+        if cfg.rank == 0:
+            text_embeddings(extractor.clip, list(vocab.names), cfg.text_cache, manifest["backbones"]["clip"]["id"])
+    summary["dropped"] = read_stats.dropped()
+    summary["seconds"] = round(time.time() - start, 2)
+    summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
+    return summary
 
-    extractor = FeatureExtractor(cfg)
-    manifest = _manifest(cfg, vocab, extractor, read_stats)
-    _check_same_run(out, manifest)
-    write_json_atomic(out / MANIFEST, manifest)
 
+class _ShardOutput:
+    """The shards being written: one writer per shard in progress, committed when its last image is in."""
+
+    def __init__(self, out: Path, cfg: ExtractConfig, shards: list[list[ImageRecord]], pending: list,
+                 num_classes: int) -> None:
+        self.out, self.cfg, self.num_classes = out, cfg, num_classes
+        self.remaining = {j: len(shards[j]) for j, _ in pending}
+        self.writers: dict[int, AtomicShardWriter] = {}
+        self.skipped: dict[int, list] = {}
+        # raw_orientation: images whose annotated size fits only the pixels as stored (EXIF ignored)
+        self.summary = {"images": 0, "boxes": 0, "skipped": 0, "skipped_by_reason": {}, "raw_orientation": 0,
+                        "resumed_images": sum(len(s) for s in shards) - len(pending)}
+
+    def add(self, item: dict, sample: dict | None) -> None:
+        """One image: its sample, or (``sample`` None) the record of why it was skipped."""
+        j = item["shard"]
+        if j not in self.writers:
+            self.writers[j] = AtomicShardWriter(self.out / shard_name(self.cfg.dataset, self.cfg.rank, j))
+        if sample is None:
+            rec, reason = item["record"], item["reason"]
+            log.warning("skipping unreadable image (%s): %s", reason, item["error"])
+            self.skipped.setdefault(j, []).append(
+                {"image_id": rec.image_id, "file_name": rec.file_name, "reason": reason, "error": item["error"]})
+            self.summary["skipped"] += 1
+            by_reason = self.summary["skipped_by_reason"]
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        else:
+            self.writers[j].write(sample)
+            self.summary["images"] += 1
+            self.summary["raw_orientation"] += int(item["raw_orientation"])
+            self.summary["boxes"] += len(item["record"].boxes)
+        self.remaining[j] -= 1
+        if self.remaining[j] == 0:
+            # num_classes: the vocabulary size the labels index, checked against the manifest by readers
+            self.writers[j].commit({"skipped": self.skipped.pop(j, []), "num_classes": self.num_classes})
+            del self.writers[j]  # only now: a stop during the commit still removes the temporary file
+
+    def abort(self) -> None:
+        """Remove the shards in progress (a rerun writes them again, identically)."""
+        for w in self.writers.values():
+            w.abort()
+        self.writers.clear()
+
+
+def _loader_batches(loader: DataLoader, cfg: ExtractConfig) -> Iterator[list[dict]]:
+    """The loader's batches; a stalled read (no batch within --read-timeout) or a dead reader
+    process becomes an ExtractError instead of a wait without end or a bare RuntimeError."""
+    batches = iter(loader)
+    while True:
+        try:
+            items = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            raise ExtractError(
+                f"the image readers failed: {err}. A stalled read of {cfg.images} (no image within --read-timeout "
+                f"{cfg.read_timeout:g} s) or a reader killed (out of memory?); finished shards are kept: rerun to resume"
+            ) from err
+        yield items
+
+
+def _extract_pending(cfg: ExtractConfig, shards: list[list[ImageRecord]], extractor: FeatureExtractor,
+                     out: Path, num_classes: int) -> dict:
+    """Encode the images of the shards not yet in ``out`` and write those shards."""
     pending = [(j, rec) for j, shard in enumerate(shards)
-               if not (out / shard_name(dataset, cfg.rank, j)).exists() for rec in shard]
-    done_before = sum(len(s) for s in shards) - len(pending)
+               if not (out / shard_name(cfg.dataset, cfg.rank, j)).exists() for rec in shard]
     loader = DataLoader(
         ImageFeaturesInput(pending, cfg.images, extractor.sam.transform),
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate,
         pin_memory=extractor.device.type == "cuda", persistent_workers=False,
+        timeout=cfg.read_timeout if cfg.workers > 0 else 0,
     )
-    # raw_orientation: images whose annotated size fits only the pixels as stored (EXIF ignored)
-    summary = {"images": 0, "boxes": 0, "skipped": 0, "raw_orientation": 0, "resumed_images": done_before}
-    remaining = {j: len(shards[j]) for j, _ in pending}
-    writers: dict[int, AtomicShardWriter] = {}
-    skipped: dict[int, list] = {}
-    progress = tqdm(total=len(pending), desc=f"extract {dataset} r{cfg.rank}", unit="img",
+    output = _ShardOutput(out, cfg, shards, pending, num_classes)
+    progress = tqdm(total=len(pending), desc=f"extract {cfg.dataset} r{cfg.rank}", unit="img",
                     disable=None, dynamic_ncols=True)
     try:
-        for items in loader:
+        for items in _loader_batches(loader, cfg):
             good = [it for it in items if "error" not in it]
+            samples = iter(extractor(good, cfg.dataset)) if good else iter(())
             for it in items:
-                if "error" in it:
-                    log.warning("skipping unreadable image: %s", it["error"])
-                    skipped.setdefault(it["shard"], []).append(it["error"])
-                    summary["skipped"] += 1
-            samples = iter(extractor(good, dataset)) if good else iter(())
-            for it in items:
-                j = it["shard"]
-                if j not in writers:
-                    writers[j] = AtomicShardWriter(out / shard_name(dataset, cfg.rank, j))
-                if "error" not in it:
-                    writers[j].write(next(samples))
-                    summary["images"] += 1
-                    summary["raw_orientation"] += int(it["raw_orientation"])
-                    summary["boxes"] += len(it["record"].boxes)
-                remaining[j] -= 1
-                if remaining[j] == 0:
-                    writers.pop(j).commit({"skipped": skipped.pop(j, [])})
+                output.add(it, None if "error" in it else next(samples))
             progress.update(len(items))
-            progress.set_postfix(boxes=summary["boxes"])
+            progress.set_postfix(boxes=output.summary["boxes"])
     finally:
         progress.close()
-        for w in writers.values():
-            w.abort()
-    manifest["counts"] = shard_counts(out)
-    write_json_atomic(out / MANIFEST, manifest)
-    if cfg.rank == 0 and len(vocab):
-        text_embeddings(extractor.clip, list(vocab.names), cfg.text_cache, manifest["backbones"]["clip"]["id"])
-    summary["seconds"] = round(time.time() - start, 2)
-    summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
-    return summary
+        output.abort()
+    return output.summary
+
+
+def _check_extracted(cfg: ExtractConfig, num_shards: int, out: Path) -> None:
+    """This rank's shards must hold something usable: a run that read no image, or kept no box
+    to learn from or to name, is an error with the counts by reason. Its shards stay complete
+    (a rerun finds them done and fails the same way): after fixing the images, delete the folder."""
+    mine = [out / shard_name(cfg.dataset, cfg.rank, j) for j in range(num_shards)]
+    counts = shard_counts(out, mine)
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts["skipped_by_reason"].items())) or "none skipped"
+    if counts["samples"] == 0:
+        example = next((e for shard in mine for e in (read_sidecar(shard) or {}).get("skipped", [])), None)
+        detail = f"; e.g. {example['error'] if isinstance(example, dict) else example}" if example else ""
+        raise ExtractError(
+            f"no image of {cfg.annotations} could be read under {cfg.images}: {counts['skipped']} skipped "
+            f"({reasons}){detail}. Fix --images or the image files, delete {out} and run again")
+    sidecars = [read_sidecar(shard) or {} for shard in mine]
+    if cfg.boxes is None and all("labelled_boxes" in s for s in sidecars) and counts["labelled_boxes"] == 0:
+        raise ExtractError(f"the {counts['samples']} images read from {cfg.images} hold no box with a class "
+                           f"({reasons}): nothing to learn from; check the annotation file and the images")
+    if cfg.boxes is not None and counts["boxes"] == 0:
+        raise ExtractError(f"the {counts['samples']} images read from {cfg.images} have no proposal box ({reasons}): "
+                           f"check that the image ids of {cfg.boxes} are those of {cfg.annotations}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -367,6 +545,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.compile SAM's decoder and the encoders: ~10-30 s to compile, then 1.5x (CPU, fp32)")
     p.add_argument("--text-cache", help=f"HDF5 text-embedding cache (default {DEFAULT_TEXT_CACHE})")
     p.add_argument("--limit", type=int, help="only the first N images by id (smoke runs)")
+    p.add_argument("--read-timeout", type=float,
+                   help="seconds without a decoded batch from the image readers before the run fails (default 600)")
     return p
 
 
@@ -395,15 +575,41 @@ def config_from_args(argv: list[str] | None = None) -> ExtractConfig:
     return ExtractConfig(**values)
 
 
+def format_summary(summary: dict) -> str:
+    """'extraction done: images 12, boxes 40, skipped 2 (1 missing, 1 undecodable), ...'."""
+    parts = []
+    for key, value in summary.items():
+        if key == "skipped_by_reason" or (key == "dropped" and not value):
+            continue
+        if key == "skipped" and summary.get("skipped_by_reason"):
+            value = f"{value} ({', '.join(f'{n} {r}' for r, n in sorted(summary['skipped_by_reason'].items()))})"
+        if key == "dropped":
+            key, value = "dropped at reading", ", ".join(f"{n} {r}" for r, n in value.items())
+        parts.append(f"{key} {value}")
+    return "extraction done: " + ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: bad input is one ``error:`` line and exit 2; SIGTERM/SIGINT stop it with the
+    finished shards kept (exit 128 + the signal number)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(argv)
     try:
-        summary = run_extraction(cfg)
-    except (FileNotFoundError, AnnotationError, ValueError) as err:
+        cfg = config_from_args(argv)
+    except SystemExit as err:
+        if isinstance(err.code, str):  # "error: ..." from the flag checks
+            print(err.code, file=sys.stderr)
+            return 2
+        raise
+    try:
+        with stop_on_signals():
+            summary = run_extraction(cfg)
+    except Stopped as stop:
+        print(f"{stop}: the finished shards are kept; run the same command again to continue", file=sys.stderr)
+        return stop.exit_code
+    except (FileNotFoundError, AnnotationError, FolderLockError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("extraction done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    print(format_summary(summary))
     return 0
 
 

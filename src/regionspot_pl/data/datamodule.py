@@ -24,9 +24,41 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .annotations import Vocabulary
-from .shards import ShardFormatError, decoded_samples, list_shards, read_manifest
+from .shards import (
+    ShardFormatError,
+    decoded_samples,
+    list_shards,
+    read_manifest,
+    read_sidecar,
+    shard_counts,
+    shard_keys,
+)
 
 SHARD_URLS = "shards.txt"
+READ_TIMEOUT_S = 600.0  # a loader worker that delivers no batch for this long is an error, not a wait
+
+
+class DataConfigError(ValueError):
+    """A data setting is out of range (batch size, workers, weights, caps)."""
+
+
+def check_data_numbers(batch_size: int, workers: int, max_boxes: int | None, shuffle_buffer: int,
+                       read_timeout: float) -> None:
+    """The loader's numbers, before anything starts: a batch size of 0 would wait forever for a full batch."""
+    def need(ok: bool, name: str, value: object, rule: str) -> None:
+        if not ok:
+            raise DataConfigError(f"{name} {value!r} is invalid: it must be {rule}")
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(whole(batch_size) and batch_size >= 1, "batch size (--batch-size)", batch_size, "an integer >= 1")
+    need(whole(workers) and workers >= 0, "loader workers (--workers)", workers, "an integer >= 0")
+    need(max_boxes is None or (whole(max_boxes) and max_boxes >= 1), "max_boxes_per_image", max_boxes,
+         "an integer >= 1, or unset for no cap")
+    need(whole(shuffle_buffer) and shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer, "an integer >= 0")
+    need(isinstance(read_timeout, (int, float)) and 0 < read_timeout < math.inf, "read_timeout", read_timeout,
+         "a number of seconds > 0")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -44,11 +76,25 @@ def shards_for_epoch(shards: list[str], epoch: int, seed: int, rank: int, world:
     return ranked[worker::num_workers]
 
 
+def check_mix_weights(weights: list[float], count: int) -> None:
+    """One finite, non-negative weight per training dataset, not all zero."""
+    ok = (len(weights) == count and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+          and sum(weights) > 0)
+    if not ok:
+        raise DataConfigError(f"mixing weights {list(weights)} are invalid: give {count} finite, non-negative "
+                              "numbers (--mix-weights, one per --train-shards folder), not all zero")
+
+
 class ShardStream(IterableDataset):
-    """Decoded samples of a list of shards, split across ranks and workers; endless if ``repeat``."""
+    """Decoded samples of a list of shards, split across ranks and workers; endless if ``repeat``.
+
+    An epoch that yields no sample at all is an error (an endless stream of nothing would spin
+    forever), and so is a label outside the vocabulary of ``num_classes`` classes (when given).
+    """
 
     def __init__(self, shards: list[str], dataset_index: int, seed: int = 0, shuffle: bool = True,
-                 repeat: bool = True, shuffle_buffer: int = 256, start_epoch: int = 0) -> None:
+                 repeat: bool = True, shuffle_buffer: int = 256, start_epoch: int = 0,
+                 num_classes: int | None = None) -> None:
         self.shards = shards
         self.dataset_index = dataset_index
         self.seed = seed
@@ -56,6 +102,7 @@ class ShardStream(IterableDataset):
         self.repeat = repeat
         self.shuffle_buffer = shuffle_buffer
         self.start_epoch = start_epoch
+        self.num_classes = num_classes
 
     def __iter__(self) -> Iterator[dict]:
         rank, world = rank_and_world()
@@ -72,12 +119,27 @@ class ShardStream(IterableDataset):
             if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}-{rank}-{worker}-{epoch}")  # webdataset wants random.Random
                 stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
+            count = 0
             for sample in wds.DataPipeline(*stages):
+                self._check_labels(sample)
                 sample["dataset_index"] = self.dataset_index
+                count += 1
                 yield sample
+            if count == 0:
+                shown = ", ".join(urls[:3]) + (", ..." if len(urls) > 3 else "")
+                raise ShardFormatError(f"the shards {shown} hold no sample (every image skipped at extraction?): "
+                                       "re-extract them, or leave them out of the folder")
             if not self.repeat:
                 return
             epoch += 1
+
+    def _check_labels(self, sample: dict) -> None:
+        labels = sample["labels"]
+        if self.num_classes is not None and len(labels) and int(labels.max()) >= self.num_classes:
+            raise ShardFormatError(
+                f"sample {sample['__key__']} of {sample.get('__url__', 'a shard')} has class index {int(labels.max())}, "
+                f"but the manifest's vocabulary has {self.num_classes} classes: the manifest does not belong to "
+                "these shards; restore the one written by the extraction, or re-extract")
 
 
 @dataclass
@@ -164,9 +226,9 @@ class MixedBatches(IterableDataset):
 
     def __init__(self, streams: list[ShardStream], weights: list[float], batch_size: int,
                  max_boxes: int | None, seed: int) -> None:
+        check_mix_weights(weights, len(streams))
+        check_data_numbers(batch_size, 0, max_boxes, 0, READ_TIMEOUT_S)
         total = float(sum(weights))
-        if len(streams) != len(weights) or total <= 0 or min(weights) < 0:
-            raise ValueError(f"mixing weights {weights} must be non-negative, one per dataset, not all zero")
         self.streams, self.probs = streams, [w / total for w in weights]
         self.batch_size, self.max_boxes, self.seed = batch_size, max_boxes, seed
 
@@ -191,6 +253,7 @@ class ValidationBatches(IterableDataset):
     """One pass over the validation shards (this rank's share), in batches, boxes never capped."""
 
     def __init__(self, stream: ShardStream, batch_size: int) -> None:
+        check_data_numbers(batch_size, 0, None, 0, READ_TIMEOUT_S)
         self.stream, self.batch_size = stream, batch_size
 
     def __iter__(self) -> Iterator[RegionBatch]:
@@ -206,32 +269,85 @@ class ValidationBatches(IterableDataset):
 
 @dataclass
 class CacheInfo:
-    """What a shard folder says about itself: shards, vocabulary, backbones."""
+    """What a shard folder says about itself: shards, vocabulary, backbones, counts."""
 
     folder: str
     shards: list[str]
     vocabulary: Vocabulary
     manifest: dict
+    # samples, boxes, labelled_boxes (None where a sidecar predates it), skipped and skipped_by_reason,
+    # from the sidecars of local shards; None for streamed shards (shards.txt)
+    counts: dict | None = None
 
     @classmethod
     def read(cls, folder: str) -> CacheInfo:
         """A shard folder: its manifest, and its ``*.tar`` files or, to stream them from object
         storage, the URLs listed in ``shards.txt`` (anything webdataset opens: a path, ``pipe:``,
-        ``http(s):``; brace patterns like ``o365-r000-{000000..000099}.tar`` are expanded)."""
+        ``http(s):``; brace patterns like ``o365-r000-{000000..000099}.tar`` are expanded).
+
+        Local shards are checked against the manifest through their sidecars: a folder without a
+        single sample and a vocabulary that does not fit the shards' labels are refused, and
+        shards of 0 samples are left out (a reader given only those would wait forever)."""
         manifest = read_manifest(folder)
+        vocabulary = Vocabulary.from_dict(manifest["vocabulary"])
         url_list = Path(folder) / SHARD_URLS
+        counts = None
         if url_list.is_file():
             lines = [line.strip() for line in url_list.read_text().splitlines()]
             shards = [url for line in lines if line and not line.startswith("#") for url in braceexpand(line)]
             if not shards:
                 raise ShardFormatError(f"{url_list} lists no shard URLs")
         else:
-            shards = [str(p) for p in list_shards(folder)]
-        return cls(str(folder), shards, Vocabulary.from_dict(manifest["vocabulary"]), manifest)
+            shards, counts = _check_local_shards(str(folder), [str(p) for p in list_shards(folder)], len(vocabulary))
+        return cls(str(folder), shards, vocabulary, manifest, counts)
 
     @property
     def name(self) -> str:
         return self.manifest.get("dataset") or Path(self.folder).name
+
+    def image_ids(self) -> set[int] | None:
+        """The image ids the shards hold (sample keys, from the tar headers of local shards);
+        None when the shards are streamed (listing them would read them all)."""
+        if not all(Path(s).is_file() for s in self.shards):
+            return None
+        ids = set()
+        for shard in self.shards:
+            for key in shard_keys(shard):
+                try:
+                    ids.add(int(key))
+                except ValueError:
+                    raise ShardFormatError(f"{shard} holds a sample keyed {key!r}, not an image id; re-extract it") from None
+        return ids
+
+
+def _check_local_shards(folder: str, shards: list[str], num_classes: int) -> tuple[list[str], dict | None]:
+    """Local shards against their sidecars and the manifest's vocabulary of ``num_classes``.
+
+    Returns the shards that hold samples (all, where a sidecar is missing) and the folder's
+    counts (None unless every shard has a sidecar).
+    """
+    sides = {s: read_sidecar(s) for s in shards}
+    fix = "the manifest does not belong to these shards: restore the one written by the extraction, or re-extract"
+    for shard, side in sides.items():
+        if side is None:
+            continue
+        if side.get("num_classes", num_classes) != num_classes:
+            raise ShardFormatError(f"{folder}/manifest.json has a vocabulary of {num_classes} classes but {shard} "
+                                   f"was extracted with one of {side['num_classes']}: {fix}")
+        if side.get("max_label", -1) >= num_classes:
+            raise ShardFormatError(f"{shard} holds class index {side['max_label']}, beyond the {num_classes} classes "
+                                   f"of {folder}/manifest.json: {fix}")
+    if any(side is None for side in sides.values()):
+        return shards, None
+    counts = shard_counts(folder, shards)
+    if not all("labelled_boxes" in side for side in sides.values()):
+        counts["labelled_boxes"] = None
+    if counts["samples"] == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts["skipped_by_reason"].items())) or "none recorded"
+        raise ShardFormatError(
+            f"the {counts['shards']} shards in {folder} hold no sample: {counts['skipped']} images were skipped at "
+            f"extraction ({reasons}). Fix the images and re-extract into an empty folder")
+    return [s for s in shards if sides[s]["samples"] > 0], counts
 
 
 def _no_collate(batch):
@@ -243,19 +359,31 @@ class RegionDataModule(L.LightningDataModule):
 
     def __init__(self, train_shards: list[str], val_shards: str | None = None, batch_size: int = 2,
                  workers: int = 2, max_boxes_per_image: int | None = None,
-                 mix_weights: list[float] | None = None, shuffle_buffer: int = 256, seed: int = 0) -> None:
+                 mix_weights: list[float] | None = None, shuffle_buffer: int = 256, seed: int = 0,
+                 read_timeout: float = READ_TIMEOUT_S) -> None:
         super().__init__()
+        check_data_numbers(batch_size, workers, max_boxes_per_image, shuffle_buffer, read_timeout)
         if not train_shards:
             raise ShardFormatError("no training shard folders given (--train-shards DIR [DIR ...])")
         self.train = [CacheInfo.read(f) for f in train_shards]
         self.val = CacheInfo.read(val_shards) if val_shards else None
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
-        self.max_boxes, self.shuffle_buffer = max_boxes_per_image, shuffle_buffer
+        self.max_boxes, self.shuffle_buffer, self.read_timeout = max_boxes_per_image, shuffle_buffer, read_timeout
         self.mix_weights = list(mix_weights) if mix_weights else [1.0] * len(self.train)
-        if len(self.mix_weights) != len(self.train):
-            raise ValueError(f"{len(self.mix_weights)} mixing weights for {len(self.train)} training datasets")
+        check_mix_weights(self.mix_weights, len(self.train))
         self.start_epoch = 0
         self._check_same_backbones()
+        self._check_trainable()
+
+    def _check_trainable(self) -> None:
+        """Every training folder must hold boxes with a class: proposals and whole-image prompts
+        (label -1) teach nothing, and a run on them would "train" at loss 0."""
+        for info in self.train:
+            if info.counts is not None and info.counts.get("labelled_boxes") == 0:
+                raise ShardFormatError(
+                    f"{info.folder} holds no box with a class ({info.counts['samples']} images, "
+                    f"{info.counts['boxes']} boxes, all unlabelled: proposals, or images without annotations): "
+                    "nothing to train on; train on shards extracted from ground-truth annotations")
 
     def _check_same_backbones(self) -> None:
         infos = self.train + ([self.val] if self.val else [])
@@ -284,19 +412,21 @@ class RegionDataModule(L.LightningDataModule):
         _, world = rank_and_world()
         self.check_world(world)
         streams = [ShardStream(info.shards, i, self.seed, shuffle=True, repeat=True,
-                               shuffle_buffer=self.shuffle_buffer, start_epoch=self.start_epoch)
+                               shuffle_buffer=self.shuffle_buffer, start_epoch=self.start_epoch,
+                               num_classes=len(info.vocabulary))
                    for i, info in enumerate(self.train)]
         mixed = MixedBatches(streams, self.mix_weights, self.batch_size, self.max_boxes, self.seed + self.start_epoch)
+        # timeout: a worker stuck on a read (a stalled network mount or pipe) fails the run instead of hanging it
         return DataLoader(mixed, batch_size=None, num_workers=self.workers, collate_fn=_no_collate,
-                          persistent_workers=self.workers > 0)
+                          persistent_workers=self.workers > 0, timeout=self.read_timeout if self.workers else 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val is None:
             return []
-        stream = ShardStream(self.val.shards, 0, shuffle=False, repeat=False)
+        stream = ShardStream(self.val.shards, 0, shuffle=False, repeat=False, num_classes=len(self.val.vocabulary))
         workers = min(self.workers, math.ceil(len(self.val.shards) / rank_and_world()[1]))
         return DataLoader(ValidationBatches(stream, self.batch_size), batch_size=None,
-                          num_workers=workers, collate_fn=_no_collate)
+                          num_workers=workers, collate_fn=_no_collate, timeout=self.read_timeout if workers else 0)
 
     def transfer_batch_to_device(self, batch: RegionBatch, device: torch.device, dataloader_idx: int) -> RegionBatch:
         return batch.to(device)

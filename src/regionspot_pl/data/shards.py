@@ -26,9 +26,14 @@ webdataset still opens the URLs and groups members into samples.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
+import socket
+import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -91,6 +96,8 @@ def decode_sample(sample: dict) -> dict:
     """
     key = sample.get("__key__", "?")
     out = {"__key__": key}
+    if "__url__" in sample:  # the shard, for error messages downstream
+        out["__url__"] = sample["__url__"]
     for name in ARRAY_MEMBERS:
         if name not in sample:
             raise ShardFormatError(f"sample {key} ({sample.get('__url__', 'unknown shard')}) lacks member {name}")
@@ -176,18 +183,25 @@ class AtomicShardWriter:
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
         self.samples = 0
         self.boxes = 0
+        self.labelled_boxes = 0  # boxes with a class: what training learns from
+        self.max_label = -1  # checked against the manifest's vocabulary by readers
 
     def write(self, sample: dict) -> None:
         self._tar.write(sample)
+        labels = npy_view(sample["labels.npy"])
         self.samples += 1
-        self.boxes += len(npy_view(sample["labels.npy"]))
+        self.boxes += len(labels)
+        self.labelled_boxes += int((labels >= 0).sum())
+        self.max_label = max(self.max_label, int(labels.max(initial=-1)))
 
     def commit(self, sidecar: dict) -> Path:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        write_json_atomic(self.path.with_suffix(".json"), {"samples": self.samples, "boxes": self.boxes, **sidecar})
+        counts = {"samples": self.samples, "boxes": self.boxes, "labelled_boxes": self.labelled_boxes,
+                  "max_label": self.max_label}
+        write_json_atomic(self.path.with_suffix(".json"), {**counts, **sidecar})
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -197,10 +211,19 @@ class AtomicShardWriter:
 
 
 def write_json_atomic(path: str | Path, obj: object) -> None:
+    """Write JSON under a temporary name unique to this call, then rename it into place: a reader
+    never sees half a file, and two writers of one path (ranks writing the manifest) never
+    rename each other's temporary file away."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    # not tempfile.mkstemp: its files are private (0600); this one gets the umask's permissions
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(json.dumps(obj, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -212,7 +235,10 @@ def read_manifest(folder: str | Path) -> dict:
         raise ShardFormatError(
             f"{folder} has no {MANIFEST}: is it a folder written by `python -m regionspot_pl.extract --out`?"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardFormatError(f"{path} is not valid JSON ({err}): restore it or re-extract {folder}") from err
     found = manifest.get("protocol") if isinstance(manifest, dict) else None
     if found != PROTOCOL:
         raise ShardFormatError(
@@ -221,7 +247,24 @@ def read_manifest(folder: str | Path) -> dict:
             "(the reference's image path and prompts): re-extract them with "
             f"`python -m regionspot_pl.extract --out {folder}` into an empty folder"
         )
+    check_manifest_vocabulary(manifest, path)
     return manifest
+
+
+def check_manifest_vocabulary(manifest: dict, path: str | Path) -> None:
+    """The manifest's vocabulary: names and category ids, one per class, at least one class."""
+    vocab = manifest.get("vocabulary")
+    names = vocab.get("names") if isinstance(vocab, dict) else None
+    ids = vocab.get("category_ids") if isinstance(vocab, dict) else None
+    fix = "restore the manifest written by the extraction, or re-extract"
+    if not isinstance(names, list) or not isinstance(ids, list) or len(names) != len(ids):
+        raise ShardFormatError(f"{path}: 'vocabulary' needs lists 'names' and 'category_ids' of one length; {fix}")
+    if not names:
+        raise ShardFormatError(f"{path}: the vocabulary has 0 classes, so there is nothing to name; {fix}")
+    if len(set(ids)) != len(ids) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ShardFormatError(f"{path}: the vocabulary's category_ids must be distinct integers; {fix}")
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ShardFormatError(f"{path}: every vocabulary name must be a non-empty string; {fix}")
 
 
 def list_shards(folder: str | Path) -> list[Path]:
@@ -235,16 +278,151 @@ def list_shards(folder: str | Path) -> list[Path]:
     return shards
 
 
-def shard_counts(folder: str | Path) -> dict:
-    """Samples and boxes over the complete shards of a folder (from their sidecars)."""
-    total = {"shards": 0, "samples": 0, "boxes": 0, "skipped": 0}
-    for shard in sorted(Path(folder).glob("*.tar")):
-        side = json.loads(shard.with_suffix(".json").read_text())
+def read_sidecar(shard: str | Path) -> dict | None:
+    """A local shard's sidecar counts, or None where there is none (a hand-made or remote shard)."""
+    path = Path(shard).with_suffix(".json")
+    if not path.is_file():
+        return None
+    try:
+        side = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardFormatError(f"{path} (the sidecar of {shard}) is not valid JSON ({err}); re-extract the shard") from err
+    if not isinstance(side, dict) or not isinstance(side.get("samples"), int):
+        raise ShardFormatError(f"{path} (the sidecar of {shard}) has no sample count; re-extract the shard")
+    return side
+
+
+def skip_reason(entry: object) -> str:
+    """The reason of one ``skipped`` sidecar entry (plain strings are from before reasons were kept)."""
+    return entry.get("reason", "unreadable") if isinstance(entry, dict) else "unreadable"
+
+
+def shard_counts(folder: str | Path, shards: Iterable[str | Path] | None = None) -> dict:
+    """Samples, boxes and skipped images by reason over complete shards (from their sidecars).
+
+    ``shards``: the ones to count (default: every ``*.tar`` of the folder).
+    """
+    total = {"shards": 0, "samples": 0, "boxes": 0, "labelled_boxes": 0, "skipped": 0, "skipped_by_reason": {}}
+    for shard in sorted(Path(folder).glob("*.tar")) if shards is None else shards:
+        side = read_sidecar(shard) or {"samples": 0, "boxes": 0}
         total["shards"] += 1
         total["samples"] += side["samples"]
-        total["boxes"] += side["boxes"]
-        total["skipped"] += len(side.get("skipped", []))
+        total["boxes"] += side.get("boxes", 0)
+        total["labelled_boxes"] += side.get("labelled_boxes", 0)
+        for entry in side.get("skipped", []):
+            total["skipped"] += 1
+            reason = skip_reason(entry)
+            total["skipped_by_reason"][reason] = total["skipped_by_reason"].get(reason, 0) + 1
     return total
+
+
+def shard_keys(path: str | Path) -> set[str]:
+    """The sample keys of a local shard, from its tar headers alone (member data is skipped over)."""
+    keys: set[str] = set()
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(TAR_BLOCK)
+            if len(header) < TAR_BLOCK or header.count(0) == TAR_BLOCK:
+                return keys
+            try:
+                size = _octal(header[124:136])
+            except ValueError:
+                raise ShardFormatError(f"{_at(str(path), f.tell() - TAR_BLOCK)}: not a tar header; re-extract the shard") from None
+            name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+            if header[156:157] in (b"0", b"\0"):
+                keys.add(name.rsplit("/", 1)[-1].split(".", 1)[0])
+            f.seek(size + (-size % TAR_BLOCK), os.SEEK_CUR)
+
+
+class FolderLockError(RuntimeError):
+    """Another live process is writing the same folder."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder's output (``fcntl.flock`` on a file holding the owner's pid and host).
+
+    The kernel drops a flock when its process dies, so the lock file of a killed run is taken over
+    by the next one; a live owner is an error naming it. Where flock is unavailable (some network
+    file systems), the pid in the file decides: a dead process's lock on this host is taken over.
+    """
+
+    def __init__(self, path: str | Path, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        for _ in range(5):  # retried only when a finishing owner deleted the file under us
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                locked = self._flock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                owner = self._owner()
+                os.close(fd)
+                raise FolderLockError(self._busy(owner))
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                self._fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+                return self
+            os.close(fd)
+        raise FolderLockError(f"could not take the lock {self.path}: it keeps being replaced; is another run starting?")
+
+    def _flock(self, fd: int) -> bool:
+        """True when this process now holds the lock, False when a live process does."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        owner = self._owner()  # no flock here: decide by the recorded pid
+        return not (owner.get("host") == socket.gethostname() and _alive(owner.get("pid")))
+
+    def _owner(self) -> dict:
+        try:
+            owner = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def _busy(self, owner: dict) -> str:
+        who = f"process {owner.get('pid', '?')} on host {owner.get('host', '?')}"
+        return (f"{self.what} is being written by {who} (lock file {self.path}): wait for it to finish, or stop it; "
+                "two runs writing one folder would overwrite each other's files")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # still holding the flock: no one took it in between
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 TAR_BLOCK = 512
