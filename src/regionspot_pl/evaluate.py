@@ -61,11 +61,13 @@ def run_evaluate(
     """Load both files once, score each IoU type, write metrics.json and the report into ``out``.
 
     Returns:
-        ``{"evaluations": {iou_type: Evaluation}, "files": {name: Path}, "seconds": {"load",
-        "metrics"}}``. Raises EvaluationInputError for input the evaluators cannot score.
+        ``{"evaluations": {iou_type: Evaluation}, "files": {name: Path}, "seconds": {"load" (both
+        files), "load_gt", "metrics"}}``. Raises EvaluationInputError for input the evaluators
+        cannot score.
     """
     start = time.perf_counter()
     gt_dict = load_ground_truth(gt)
+    gt_s = time.perf_counter() - start
     dets = load_results(results)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -87,7 +89,8 @@ def run_evaluate(
         files["metrics"].write_text(json.dumps(payload, indent=2) + "\n")
         sources = {"ground truth": gt, "results": results}
         files.update(write_report(out, evaluations, gt_dict, sources, seconds=metric_s))
-    return {"evaluations": evaluations, "files": files, "seconds": {"load": load_s, "metrics": metric_s}}
+    return {"evaluations": evaluations, "files": files,
+            "seconds": {"load": load_s, "load_gt": gt_s, "metrics": metric_s}}
 
 
 def main(argv: list[str] | None = None) -> int:
