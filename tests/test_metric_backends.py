@@ -198,3 +198,38 @@ def test_unknown_backend_is_a_clear_error() -> None:
     gt, results = make_set(0, num_images=4)
     with pytest.raises(ValueError, match="unknown metric backend 'pycoco'.*'hotcoco'.*'lvis'"):
         evaluate_detections(gt, results, backend="pycoco")
+
+
+def test_what_hotcoco_reads_differently_is_made_explicit() -> None:
+    """The LVIS API ignores 'iscrowd' and leaves out areas outside (0, inf) (a polygon thinner than
+    a pixel, an empty mask), both after its per-image cap; hotcoco is given the data that way."""
+    gt, results = make_set(9)
+    for i, ann in enumerate(gt["annotations"]):
+        ann["iscrowd"] = int(i % 4 == 0)
+        if i % 7 == 0:
+            ann["area"] = 0.0
+    empty = {"size": [H, W], "counts": rle_of([0.0, 0.0, 0.1, 0.0, 0.1, 0.1])["counts"]}
+    assert mask_utils.area(empty) == 0
+    masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    for i, r in enumerate(masks):
+        if i % 5 == 0:  # empty masks, the best-scored of their image: they take slots of the cap
+            masks[i] = {**r, "segmentation": empty, "score": 0.99}
+    boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    for iou_type, res in (("bbox", boxes), ("segm", masks)):
+        for max_dets in (3, 300):
+            fast, reference = both(gt, res, iou_type, max_dets=max_dets)
+            assert_same(fast.metrics, reference.metrics)
+            np.testing.assert_allclose(fast.per_class_ap, reference.per_class_ap, atol=1e-6, equal_nan=True)
+
+
+def test_ignore_flags_go_to_the_lvis_api_with_a_warning() -> None:
+    gt, results = make_set(10)
+    for i, ann in enumerate(gt["annotations"]):
+        ann["ignore"] = int(i % 3 == 0)
+    with pytest.warns(UserWarning, match=r"carry 'ignore', which hotcoco does not read"):
+        fast = evaluate_results(gt, results, "bbox")
+    reference = evaluate_results(gt, results, "bbox", backend="lvis")
+    assert fast.backend == "lvis"
+    assert_same(fast.metrics, reference.metrics)
+    plain = evaluate_detections(make_set(10)[0], results, "bbox", backend="lvis")
+    assert plain["AP"] != reference.metrics["AP"]  # the flags do change the LVIS API's numbers
