@@ -173,20 +173,20 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(demo_data, tiny_
 
     crashed = tmp_path / "crashed"
     calls = {"n": 0}
-    original = FeatureExtractor.__call__
+    original = FeatureExtractor.encode
 
-    def dies_on_fourth_batch(self, items, dataset):
+    def dies_on_fourth_batch(self, items):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, items, dataset)
+        return original(self, items)
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", dies_on_fourth_batch)
+    monkeypatch.setattr(FeatureExtractor, "encode", dies_on_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
         run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))
     partial = sorted(p.name for p in crashed.glob("*.tar"))
     assert 0 < len(partial) < 8  # some shards finished, the rest did not
-    monkeypatch.setattr(FeatureExtractor, "__call__", original)
+    monkeypatch.setattr(FeatureExtractor, "encode", original)
     summary = run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))
     assert summary["resumed_images"] == 3 * len(partial)
     assert summary["images"] == 24 - 3 * len(partial)

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -275,8 +276,13 @@ class FeatureExtractor:
 
     def __call__(self, items: list[dict], dataset: str) -> list[dict]:
         """Prepared items (no errors) -> encoded webdataset samples, in the same order."""
+        return self.samples(items, self.encode(items), dataset)
+
+    def samples(self, items: list[dict], encoded: list[tuple], dataset: str) -> list[dict]:
+        """``encode``'s output -> webdataset samples (mask RLE, serialising): host work only, so
+        it can run beside the next batch's device work."""
         samples = []
-        for it, (tokens, clip_tokens, masks) in zip(items, self.encode(items)):
+        for it, (tokens, clip_tokens, masks) in zip(items, encoded):
             rec: ImageRecord = it["record"]
             meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": dataset}
             if self.with_masks:
@@ -484,15 +490,29 @@ def _extract_pending(cfg: ExtractConfig, shards: list[list[ImageRecord]], extrac
     output = _ShardOutput(out, cfg, shards, pending, num_classes)
     progress = tqdm(total=len(pending), desc=f"extract {cfg.dataset} r{cfg.rank}", unit="img",
                     disable=None, dynamic_ncols=True)
+
+    def write(items: list[dict], good: list[dict], encoded: list[tuple]) -> None:
+        samples = iter(extractor.samples(good, encoded, cfg.dataset))
+        for it in items:
+            output.add(it, None if "error" in it else next(samples))
+
+    # Mask RLE and shard writing run in one background thread (in order), beside the next
+    # batch's encoders: the device never waits on them, and at most one batch waits on the host.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    in_flight: Future | None = None
     try:
         for items in _loader_batches(loader, cfg):
             good = [it for it in items if "error" not in it]
-            samples = iter(extractor(good, cfg.dataset)) if good else iter(())
-            for it in items:
-                output.add(it, None if "error" in it else next(samples))
+            encoded = extractor.encode(good) if good else []
+            if in_flight is not None:
+                in_flight.result()  # raises the writer's error here, in the main thread
+            in_flight = writer.submit(write, items, good, encoded)
             progress.update(len(items))
             progress.set_postfix(boxes=output.summary["boxes"])
+        if in_flight is not None:
+            in_flight.result()
     finally:
+        writer.shutdown(wait=True)  # never abort a shard while the thread still writes it
         progress.close()
         output.abort()
     return output.summary

@@ -5,7 +5,8 @@
 
 Flags override the stage's YAML. Writes OUT/checkpoints/{best,last}.ckpt, Lightning's CSV log
 OUT/logs/version_N/metrics.csv, and OUT/head.pt (best by val AP if validating, else last), which
-``regionspot_pl.load_head`` and ``python -m regionspot_pl.test --head`` read.
+``regionspot_pl.load_head`` and ``python -m regionspot_pl.test --head`` read, and the same head as
+a model folder OUT/head/ (config.json, model.safetensors, README.md model card), which they read too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .backbones.clip import LazyTextEncoder, text_embeddings
 from .config import find_config, load_yaml, merge
-from .data.annotations import read_json
-from .data.datamodule import CacheInfo, RegionDataModule
+from .data.annotations import AnnotationError, check_ground_truth
+from .data.datamodule import CacheInfo, DataConfigError, RegionDataModule
 from .data.shards import ShardFormatError
+from .evaluation.metrics import BACKENDS, DEFAULT_BACKEND
 from .model.checkpoint import CheckpointError, load_head, save_head
 from .model.head import VARIANTS, HeadConfig
+from .model.pretrained import fit_card, save_pretrained
 from .module import RegionSpotModule
+from .stopping import GracefulStop, Stopped
 
 
 class FitError(ValueError):
@@ -65,12 +69,23 @@ def vocabulary_embeddings(info: CacheInfo, clip: LazyTextEncoder, text_cache: st
 
 
 def check_val_annotations(info: CacheInfo, annotations: str) -> None:
-    """The GT file must describe the same categories as the validation shards' vocabulary."""
-    gt = read_json(annotations, "validation annotation file")
-    ids = sorted(int(c["id"]) for c in gt.get("categories", []))
-    if ids != sorted(info.vocabulary.category_ids):
-        raise FitError(f"{annotations} has {len(ids)} categories but the validation shards {info.folder} were "
-                       f"extracted with a vocabulary of {len(info.vocabulary)}; pass the annotation file they came from")
+    """The GT file must describe the validation shards: their categories and every image they hold."""
+    try:
+        check_ground_truth(annotations, info.vocabulary.category_ids, info.image_ids(), info.folder)
+    except AnnotationError as err:
+        raise FitError(str(err)) from err
+
+
+def check_numbers(cfg: dict) -> None:
+    """Step counts and rates, before anything starts (the data's numbers are RegionDataModule's)."""
+    trainer, optim = cfg.get("trainer", {}), cfg.get("optim", {})
+    for key, flag in (("max_steps", "--max-steps"), ("val_check_interval", "--val-every")):
+        value = trainer.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise FitError(f"{flag} {value!r} is invalid: it must be an integer >= 1")
+    lr = optim.get("lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and 0 <= lr < float("inf")):
+        raise FitError(f"--lr {lr!r} is invalid: it must be a finite number >= 0")
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -92,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mix-weights", nargs="+", type=float, help="sampling weight of each --train-shards folder")
     p.add_argument("--val-shards", help="shard folder to validate on")
     p.add_argument("--val-annotations", help="GT file of the validation shards (LVIS/COCO JSON)")
-    p.add_argument("--init-from", help="head checkpoint to start from (advanced: the warm-up head.pt)")
+    p.add_argument("--init-from", help="head checkpoint or head folder to start from (advanced: the warm-up head.pt)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--val-every", type=int, help="validate every N training steps")
     p.add_argument("--batch-size", type=int, help="images per device per step")
@@ -106,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'last' (OUT/checkpoints/last.ckpt) or a .ckpt file")
     p.add_argument("--seed", type=int)
     p.add_argument("--text-cache", help="HDF5 text-embedding cache (default: the one the shards name)")
+    p.add_argument("--metric-backend", choices=BACKENDS,
+                   help="validation AP by hotcoco (default, fast) or lvis (the official LVIS API, the reference)")
     return p
 
 
@@ -126,7 +143,7 @@ def build_config(args: argparse.Namespace) -> dict:
     return merge(cfg, {
         "model": model,
         "init_from": args.init_from, "out": args.out, "seed": args.seed, "resume": args.resume,
-        "text_cache": args.text_cache,
+        "text_cache": args.text_cache, "metric_backend": args.metric_backend,
         "data": {"train_shards": args.train_shards, "mix_weights": args.mix_weights, "val_shards": args.val_shards,
                  "val_annotations": args.val_annotations, "batch_size": args.batch_size, "workers": args.workers},
         "optim": {"lr": args.lr},
@@ -143,6 +160,11 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
     out = Path(cfg.get("out", "runs/fit"))
     data, optim, trainer_cfg = cfg["data"], cfg.get("optim", {}), dict(cfg.get("trainer", {}))
     seed = int(cfg.get("seed", 0))
+    check_numbers(cfg)
+    metric_backend = cfg.get("metric_backend") or DEFAULT_BACKEND
+    if metric_backend not in BACKENDS:
+        raise FitError(f"unknown metric backend {metric_backend!r}: use 'hotcoco' (fast, the default) or 'lvis' "
+                       "(the official LVIS API, the reference)")
     L.seed_everything(seed, workers=True)
 
     val_annotations = data.get("val_annotations")
@@ -164,7 +186,7 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         text_embeddings=texts,
         val_text_embeddings=vocabulary_embeddings(dm.val, clip, cfg.get("text_cache")) if dm.val else None,
         val_category_ids=list(dm.val.vocabulary.category_ids) if dm.val else [],
-        val_annotations=val_annotations if dm.val else None,
+        val_annotations=val_annotations if dm.val else None, metric_backend=metric_backend,
     )
     if cfg.get("init_from") and not cfg.get("resume"):
         init = load_head(cfg["init_from"])
@@ -193,23 +215,28 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         dirpath=out / "checkpoints", filename="best", monitor="val/AP" if validating else None,
         mode="max", save_top_k=1 if validating else 0, save_last=True,
         every_n_train_steps=None if validating else trainer_cfg.get("val_check_interval") or 1000,
+        enable_version_counter=False,  # last.ckpt is also written by GracefulStop: one file, never last-v1
     )
     accelerator = trainer_cfg.pop("accelerator", "auto") or "auto"
     val_every = trainer_cfg.pop("val_check_interval", None) or 1000
     max_steps = trainer_cfg.pop("max_steps", 450_000)
+    # SIGTERM/SIGINT: stop at a step boundary with last.ckpt saved; and last.ckpt before every validation
+    stop = GracefulStop(out / "checkpoints" / "last.ckpt", every=min(val_every, max_steps) if validating else None)
     trainer = L.Trainer(
         default_root_dir=out, max_steps=max_steps, accelerator=accelerator,
         devices=trainer_cfg.pop("devices", "auto") or "auto", num_nodes=trainer_cfg.pop("num_nodes", 1) or 1,
         precision=resolve_precision(str(trainer_cfg.pop("precision", "auto")), accelerator),
         gradient_clip_val=optim.get("clip_grad_norm", 1.0), gradient_clip_algorithm="norm",
         val_check_interval=min(val_every, max_steps) if validating else None, check_val_every_n_epoch=None,
-        limit_val_batches=None if validating else 0, num_sanity_val_steps=0,
-        callbacks=[checkpoint, LearningRateMonitor("step"), *callbacks],
+        # a few validation batches at step 0, evaluated: a broken validation setup fails in the first minute
+        limit_val_batches=None if validating else 0, num_sanity_val_steps=2 if validating else 0,
+        callbacks=[checkpoint, LearningRateMonitor("step"), stop, *callbacks],
         # a new logs/version_N per start, so a resumed run never overwrites the log it resumes
         logger=CSVLogger(out, name="logs"), use_distributed_sampler=False,
         enable_model_summary=False, **trainer_cfg,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # resume never unpickles code
+    with stop.guard():  # a stop signal ends here as Stopped, with last.ckpt saved
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # resume never unpickles code
     # ModelCheckpoint saves on its interval only: make last.ckpt the final step, so that
     # `--resume last` with a larger --max-steps continues exactly where this run stopped.
     trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)  # with optimizer state
@@ -221,6 +248,9 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         variant = cfg["model"].get("variant", "auto")
         result["head"] = str(save_head(final.head, out / "head.pt", variant=None if variant == "auto" else variant))
         result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        result["head_folder"] = str(save_pretrained(
+            final.head, out / "head", variant=None if variant == "auto" else variant,
+            metrics=result["metrics"] or None, **fit_card([i.manifest for i in dm.train], max_steps)))
         (out / "fit_summary.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -230,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     try:
         result = run(cfg)
-    except (FitError, ShardFormatError, CheckpointError, FileNotFoundError) as err:
+    except Stopped as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
+    except (FitError, ShardFormatError, DataConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if "head" in result:

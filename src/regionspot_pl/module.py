@@ -41,6 +41,7 @@ class RegionSpotModule(L.LightningModule):
         val_text_embeddings: [C_val, text_dim] for the validation vocabulary.
         val_category_ids: dataset category id of each validation class (results format).
         val_annotations: GT file the validation AP is computed against.
+        metric_backend: "hotcoco" (fast, default) or "lvis" (the official LVIS API, the reference).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class RegionSpotModule(L.LightningModule):
         val_category_ids: Sequence[int] = (),
         val_annotations: str | None = None,
         topk: int = 300,
+        metric_backend: str = "hotcoco",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["text_embeddings", "val_text_embeddings"])
@@ -110,7 +112,7 @@ class RegionSpotModule(L.LightningModule):
             )
 
     def on_validation_epoch_end(self) -> None:
-        if not self.hparams.val_annotations or self.trainer.sanity_checking:
+        if not self.hparams.val_annotations:
             return
         results = self._val_results
         if self.trainer.world_size > 1:
@@ -119,8 +121,11 @@ class RegionSpotModule(L.LightningModule):
             results = [r for part in gathered for r in part]
         metrics = None
         if self.trainer.is_global_zero:
-            metrics = evaluate_detections(self.hparams.val_annotations, results, iou_type="bbox") if results else {}
+            metrics = evaluate_detections(self.hparams.val_annotations, results, iou_type="bbox",
+                                          backend=self.hparams.metric_backend) if results else {}
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        if self.trainer.sanity_checking:  # fit's step-0 check: the evaluation ran; the AP of 2 batches means nothing
+            return
         for k, v in metrics.items():
             if v == v:  # NaN (e.g. no rare class in a small val set) is not logged
                 self.log(f"val/{k}", float(v), prog_bar=k == "AP", sync_dist=False)

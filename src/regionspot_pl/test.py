@@ -42,20 +42,25 @@ from .data.datamodule import CacheInfo, collate_regions
 from .data.shards import ShardFormatError, iter_samples
 from .evaluation.baselines import BASELINES, box_crops, crop_logits
 from .evaluation.metrics import (
+    BACKENDS,
+    DEFAULT_BACKEND,
     LVIS_METRICS,
     EvaluationInputError,
-    evaluate_detections,
+    evaluate_results,
     format_metrics_table,
 )
+from .evaluation.report import write_report
 from .evaluation.scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
 from .model.checkpoint import CheckpointError, load_head
 from .model.head import RegionSpotHead, region_logits
+from .stopping import Stopped, stop_on_signals
 
 METHODS: tuple[str, ...] = ("regionspot", *BASELINES)
 # Config keys = the flags. Defaults that depend on the method (batch size) are set in run_test.
 KEYS: tuple[str, ...] = ("shards", "annotations", "head", "clip_model", "vocab", "method", "topk", "out",
-                         "device", "images", "batch_size", "text_cache", "workers")
-DEFAULTS: dict[str, Any] = {"method": "regionspot", "topk": MAX_DETS_PER_IMAGE, "workers": 2}
+                         "device", "images", "batch_size", "text_cache", "workers", "metric_backend")
+DEFAULTS: dict[str, Any] = {"method": "regionspot", "topk": MAX_DETS_PER_IMAGE, "workers": 2,
+                            "metric_backend": DEFAULT_BACKEND}
 # regionspot: images per head batch; baselines: box crops per CLIP image-tower batch.
 DEFAULT_BATCH = {"regionspot": 16, "clip-box": 128, "clip-mask": 128}
 
@@ -285,7 +290,8 @@ def gc_paused() -> Iterator[None]:
 
     LVIS evaluation allocates tens of millions of small objects (one entry per image x class x
     area); each allocation burst makes the collector rescan everything alive, which made the
-    metric step superlinear: 132 s -> 89 s at 1/4 of LVIS val (scripts/bench_metrics.py --keep-gc).
+    metric step superlinear: 132 s -> 89 s at 1/4 of LVIS val with the LVIS API (evaluate_results
+    now pauses it itself as well).
     Memory is still freed by reference counting; any cycles wait for the collector to resume.
     """
     enabled = gc.isenabled()
@@ -322,7 +328,15 @@ def run_test(cfg: dict) -> dict:
         raise TestError(f"--topk must be >= 1, got {topk}")
     if topk > MAX_DETS_PER_IMAGE:
         print(f"note: --topk {topk} capped at {MAX_DETS_PER_IMAGE}, the most the LVIS protocol scores per image")
-    batch_size = int(cfg.get("batch_size") or DEFAULT_BATCH[method])
+    batch_size = int(DEFAULT_BATCH[method] if cfg.get("batch_size") is None else cfg["batch_size"])
+    if batch_size < 1:
+        raise TestError(f"--batch-size must be >= 1, got {batch_size}")
+    backend = cfg.get("metric_backend") or DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise TestError(f"unknown metric backend {backend!r}: use 'hotcoco' (fast, the default) or 'lvis' "
+                        "(the official LVIS API / pycocotools, the reference)")
+    if cfg.get("workers") is not None and int(cfg["workers"]) < 0:
+        raise TestError(f"--workers must be >= 0, got {cfg['workers']}")
 
     folder = str(cfg["shards"])
     if not Path(folder).is_dir():
@@ -399,7 +413,7 @@ def run_test(cfg: dict) -> dict:
 
     out = Path(cfg.get("out") or f"runs/test/{info.name}")
     out.mkdir(parents=True, exist_ok=True)
-    files, metrics = {}, {}
+    files, metrics, evaluations = {}, {}, {}
     iou_types = ["bbox", "segm"] if has_masks else ["bbox"]
     if not has_masks:
         print(f"note: the shards in {folder} were extracted with --no-masks: no mask AP, no detections_segm.json")
@@ -415,12 +429,19 @@ def run_test(cfg: dict) -> dict:
             continue
         start = time.perf_counter()
         with gc_paused():
-            metrics[iou_type] = evaluate_detections(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE)
+            evaluations[iou_type] = evaluate_results(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE,
+                                                     backend=backend)
+        metrics[iou_type] = evaluations[iou_type].metrics
         metric_s += time.perf_counter() - start
         del results  # LVIS-sized result lists are GBs: one at a time
     print(f"metric step: {metric_s:.1f} s ({', '.join(metrics)})")
     files["metrics"] = out / "metrics.json"
     files["metrics"].write_text(json.dumps(_json_metrics(metrics), indent=2) + "\n")
+    if evaluations:  # report.md, ap_per_class.png/.csv: what was evaluated, per-class AP
+        model = {"head": cfg["head"]} if method == "regionspot" else {"method": f"{method} (CLIP {clip_dir})"}
+        sources = {"ground truth": cfg["annotations"], "shards": folder, **model,
+                   "results": ", ".join(str(files[t]) for t in evaluations)}
+        files.update(write_report(out, evaluations, gt, sources, seconds=metric_s))
     return {"metrics": metrics, "files": {k: str(v) for k, v in files.items()},
             "seconds": {"pass": pass_s, "metrics": metric_s}}
 
@@ -449,6 +470,8 @@ def _parser() -> argparse.ArgumentParser:
                                                   "for the baselines (default 128)")
     p.add_argument("--text-cache", help="HDF5 text-embedding cache (default: the one the shards name)")
     p.add_argument("--workers", type=int, help="image decoding workers for the crop baselines (default 2)")
+    p.add_argument("--metric-backend", choices=BACKENDS,
+                   help="hotcoco (default, fast) or lvis (the official LVIS API / pycocotools, the reference)")
     return p
 
 
@@ -472,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = build_config(args)
-        result = run_test(cfg)
+        with stop_on_signals():
+            result = run_test(cfg)
+    except Stopped as stop:
+        print(f"{stop}: the test did not finish; run it again", file=sys.stderr)
+        return stop.exit_code
     except SystemExit as err:  # the config helpers exit with "error: ..."; keep this CLI's exit code
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
