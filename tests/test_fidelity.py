@@ -324,3 +324,37 @@ def test_nearest_upsampling_matches_math():
     up = masks_to_original(masks, (480, 640))
     cols = up[0].any(0).nonzero().flatten().tolist()
     assert cols and all(math.floor(c * 1067 / 640) in (532, 533, 534) for c in cols)
+
+
+def test_masks_only_where_they_are_used_and_o365_is_v1():
+    """Training sets store no masks (training reads tokens, boxes, labels); evaluation splits do."""
+    from regionspot_pl.config import load_yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "data"
+    for name in ("o365", "openimages", "v3det"):
+        assert load_yaml(root / f"{name}.yaml")["masks"] is False
+    for name in ("lvis_val", "coco"):
+        assert load_yaml(root / f"{name}.yaml")["masks"] is True
+    assert load_yaml(root / "o365.yaml")["annotations"].endswith("/objects365_train.json")
+
+
+def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path):
+    """Loader workers hand over the resized image and SAM's resize as uint8; normalising and
+    padding happen on the device and give SamPredictor's input."""
+    from segment_anything import SamPredictor
+
+    from regionspot_pl.extract import FeatureExtractor, ImageFeaturesInput
+
+    cfg = ExtractConfig(images=str(demo_data["val_images"]), annotations=str(demo_data["val_json"]),
+                        out=str(tmp_path / "x"), sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+                        clip_model=str(tiny_backbones["clip_dir"]), workers=0)
+    extractor = FeatureExtractor(cfg)
+    records, _, _ = load_coco(demo_data["val_json"])
+    item = ImageFeaturesInput([(0, records[0])], cfg.images, extractor.sam.transform)[0]
+    assert item["sam_image"].dtype == item["clip_image"].dtype == torch.uint8
+    resized = item["clip_image"].permute(1, 2, 0).numpy()
+    assert tuple(item["resized_size"]) == resized.shape[:2] == resized_shape(records[0].height, records[0].width)
+    predictor = SamPredictor(extractor.sam.sam)
+    expected = extractor.sam.sam.preprocess(torch.as_tensor(predictor.transform.apply_image(resized))
+                                            .permute(2, 0, 1)[None].float())
+    torch.testing.assert_close(extractor.sam.prepare([item["sam_image"]]), expected)
