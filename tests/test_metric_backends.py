@@ -10,6 +10,7 @@ them), score ties, and more detections per image than the cap.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,18 @@ def test_ignore_flags_go_to_the_lvis_api_with_a_warning() -> None:
     assert_same(fast.metrics, reference.metrics)
     plain = evaluate_detections(make_set(10)[0], results, "bbox", backend="lvis")
     assert plain["AP"] != reference.metrics["AP"]  # the flags do change the LVIS API's numbers
+
+
+def test_fit_takes_the_backend_and_rejects_an_unknown_one(tmp_path) -> None:
+    from regionspot_pl import fit
+    from regionspot_pl.module import RegionSpotModule
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "fit" / "demo.yaml")
+    args = fit._parser().parse_args(["--config", demo, "--metric-backend", "lvis"])
+    assert fit.build_config(args)["metric_backend"] == "lvis"
+    assert fit.build_config(fit._parser().parse_args(["--config", demo])).get("metric_backend") is None
+    with pytest.raises(fit.FitError, match="unknown metric backend 'pycoco'"):
+        fit.run({"data": {}, "out": str(tmp_path), "metric_backend": "pycoco"})
+    head = {"clip_dim": 32, "text_dim": 16, "ffn_dim": 32, "num_heads": 2}
+    assert RegionSpotModule(head=head).hparams.metric_backend == "hotcoco"
+    assert RegionSpotModule(head=head, metric_backend="lvis").hparams.metric_backend == "lvis"

@@ -171,7 +171,7 @@ def _provenance(
     cells.append(["protocol", protocol])
     cells.append(["backend", _backend_name(first.backend, first.kind)])
     for t, e in evaluations.items():
-        cells.append([f"{t} detections", f"{e.num_detections} on {e.num_images} images"])
+        cells.append([f"{t} detections", f"{e.num_detections} ({e.num_images} images evaluated)"])
     if seconds is not None:
         cells.append(["metric step", f"{seconds:.1f} s"])
     return _table(["", ""], cells)
