@@ -71,6 +71,7 @@ from regionspot_pl.data.datamodule import RegionDataModule, collate_regions  # n
 from regionspot_pl.data.shards import (  # noqa: E402
     ARRAY_MEMBERS,
     MANIFEST,
+    PROTOCOL,
     AtomicShardWriter,
     decode_sample,
     encode_sample,
@@ -332,8 +333,10 @@ def bl_sample(rng: np.random.Generator, image_id: int) -> dict:
 
 
 def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path:
-    if (folder / MANIFEST).is_file() and json.loads((folder / MANIFEST).read_text()).get("images") == num_images:
-        return folder
+    if (folder / MANIFEST).is_file():
+        old = json.loads((folder / MANIFEST).read_text())
+        if old.get("images") == num_images and old.get("protocol") == PROTOCOL:
+            return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -341,10 +344,11 @@ def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path
         writer = AtomicShardWriter(folder / shard_name("bl", 0, j))
         for image_id in range(start + 1, min(start + shard_size, num_images) + 1):
             writer.write(bl_sample(rng, image_id))
-        writer.commit({})
+        writer.commit({"num_classes": BL["classes"]})
     vocab = Vocabulary(tuple(f"class_{i}" for i in range(BL["classes"])), tuple(range(1, BL["classes"] + 1)))
     write_json_atomic(folder / MANIFEST, {
-        "format_version": 1, "dataset": "bl", "images": num_images, "vocabulary": vocab.to_dict(),
+        "format_version": 1, "protocol": PROTOCOL, "dataset": "bl", "images": num_images,
+        "vocabulary": vocab.to_dict(),
         "backbones": {"clip": {"model": "synthetic ViT-L/14", "id": "synthetic", "image_size": 224,
                                "tokens": BL["tokens"], "vision_dim": BL["clip_dim"], "text_dim": BL["text_dim"]}},
         "config": {"masks": False}})
@@ -795,6 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     shards_dir = out / "shards"
     for split, n, size in (("train", num_images, max(1, num_images // 4)), ("val", 14, 7)):
         folder = shards_dir / f"{split}-{n}"
+        if (folder / MANIFEST).is_file() and json.loads((folder / MANIFEST).read_text()).get("protocol") != PROTOCOL:
+            shutil.rmtree(folder)  # features of an older protocol: extract again
         if not (folder / MANIFEST).is_file():
             run_extraction(ExtractConfig(
                 images=str(data[f"{split}_images"]), annotations=str(data[f"{split}_json"]), out=str(folder),

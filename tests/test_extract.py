@@ -169,7 +169,7 @@ def test_sample_round_trip_and_validation():
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(demo_data, tiny_backbones, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    run_extraction(_config(demo_data, tiny_backbones, straight, shard_size=3, batch_size=2))
+    run_extraction(_config(demo_data, tiny_backbones, straight, shard_size=3, batch_size=2, limit=12))
 
     crashed = tmp_path / "crashed"
     calls = {"n": 0}
@@ -183,19 +183,19 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(demo_data, tiny_
 
     monkeypatch.setattr(FeatureExtractor, "encode", dies_on_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
-        run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))
+        run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2, limit=12))
     partial = sorted(p.name for p in crashed.glob("*.tar"))
-    assert 0 < len(partial) < 8  # some shards finished, the rest did not
+    assert 0 < len(partial) < 4  # some shards finished, the rest did not
     monkeypatch.setattr(FeatureExtractor, "encode", original)
-    summary = run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))
+    summary = run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2, limit=12))
     assert summary["resumed_images"] == 3 * len(partial)
-    assert summary["images"] == 24 - 3 * len(partial)
+    assert summary["images"] == 12 - 3 * len(partial)
     assert not list(crashed.glob("*.tmp"))
     for a in sorted(straight.glob("*.tar")):  # byte-identical shards, no duplicates
         assert (crashed / a.name).read_bytes() == a.read_bytes()
     assert sorted(p.name for p in crashed.glob("*.tar")) == sorted(p.name for p in straight.glob("*.tar"))
     # a third run has nothing left to do
-    assert run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2))["images"] == 0
+    assert run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2, limit=12))["images"] == 0
 
 
 def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny_backbones, tmp_path):
@@ -219,9 +219,10 @@ def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny
 
 def test_two_ranks_together_equal_one(demo_shards, demo_data, tiny_backbones, tmp_path):
     single = _samples(demo_shards["train"])
+    single = {k: single[k] for k in sorted(single, key=int)[:10]}  # the first 10 images by id
     out = tmp_path / "ranks"
     for rank in (0, 1):
-        run_extraction(_config(demo_data, tiny_backbones, out, shard_size=4, rank=rank, world_size=2))
+        run_extraction(_config(demo_data, tiny_backbones, out, shard_size=4, rank=rank, world_size=2, limit=10))
     both = _samples(out)
     assert sorted(both) == sorted(single)
     assert all(_same(both[k], single[k]) for k in single)
