@@ -16,8 +16,6 @@ of each box; not when the shards were extracted with --no-masks) and OUT/metrics
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import math
 import os
@@ -284,25 +282,6 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)  # never leave a half-written results file under the final name
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while the evaluator runs.
-
-    LVIS evaluation allocates tens of millions of small objects (one entry per image x class x
-    area); each allocation burst makes the collector rescan everything alive, which made the
-    metric step superlinear: 132 s -> 89 s at 1/4 of LVIS val with the LVIS API (evaluate_results
-    now pauses it itself as well).
-    Memory is still freed by reference counting; any cycles wait for the collector to resume.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _json_metrics(metrics: dict[str, dict[str, float]]) -> dict:
     """Every LVIS key per IoU type; NaN (nothing to score) and keys COCO lacks become null."""
     def value(v: float | None) -> float | None:
@@ -428,9 +407,9 @@ def run_test(cfg: dict) -> dict:
             print(f"note: {cfg['annotations']} has annotations without 'segmentation': no mask AP")
             continue
         start = time.perf_counter()
-        with gc_paused():
-            evaluations[iou_type] = evaluate_results(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE,
-                                                     backend=backend)
+        # evaluate_results pauses the garbage collector itself (LVIS-sized result lists)
+        evaluations[iou_type] = evaluate_results(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE,
+                                                 backend=backend)
         metrics[iou_type] = evaluations[iou_type].metrics
         metric_s += time.perf_counter() - start
         del results  # LVIS-sized result lists are GBs: one at a time
