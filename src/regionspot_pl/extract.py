@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
 from .backbones.image import (
     ImageReadError,
+    ImageSizeError,
     masks_to_original,
     read_image,
     resize_for_backbones,
@@ -167,7 +168,7 @@ class ImageFeaturesInput(Dataset):
             image, item["raw_orientation"] = read_image(path, (rec.height, rec.width))
         except ImageReadError as err:
             item["error"] = str(err)
-            if "record says" in item["error"]:  # read_image's size check
+            if isinstance(err, ImageSizeError):
                 item["reason"] = "size_mismatch"
             return item
         del item["reason"]

@@ -34,6 +34,10 @@ class ImageReadError(ValueError):
     """An image file is missing, unreadable, outside its folder, or not the size its record says."""
 
 
+class ImageSizeError(ImageReadError):
+    """An image decodes, but neither its oriented nor its stored pixels have its record's size."""
+
+
 def resolve_image_path(root: str | Path, file_name: str) -> Path:
     """``root / file_name``, refusing any name that leads outside ``root`` (``..``, absolute
     paths, symlinks pointing out), so an annotation file can never make us read other files."""
@@ -101,7 +105,7 @@ def read_image(
             got = (oriented.height, oriented.width)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"image {path} could not be decoded ({type(err).__name__}: {err})") from err
-    raise ImageReadError(
+    raise ImageSizeError(
         f"image {path} is {got[1]}x{got[0]} (W x H, EXIF orientation applied; stored "
         f"{raw_hw[1]}x{raw_hw[0]}) but its record says {expected_size[1]}x{expected_size[0]}: "
         "boxes would be misplaced; fix the annotation's width/height or the image folder"
