@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# CI runs this: formatting, line length and lint first, then the suite
+test: lint
 	$(PY) -m pytest -q tests
 
 lint: install
+	$(PY) -m ruff format --check src tests scripts
 	$(PY) -m ruff check src tests scripts
 
 # make extract DATASET=o365 [ARGS="--device cuda --batch-size 16"]

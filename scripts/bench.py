@@ -110,11 +110,26 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, stage: str, ours: str, naive: str = "-", ratio: float | None = None, ratio_fmt: str = "{:.2f}x",
-            target: str = "-", met: bool | None = None, **raw) -> None:
-        row = {"stage": stage, "ours": ours, "naive/limit": naive,
-               "ratio": "-" if ratio is None else ratio_fmt.format(ratio), "target": target,
-               "met?": "-" if met is None else ("yes" if met else "NO"), "raw": raw}
+    def add(
+        self,
+        stage: str,
+        ours: str,
+        naive: str = "-",
+        ratio: float | None = None,
+        ratio_fmt: str = "{:.2f}x",
+        target: str = "-",
+        met: bool | None = None,
+        **raw,
+    ) -> None:
+        row = {
+            "stage": stage,
+            "ours": ours,
+            "naive/limit": naive,
+            "ratio": "-" if ratio is None else ratio_fmt.format(ratio),
+            "target": target,
+            "met?": "-" if met is None else ("yes" if met else "NO"),
+            "raw": raw,
+        }
         self.rows.append(row)
         print(f"[bench] {stage}: {ours} | {naive} | {row['ratio']} | {target} {row['met?']}", flush=True)
 
@@ -136,9 +151,17 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
     records, vocab, _ = load_coco(data["train_json"])
     records = sorted(records, key=lambda r: r.image_id)[:num_images]
     num_boxes = sum(len(r.boxes) for r in records)
-    cfg = ExtractConfig(images=str(data["train_images"]), annotations=str(data["train_json"]), out=str(out / "x"),
-                        sam_checkpoint=str(backbones["sam_checkpoint"]), clip_model=str(backbones["clip_dir"]),
-                        sam_type="tiny", device="cpu", batch_size=BATCH, precision="fp32")
+    cfg = ExtractConfig(
+        images=str(data["train_images"]),
+        annotations=str(data["train_json"]),
+        out=str(out / "x"),
+        sam_checkpoint=str(backbones["sam_checkpoint"]),
+        clip_model=str(backbones["clip_dir"]),
+        sam_type="tiny",
+        device="cpu",
+        batch_size=BATCH,
+        precision="fp32",
+    )
     extractor = FeatureExtractor(cfg)
     sam, clip = extractor.sam, extractor.clip
     dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, sam.transform)
@@ -185,10 +208,24 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
                 rles = masks_to_rle(masks_to_original(masks, original))
                 split["rle"] += now() - t
                 t = now()
-                meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": "bench",
-                        "masks": rles}
-                writer.write(encode_sample(rec.image_id, tokens.float().cpu().numpy(), rec.boxes, rec.labels,
-                                           rec.scores, clip_tokens[i], meta))
+                meta = {
+                    "file_name": rec.file_name,
+                    "width": rec.width,
+                    "height": rec.height,
+                    "dataset": "bench",
+                    "masks": rles,
+                }
+                writer.write(
+                    encode_sample(
+                        rec.image_id,
+                        tokens.float().cpu().numpy(),
+                        rec.boxes,
+                        rec.labels,
+                        rec.scores,
+                        clip_tokens[i],
+                        meta,
+                    )
+                )
                 split["write"] += now() - t
 
     # naive: SamPredictor per box, CLIP per image (the same tiny models, fp32, no_grad as SamPredictor)
@@ -206,7 +243,9 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
                 t = now()
                 image, _ = read_image(image_dir / rec.file_name)
                 resized = resize_for_backbones(image)
-                sam_input = torch.as_tensor(predictor.transform.apply_image(resized)).permute(2, 0, 1)[None].contiguous()
+                sam_input = (
+                    torch.as_tensor(predictor.transform.apply_image(resized)).permute(2, 0, 1)[None].contiguous()
+                )
                 clip_input = clip_preprocess(torch.from_numpy(resized).permute(2, 0, 1), clip.image_size)[None]
                 naive["prep"] += now() - t
                 t = now()
@@ -221,19 +260,26 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
                 for box in rec.boxes:
                     t = now()
                     captured.clear()
-                    mask, _, _ = predictor.predict(box=box * np.array([rw / w, rh / h, rw / w, rh / h]),
-                                                   multimask_output=False)
+                    mask, _, _ = predictor.predict(
+                        box=box * np.array([rw / w, rh / h, rw / w, rh / h]), multimask_output=False
+                    )
                     tokens.append(captured[0][0, 1].float().numpy())
                     naive["decoder"] += now() - t
                     t = now()
                     rles += masks_to_rle(masks_to_original(torch.from_numpy(mask), (h, w)))
                     naive["rle"] += now() - t
                 t = now()
-                meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": "bench",
-                        "masks": rles}
+                meta = {
+                    "file_name": rec.file_name,
+                    "width": rec.width,
+                    "height": rec.height,
+                    "dataset": "bench",
+                    "masks": rles,
+                }
                 sam_tokens = np.stack(tokens) if tokens else np.zeros((0, 256), np.float32)
-                writer.write(encode_sample(rec.image_id, sam_tokens, rec.boxes, rec.labels, rec.scores, clip_tokens,
-                                           meta))
+                writer.write(
+                    encode_sample(rec.image_id, sam_tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, meta)
+                )
                 naive["write"] += now() - t
         finally:
             hook.remove()
@@ -256,8 +302,11 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
     e2e = {w: end_to_end(w) for w in (0, 2)}
     # the options: bf16 autocast (as on GPUs; fast only on CPUs with AVX512-BF16/AMX) and
     # torch.compile, each timed after a warm-up pass that includes the compilation
-    options = {"--precision bf16": {"precision": "bf16"}, "--compile": {"compile": True},
-               "--compile --precision bf16": {"compile": True, "precision": "bf16"}}
+    options = {
+        "--precision bf16": {"precision": "bf16"},
+        "--compile": {"compile": True},
+        "--compile --precision bf16": {"compile": True, "precision": "bf16"},
+    }
     e2e_fp32 = min(e2e[0], end_to_end(0))
     variants = {}
     for flags, change in options.items():
@@ -268,21 +317,38 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
     n_img, n_box = reps * num_images, reps * num_boxes
     ours_total, naive_total = sum(split.values()), sum(naive.values())
     ratio = naive_total / ours_total
-    table.add(f"extract: tiny SAM@{sam.img_size}+tiny CLIP, {num_images} img / {num_boxes} boxes x{reps}",
-              f"{n_img / ours_total:.1f} img/s, {n_box / ours_total:.0f} box/s (batch {BATCH})",
-              f"{n_img / naive_total:.1f} img/s, {n_box / naive_total:.0f} box/s (SamPredictor per box)",
-              ratio, target=">= 5x", met=ratio >= 5, seconds_ours=ours_total, seconds_naive=naive_total,
-              images=n_img, boxes=n_box)
+    table.add(
+        f"extract: tiny SAM@{sam.img_size}+tiny CLIP, {num_images} img / {num_boxes} boxes x{reps}",
+        f"{n_img / ours_total:.1f} img/s, {n_box / ours_total:.0f} box/s (batch {BATCH})",
+        f"{n_img / naive_total:.1f} img/s, {n_box / naive_total:.0f} box/s (SamPredictor per box)",
+        ratio,
+        target=">= 5x",
+        met=ratio >= 5,
+        seconds_ours=ours_total,
+        seconds_naive=naive_total,
+        images=n_img,
+        boxes=n_box,
+    )
     for flags, (seconds, warm_up) in variants.items():
-        table.add(f"extract: run_extraction's loop, {flags} vs default fp32 (workers 0)",
-                  f"{num_images / seconds:.1f} img/s (first pass {warm_up:.0f} s)",
-                  f"{num_images / e2e_fp32:.1f} img/s", e2e_fp32 / seconds, seconds=seconds,
-                  first_pass_seconds=warm_up, seconds_fp32=e2e_fp32)
+        table.add(
+            f"extract: run_extraction's loop, {flags} vs default fp32 (workers 0)",
+            f"{num_images / seconds:.1f} img/s (first pass {warm_up:.0f} s)",
+            f"{num_images / e2e_fp32:.1f} img/s",
+            e2e_fp32 / seconds,
+            seconds=seconds,
+            first_pass_seconds=warm_up,
+            seconds_fp32=e2e_fp32,
+        )
     fastest = min(variants, key=lambda k: variants[k][0])
     best = naive_total / reps / variants[fastest][0]
-    table.add(f"extract: fastest option ({fastest}) vs naive (SamPredictor per box)",
-              f"{num_images / variants[fastest][0]:.1f} img/s", f"{n_img / naive_total:.1f} img/s", best,
-              target=">= 5x", met=best >= 5)
+    table.add(
+        f"extract: fastest option ({fastest}) vs naive (SamPredictor per box)",
+        f"{num_images / variants[fastest][0]:.1f} img/s",
+        f"{n_img / naive_total:.1f} img/s",
+        best,
+        target=">= 5x",
+        met=best >= 5,
+    )
     # the decoder's arithmetic against what this CPU's matmul units deliver: how much room is left
     rec = max(records, key=lambda r: len(r.boxes))
     with torch.inference_mode():
@@ -293,26 +359,49 @@ def bench_extraction(table: Table, out: Path, data: dict, backbones: dict, num_i
     per_box /= len(rec.boxes)
     rate = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     work = per_box * n_box
-    table.add(f"extract: decoder arithmetic ({per_box:.2f} GFLOP/box counted) vs CPU fp32 matmul rate",
-              f"{work / split['decoder']:.0f} GFLOP/s = {100 * work / split['decoder'] / rate[torch.float32]:.0f}%",
-              f"naive {work / naive['decoder']:.0f} GFLOP/s = {100 * work / naive['decoder'] / rate[torch.float32]:.0f}%",
-              100 * work / split["decoder"] / rate[torch.float32], ratio_fmt="{:.0f}%", gflop_per_box=per_box)
-    table.add("cpu: measured matmul rate (2048 x 2048, torch), bf16 vs fp32",
-              f"bf16 {rate[torch.bfloat16]:.0f} GFLOP/s", f"fp32 {rate[torch.float32]:.0f} GFLOP/s",
-              rate[torch.bfloat16] / rate[torch.float32], fp32_gflops=rate[torch.float32],
-              bf16_gflops=rate[torch.bfloat16])
-    table.add("extract: run_extraction's loop (DataLoader), workers 2 vs 0", f"w2 {num_images / e2e[2]:.1f} img/s",
-              f"w0 {num_images / e2e[0]:.1f} img/s", e2e[0] / e2e[2], seconds_by_workers=e2e)
+    table.add(
+        f"extract: decoder arithmetic ({per_box:.2f} GFLOP/box counted) vs CPU fp32 matmul rate",
+        f"{work / split['decoder']:.0f} GFLOP/s = {100 * work / split['decoder'] / rate[torch.float32]:.0f}%",
+        f"naive {work / naive['decoder']:.0f} GFLOP/s = {100 * work / naive['decoder'] / rate[torch.float32]:.0f}%",
+        100 * work / split["decoder"] / rate[torch.float32],
+        ratio_fmt="{:.0f}%",
+        gflop_per_box=per_box,
+    )
+    table.add(
+        "cpu: measured matmul rate (2048 x 2048, torch), bf16 vs fp32",
+        f"bf16 {rate[torch.bfloat16]:.0f} GFLOP/s",
+        f"fp32 {rate[torch.float32]:.0f} GFLOP/s",
+        rate[torch.bfloat16] / rate[torch.float32],
+        fp32_gflops=rate[torch.float32],
+        bf16_gflops=rate[torch.bfloat16],
+    )
+    table.add(
+        "extract: run_extraction's loop (DataLoader), workers 2 vs 0",
+        f"w2 {num_images / e2e[2]:.1f} img/s",
+        f"w0 {num_images / e2e[0]:.1f} img/s",
+        e2e[0] / e2e[2],
+        seconds_by_workers=e2e,
+    )
     num_images = n_img
-    labels = {"prep": "image decode + preprocess", "sam_encoder": "SAM image encoder", "clip": "CLIP encoder",
-              "decoder": "prompt/mask decoder", "rle": "mask RLE", "write": "sample encoding + tar write"}
+    labels = {
+        "prep": "image decode + preprocess",
+        "sam_encoder": "SAM image encoder",
+        "clip": "CLIP encoder",
+        "decoder": "prompt/mask decoder",
+        "rle": "mask RLE",
+        "write": "sample encoding + tar write",
+    }
     split_total = ours_total
     for key, label in labels.items():
         share = 100 * split[key] / split_total
-        table.add(f"extract: {label} [{share:.0f}% of ours, {100 * naive[key] / naive_total:.0f}% of naive]",
-                  f"{1000 * split[key] / num_images:.1f} ms/img", f"{1000 * naive[key] / num_images:.1f} ms/img",
-                  naive[key] / max(split[key], 1e-9), ms_per_image_ours=1000 * split[key] / num_images,
-                  ms_per_image_naive=1000 * naive[key] / num_images)
+        table.add(
+            f"extract: {label} [{share:.0f}% of ours, {100 * naive[key] / naive_total:.0f}% of naive]",
+            f"{1000 * split[key] / num_images:.1f} ms/img",
+            f"{1000 * naive[key] / num_images:.1f} ms/img",
+            naive[key] / max(split[key], 1e-9),
+            ms_per_image_ours=1000 * split[key] / num_images,
+            ms_per_image_naive=1000 * naive[key] / num_images,
+        )
     shutil.rmtree(scratch, ignore_errors=True)
     return {"ours_s": ours_total, "naive_s": naive_total, "split": split, "naive": naive}
 
@@ -326,10 +415,15 @@ def bl_sample(rng: np.random.Generator, image_id: int) -> dict:
     n = max(1, int(rng.poisson(BL["boxes"])))
     xy = rng.uniform(0, 400, size=(n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(8, 200, size=(n, 2))], axis=1).astype(np.float32)
-    return encode_sample(image_id, rng.standard_normal((n, 256)).astype(np.float16), boxes,
-                         rng.integers(0, BL["classes"], n), np.ones(n, np.float32),
-                         rng.standard_normal((BL["tokens"], BL["clip_dim"])).astype(np.float16),
-                         {"file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480, "dataset": "bl"})
+    return encode_sample(
+        image_id,
+        rng.standard_normal((n, 256)).astype(np.float16),
+        boxes,
+        rng.integers(0, BL["classes"], n),
+        np.ones(n, np.float32),
+        rng.standard_normal((BL["tokens"], BL["clip_dim"])).astype(np.float16),
+        {"file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480, "dataset": "bl"},
+    )
 
 
 def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path:
@@ -346,12 +440,27 @@ def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path
             writer.write(bl_sample(rng, image_id))
         writer.commit({"num_classes": BL["classes"]})
     vocab = Vocabulary(tuple(f"class_{i}" for i in range(BL["classes"])), tuple(range(1, BL["classes"] + 1)))
-    write_json_atomic(folder / MANIFEST, {
-        "format_version": 1, "protocol": PROTOCOL, "dataset": "bl", "images": num_images,
-        "vocabulary": vocab.to_dict(),
-        "backbones": {"clip": {"model": "synthetic ViT-L/14", "id": "synthetic", "image_size": 224,
-                               "tokens": BL["tokens"], "vision_dim": BL["clip_dim"], "text_dim": BL["text_dim"]}},
-        "config": {"masks": False}})
+    write_json_atomic(
+        folder / MANIFEST,
+        {
+            "format_version": 1,
+            "protocol": PROTOCOL,
+            "dataset": "bl",
+            "images": num_images,
+            "vocabulary": vocab.to_dict(),
+            "backbones": {
+                "clip": {
+                    "model": "synthetic ViT-L/14",
+                    "id": "synthetic",
+                    "image_size": 224,
+                    "tokens": BL["tokens"],
+                    "vision_dim": BL["clip_dim"],
+                    "text_dim": BL["text_dim"],
+                }
+            },
+            "config": {"masks": False},
+        },
+    )
     return folder
 
 
@@ -396,6 +505,7 @@ def decode_rate(shards: list[Path], reader: str, batch_size: int = 16) -> float:
     """samples/s of one pass over the shards in one process (no shuffle). ``reader``:
     "ours" = ``shards.iter_samples`` + ``collate_regions``; "webdataset" = its ``tarfile`` reader and
     ``np.load`` per member + ``collate_regions``; "tar" = our tar member loop alone (no decoding)."""
+
     def webdataset_samples():
         for raw in wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False):
             arrays = {k[:-4]: np.load(io.BytesIO(v), allow_pickle=False) for k, v in raw.items() if k.endswith(".npy")}
@@ -409,7 +519,7 @@ def decode_rate(shards: list[Path], reader: str, batch_size: int = 16) -> float:
                 members += sum(1 for _ in tar_members(stream, str(shard)))
         return members / (len(ARRAY_MEMBERS) + 1) / (now() - start)
     seen, batch = 0, []
-    for sample in (iter_samples(shards) if reader == "ours" else webdataset_samples()):
+    for sample in iter_samples(shards) if reader == "ours" else webdataset_samples():
         sample["dataset_index"] = 0
         batch.append(sample)
         if len(batch) == batch_size:
@@ -456,34 +566,62 @@ def bench_loading(table: Table, folders: dict[str, Path], samples: dict[str, int
         for workers in (0, 2):
             rate, mbps = reader_rate(folder, workers, 16, samples[name])
             pct = mbps / raw
-            table.add(f"load: {name} shards ({size / count / 1e3:.0f} kB/sample), workers {workers}",
-                      f"{rate:.0f} samples/s, {mbps:.0f} MB/s", f"cat {raw:.0f} MB/s (page cache)", 100 * pct,
-                      ratio_fmt="{:.0f}%", target=">= 70%", met=pct >= 0.7, samples_per_s=rate, mb_per_s=mbps,
-                      raw_mb_per_s=raw)
+            table.add(
+                f"load: {name} shards ({size / count / 1e3:.0f} kB/sample), workers {workers}",
+                f"{rate:.0f} samples/s, {mbps:.0f} MB/s",
+                f"cat {raw:.0f} MB/s (page cache)",
+                100 * pct,
+                ratio_fmt="{:.0f}%",
+                target=">= 70%",
+                met=pct >= 0.7,
+                samples_per_s=rate,
+                mb_per_s=mbps,
+                raw_mb_per_s=raw,
+            )
             results[(name, workers)] = (rate, mbps, raw)
         # alternate the readers, best of 3 each: outside load falls on all alike
         rates = dict.fromkeys(("ours", "webdataset", "tar"), 0.0)
         for _ in range(3):
             for reader in rates:
                 rates[reader] = max(rates[reader], decode_rate(files, reader))
-        table.add(f"load: {name} decode path (one pass, batches of 16, workers 0)",
-                  f"{rates['ours']:.0f} samples/s", f"{rates['webdataset']:.0f} samples/s (webdataset tarfile + np.load)",
-                  rates["ours"] / rates["webdataset"], samples_per_s=rates["ours"],
-                  naive_samples_per_s=rates["webdataset"])
+        table.add(
+            f"load: {name} decode path (one pass, batches of 16, workers 0)",
+            f"{rates['ours']:.0f} samples/s",
+            f"{rates['webdataset']:.0f} samples/s (webdataset tarfile + np.load)",
+            rates["ours"] / rates["webdataset"],
+            samples_per_s=rates["ours"],
+            naive_samples_per_s=rates["webdataset"],
+        )
         tar_mbps = rates["tar"] * size / count / 1e6
-        table.add(f"load: {name} tar member loop alone (no decoding, no batching)",
-                  f"{rates['tar']:.0f} samples/s, {tar_mbps:.0f} MB/s", f"cat {raw:.0f} MB/s (page cache)",
-                  100 * tar_mbps / raw, ratio_fmt="{:.0f}%", samples_per_s=rates["tar"], mb_per_s=tar_mbps)
+        table.add(
+            f"load: {name} tar member loop alone (no decoding, no batching)",
+            f"{rates['tar']:.0f} samples/s, {tar_mbps:.0f} MB/s",
+            f"cat {raw:.0f} MB/s (page cache)",
+            100 * tar_mbps / raw,
+            ratio_fmt="{:.0f}%",
+            samples_per_s=rates["tar"],
+            mb_per_s=tar_mbps,
+        )
     ms = transfer_ms(folders["BL"])
-    table.add("load: DataLoader worker -> main transfer of a ready BL batch (16 x 541 kB)",
-              f"{ms:.2f} ms/batch = at most {16000 / ms:.0f} samples/s", f"{TRAIN_TARGET} img/s (training goal)",
-              16000 / ms / TRAIN_TARGET, ms_per_batch=ms)
+    table.add(
+        "load: DataLoader worker -> main transfer of a ready BL batch (16 x 541 kB)",
+        f"{ms:.2f} ms/batch = at most {16000 / ms:.0f} samples/s",
+        f"{TRAIN_TARGET} img/s (training goal)",
+        16000 / ms / TRAIN_TARGET,
+        ms_per_batch=ms,
+    )
     # The consumer is the limit that matters: RegionSpot-BL training at the GPU goal of 5,000 img/s
     # needs 5,000 samples/s from the loader workers together.
     rate = max(results[("BL", w)][0] for w in (0, 2))
-    table.add("load: BL reader (best of workers 0/2, one process) vs GPU training goal",
-              f"{rate:.0f} samples/s", f"{TRAIN_TARGET} img/s (training goal)", rate / TRAIN_TARGET, target=">= 1x",
-              met=rate >= TRAIN_TARGET, samples_per_s=rate)
+    table.add(
+        "load: BL reader (best of workers 0/2, one process) vs GPU training goal",
+        f"{rate:.0f} samples/s",
+        f"{TRAIN_TARGET} img/s (training goal)",
+        rate / TRAIN_TARGET,
+        target=">= 1x",
+        met=rate >= TRAIN_TARGET,
+        samples_per_s=rate,
+    )
     return results
 
 
@@ -498,8 +636,16 @@ EXTRACT_TARGET = 300  # images/s per GPU, issue #7's extraction goal
 def clip_vit_l14():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    return CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                            num_attention_heads=16, patch_size=14, image_size=224)).eval()
+    return CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+        )
+    ).eval()
 
 
 def sync(device: torch.device | str) -> None:
@@ -565,15 +711,27 @@ def bench_flops(table: Table) -> dict:
     head_per_image = counted_gflop(lambda: head_step(head, optimizer, batch, texts)) / 16
 
     need = EXTRACT_TARGET * per_image / 1e3
-    table.add("flops: SAM ViT-B@1024 encoder + CLIP ViT-L/14@224 + 16 boxes' decoder (counted)",
-              f"{per_image:.0f} GFLOP/img ({sam_enc:.0f} + {clip:.0f} + 16 x {per_box:.1f})",
-              f"at {EXTRACT_TARGET} img/s: {need:.0f} TFLOP/s", 100 * need / H100_BF16_SPEC, ratio_fmt="{:.0f}%",
-              target="of H100 bf16 spec", sam_encoder_gflop=sam_enc, clip_gflop=clip, decoder_gflop_per_box=per_box)
+    table.add(
+        "flops: SAM ViT-B@1024 encoder + CLIP ViT-L/14@224 + 16 boxes' decoder (counted)",
+        f"{per_image:.0f} GFLOP/img ({sam_enc:.0f} + {clip:.0f} + 16 x {per_box:.1f})",
+        f"at {EXTRACT_TARGET} img/s: {need:.0f} TFLOP/s",
+        100 * need / H100_BF16_SPEC,
+        ratio_fmt="{:.0f}%",
+        target="of H100 bf16 spec",
+        sam_encoder_gflop=sam_enc,
+        clip_gflop=clip,
+        decoder_gflop_per_box=per_box,
+    )
     need = TRAIN_TARGET * head_per_image / 1e3
-    table.add("flops: BL head training step (fwd + bwd, 16 boxes, 365 classes, counted)",
-              f"{head_per_image:.1f} GFLOP/img", f"at {TRAIN_TARGET} img/s: {need:.0f} TFLOP/s",
-              100 * need / H100_BF16_SPEC, ratio_fmt="{:.1f}%", target="of H100 bf16 spec",
-              head_gflop_per_image=head_per_image)
+    table.add(
+        "flops: BL head training step (fwd + bwd, 16 boxes, 365 classes, counted)",
+        f"{head_per_image:.1f} GFLOP/img",
+        f"at {TRAIN_TARGET} img/s: {need:.0f} TFLOP/s",
+        100 * need / H100_BF16_SPEC,
+        ratio_fmt="{:.1f}%",
+        target="of H100 bf16 spec",
+        head_gflop_per_image=head_per_image,
+    )
     return {"extract_gflop_per_image": per_image, "head_gflop_per_image": head_per_image}
 
 
@@ -646,14 +804,26 @@ def bench_training(table: Table, bl_folder: Path, steps: int, on_the_fly_batches
     del vision
     gc.collect()
 
-    table.add("train: BL head, cached features in memory vs CLIP ViT-L/14 on the fly",
-              f"{cached:.1f} img/s (batch 16, ~16 boxes, T 257, fp32, AdamW)",
-              f"{clip_fly:.2f} img/s (CLIP fwd {1000 * clip_s / (2 * on_the_fly_batches):.0f} ms/img + head)",
-              cached / clip_fly, target="-", images_per_s=cached, on_the_fly_images_per_s=clip_fly,
-              clip_ms_per_image=1000 * clip_s / (2 * on_the_fly_batches))
-    table.add("train: BL head through the shard reader (workers 2) vs in memory",
-              f"{from_shards:.1f} img/s", f"{cached:.1f} img/s (in memory)", 100 * from_shards / cached,
-              ratio_fmt="{:.0f}%", target=">= 90%", met=from_shards >= 0.9 * cached, images_per_s=from_shards)
+    table.add(
+        "train: BL head, cached features in memory vs CLIP ViT-L/14 on the fly",
+        f"{cached:.1f} img/s (batch 16, ~16 boxes, T 257, fp32, AdamW)",
+        f"{clip_fly:.2f} img/s (CLIP fwd {1000 * clip_s / (2 * on_the_fly_batches):.0f} ms/img + head)",
+        cached / clip_fly,
+        target="-",
+        images_per_s=cached,
+        on_the_fly_images_per_s=clip_fly,
+        clip_ms_per_image=1000 * clip_s / (2 * on_the_fly_batches),
+    )
+    table.add(
+        "train: BL head through the shard reader (workers 2) vs in memory",
+        f"{from_shards:.1f} img/s",
+        f"{cached:.1f} img/s (in memory)",
+        100 * from_shards / cached,
+        ratio_fmt="{:.0f}%",
+        target=">= 90%",
+        met=from_shards >= 0.9 * cached,
+        images_per_s=from_shards,
+    )
     result = {"cached": cached, "shards": from_shards, "clip_fly": clip_fly}
     if with_sam:
         from segment_anything import sam_model_registry
@@ -666,9 +836,16 @@ def bench_training(table: Table, bl_folder: Path, steps: int, on_the_fly_batches
         del encoder
         gc.collect()
         full_fly = 1 / (per_image_clip + sam_s)
-        table.add("train: BL head, cached vs SAM ViT-B@1024 + CLIP ViT-L/14 on the fly",
-                  f"{cached:.1f} img/s", f"{full_fly:.3f} img/s (SAM fwd {sam_s:.1f} s/img)", cached / full_fly,
-                  ratio_fmt="{:.0f}x", target="-", on_the_fly_images_per_s=full_fly, sam_s_per_image=sam_s)
+        table.add(
+            "train: BL head, cached vs SAM ViT-B@1024 + CLIP ViT-L/14 on the fly",
+            f"{cached:.1f} img/s",
+            f"{full_fly:.3f} img/s (SAM fwd {sam_s:.1f} s/img)",
+            cached / full_fly,
+            ratio_fmt="{:.0f}x",
+            target="-",
+            on_the_fly_images_per_s=full_fly,
+            sam_s_per_image=sam_s,
+        )
         result["full_fly"] = full_fly
     return result
 
@@ -710,9 +887,14 @@ def bench_evaluation(table: Table, val_folder: Path, bl_eval: Path, metric_scale
     shards = [str(s) for s in list_shards(val_folder)]
     eval_rate(head, shards, texts, 16, 1)  # warm-up
     demo_b16, demo_b1 = eval_pair(head, shards, texts, 3)
-    table.add(f"eval: regionspot_logits, demo val shards (tiny CLIP, D {clip_info['vision_dim']})",
-              f"{demo_b16:.0f} img/s (batch 16)", f"{demo_b1:.0f} img/s (batch 1)", demo_b16 / demo_b1,
-              images_per_s=demo_b16, batch1_images_per_s=demo_b1)
+    table.add(
+        f"eval: regionspot_logits, demo val shards (tiny CLIP, D {clip_info['vision_dim']})",
+        f"{demo_b16:.0f} img/s (batch 16)",
+        f"{demo_b1:.0f} img/s (batch 1)",
+        demo_b16 / demo_b1,
+        images_per_s=demo_b16,
+        batch1_images_per_s=demo_b1,
+    )
 
     bl_head = RegionSpotHead.from_variant("BL").eval()
     bl_texts = torch.randn(BL["classes"], BL["text_dim"])
@@ -720,9 +902,15 @@ def bench_evaluation(table: Table, val_folder: Path, bl_eval: Path, metric_scale
     eval_rate(bl_head, bl_shards[:1], bl_texts, 16, 1)  # warm-up
     bl_b16, bl_b1 = eval_pair(bl_head, bl_shards, bl_texts, 2)
     lvis_head_s = LVIS_IMAGES / bl_b16
-    table.add("eval: regionspot_logits, BL-size shards (T 257, D 1024, ~16 boxes)",
-              f"{bl_b16:.1f} img/s (batch 16)", f"{bl_b1:.1f} img/s (batch 1)", bl_b16 / bl_b1,
-              images_per_s=bl_b16, batch1_images_per_s=bl_b1, lvis_val_head_s=lvis_head_s)
+    table.add(
+        "eval: regionspot_logits, BL-size shards (T 257, D 1024, ~16 boxes)",
+        f"{bl_b16:.1f} img/s (batch 16)",
+        f"{bl_b1:.1f} img/s (batch 1)",
+        bl_b16 / bl_b1,
+        images_per_s=bl_b16,
+        batch1_images_per_s=bl_b1,
+        lvis_val_head_s=lvis_head_s,
+    )
 
     return {"demo": demo_b16, "bl": bl_b16, "lvis_head_s": lvis_head_s}
 
@@ -735,20 +923,34 @@ def bench_metric_step(table: Table, folder: Path, scale: float) -> dict:
     """
     report = bench_metrics.bench(scale, ["bbox"], list(bench_metrics.BACKENDS), folder)
     if report["failed"]:
-        table.add("eval: LVIS metric step, hotcoco vs LVIS API", "failed: " + "; ".join(report["failed"])[-200:],
-                  **report)
+        table.add(
+            "eval: LVIS metric step, hotcoco vs LVIS API", "failed: " + "; ".join(report["failed"])[-200:], **report
+        )
         return report
     fast, ref = report["runs"]["hotcoco"], report["runs"]["lvis"]
     size = f"{report['images']} img, {report['detections'] / 1e6:.1f}M dets"
     diff = report["largest_difference"]["bbox"]
     full = report["images"] == bench_metrics.LVIS_VAL["images"]  # the target is for LVIS val's size
-    table.add(f"eval: `evaluate GT RESULTS` (LVIS bbox, {size}), hotcoco vs LVIS API",
-              f"{fast['wall_s']:.1f} s", f"{ref['wall_s']:.1f} s", report["speedup"]["wall"], ratio_fmt="{:.1f}x",
-              target=">= 10x at full size", met=report["speedup"]["wall"] >= 10 if full else None, **report)
-    table.add(f"eval: LVIS metric step alone (validation + evaluator, {size}), hotcoco vs LVIS API",
-              f"{fast['metric_s']:.1f} s", f"{ref['metric_s']:.1f} s", report["speedup"]["metric_step"],
-              ratio_fmt="{:.1f}x", target="equal to 1e-6", met=max(diff.values()) <= 1e-6,
-              largest_difference=diff)
+    table.add(
+        f"eval: `evaluate GT RESULTS` (LVIS bbox, {size}), hotcoco vs LVIS API",
+        f"{fast['wall_s']:.1f} s",
+        f"{ref['wall_s']:.1f} s",
+        report["speedup"]["wall"],
+        ratio_fmt="{:.1f}x",
+        target=">= 10x at full size",
+        met=report["speedup"]["wall"] >= 10 if full else None,
+        **report,
+    )
+    table.add(
+        f"eval: LVIS metric step alone (validation + evaluator, {size}), hotcoco vs LVIS API",
+        f"{fast['metric_s']:.1f} s",
+        f"{ref['metric_s']:.1f} s",
+        report["speedup"]["metric_step"],
+        ratio_fmt="{:.1f}x",
+        target="equal to 1e-6",
+        met=max(diff.values()) <= 1e-6,
+        largest_difference=diff,
+    )
     return report
 
 
@@ -771,8 +973,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller run (about 1.5 minutes on 2 cores)")
     p.add_argument("--out", default="bench_out", help="working folder (git-ignored); reused between runs")
     p.add_argument("--images", type=int, help="demo images to extract (default 48, quick 16)")
-    p.add_argument("--metric-scale", type=float,
-                   help="fraction of LVIS v1 val for the metric step (default 1: full size, ~20 min, ~20 GB; quick 0.05)")
+    p.add_argument(
+        "--metric-scale",
+        type=float,
+        help="fraction of LVIS v1 val for the metric step (default 1: full size, ~20 min, ~20 GB; quick 0.05)",
+    )
     p.add_argument("--no-sam", action="store_true", help="skip SAM ViT-B's encoder on the fly (~20 s; quick skips it)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -783,8 +988,12 @@ def main(argv: list[str] | None = None) -> int:
     started = now()
     torch.manual_seed(0)
     load_before = os.getloadavg()
-    print(f"[bench] load average {load_before[0]:.2f}; {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{'quick' if quick else 'default'} run into {out}/", flush=True)
+    print(
+        f"[bench] load average {load_before[0]:.2f}; {cpu_name()}, {os.cpu_count()} cpus, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{'quick' if quick else 'default'} run into {out}/",
+        flush=True,
+    )
 
     table = Table()
     # first, while this process is small: the LVIS API's process needs ~20 GB at full size
@@ -802,36 +1011,66 @@ def main(argv: list[str] | None = None) -> int:
         if (folder / MANIFEST).is_file() and json.loads((folder / MANIFEST).read_text()).get("protocol") != PROTOCOL:
             shutil.rmtree(folder)  # features of an older protocol: extract again
         if not (folder / MANIFEST).is_file():
-            run_extraction(ExtractConfig(
-                images=str(data[f"{split}_images"]), annotations=str(data[f"{split}_json"]), out=str(folder),
-                sam_checkpoint=str(backbones["sam_checkpoint"]), clip_model=str(backbones["clip_dir"]),
-                sam_type="tiny", dataset=f"demo_{split}", shard_size=size, batch_size=BATCH, workers=0,
-                text_cache=str(out / "text_embeddings.h5")))
+            run_extraction(
+                ExtractConfig(
+                    images=str(data[f"{split}_images"]),
+                    annotations=str(data[f"{split}_json"]),
+                    out=str(folder),
+                    sam_checkpoint=str(backbones["sam_checkpoint"]),
+                    clip_model=str(backbones["clip_dir"]),
+                    sam_type="tiny",
+                    dataset=f"demo_{split}",
+                    shard_size=size,
+                    batch_size=BATCH,
+                    workers=0,
+                    text_cache=str(out / "text_embeddings.h5"),
+                )
+            )
     bl_train = write_bl_shards(out / "bl_train", 64 if quick else 256)
     bl_eval = write_bl_shards(out / "bl_eval", 16 if quick else 48, shard_size=16)
 
-    bench_loading(table, {"demo": shards_dir / f"train-{num_images}", "BL": bl_train},
-                  {"demo": 800 if quick else 3000, "BL": 128 if quick else 512})
+    bench_loading(
+        table,
+        {"demo": shards_dir / f"train-{num_images}", "BL": bl_train},
+        {"demo": 800 if quick else 3000, "BL": 128 if quick else 512},
+    )
     bench_flops(table)
-    bench_training(table, bl_train, steps=2 if quick else 4, on_the_fly_batches=1 if quick else 2,
-                   with_sam=not (quick or args.no_sam))
+    bench_training(
+        table,
+        bl_train,
+        steps=2 if quick else 4,
+        on_the_fly_batches=1 if quick else 2,
+        with_sam=not (quick or args.no_sam),
+    )
     bench_evaluation(table, shards_dir / "val-14", bl_eval, metric_scale)
 
     total = now() - started
     load_after = os.getloadavg()
-    print(f"\nregionspot_pl bench ({'quick' if quick else 'default'}), {cpu_name()}, {os.cpu_count()} cpus, "
-          f"torch {torch.__version__}, {total:.0f} s in all, load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
-          "ratio = ours / naive (speed-up) unless a % of a limit\n")
+    print(
+        f"\nregionspot_pl bench ({'quick' if quick else 'default'}), {cpu_name()}, {os.cpu_count()} cpus, "
+        f"torch {torch.__version__}, {total:.0f} s in all, load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
+        "ratio = ours / naive (speed-up) unless a % of a limit\n"
+    )
     print(table.render())
     if load_before[0] > 0.5:
-        print(f"\nnote: load average {load_before[0]:.1f} before the run on {os.cpu_count()} cores: other processes "
-              "shared the CPU. Compared sides alternate in time, but oversubscribed threads slow many small ops "
-              "(the naive loops) more than a few big ones, so speed-ups come out larger than on a quiet machine.")
-    report = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cpus": os.cpu_count(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick,
-              "images": num_images, "metric_scale": metric_scale, "seconds": round(total, 1),
-              "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
-              "rows": table.rows}
+        print(
+            f"\nnote: load average {load_before[0]:.1f} before the run on {os.cpu_count()} cores: other processes "
+            "shared the CPU. Compared sides alternate in time, but oversubscribed threads slow many small ops "
+            "(the naive loops) more than a few big ones, so speed-ups come out larger than on a quiet machine."
+        )
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "images": num_images,
+        "metric_scale": metric_scale,
+        "seconds": round(total, 1),
+        "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
+        "rows": table.rows,
+    }
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwritten: {out / 'bench.json'}")
     return 0

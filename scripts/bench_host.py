@@ -64,8 +64,18 @@ def time_stages(paths: list[Path], hw: tuple[int, int], boxes: int, out: Path) -
     """Mean ms per image of each host stage over ``paths``."""
     sam = SamTransform(1024, SAM_MEAN, SAM_STD)
     rng = np.random.default_rng(0)
-    clock = {k: 0.0 for k in ("decode", "resize 800/1333", "SAM resize 1024", "transfer prep", "mask upsample",
-                              "mask RLE", "shard encode+write")}
+    clock = {
+        k: 0.0
+        for k in (
+            "decode",
+            "resize 800/1333",
+            "SAM resize 1024",
+            "transfer prep",
+            "mask upsample",
+            "mask RLE",
+            "shard encode+write",
+        )
+    }
     writer = AtomicShardWriter(out / "bench-r000-000000.tar")
     masks = box_masks(hw, resized_shape(*hw), boxes, rng)
     clip_tokens = rng.standard_normal((257, 1024)).astype(np.float16)
@@ -86,9 +96,17 @@ def time_stages(paths: list[Path], hw: tuple[int, int], boxes: int, out: Path) -
         t6 = time.perf_counter()
         tokens = rng.standard_normal((boxes, 256)).astype(np.float32)
         xyxy = np.tile(np.array([[10, 10, 200, 200]], np.float32), (boxes, 1))
-        writer.write(encode_sample(i, tokens, xyxy, np.zeros(boxes, np.int64), np.ones(boxes, np.float32),
-                                   clip_tokens, {"file_name": path.name, "width": hw[1], "height": hw[0],
-                                                 "dataset": "bench", "masks": rles}))
+        writer.write(
+            encode_sample(
+                i,
+                tokens,
+                xyxy,
+                np.zeros(boxes, np.int64),
+                np.ones(boxes, np.float32),
+                clip_tokens,
+                {"file_name": path.name, "width": hw[1], "height": hw[0], "dataset": "bench", "masks": rles},
+            )
+        )
         t7 = time.perf_counter()
         for key, dt in zip(clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
             clock[key] += dt
@@ -115,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in stages.items():
                 print(f"  {k:<20} {v:7.2f}")
             print(f"  {'total, with masks':<20} {total:7.2f}  -> {total * 0.3:.1f} cores for 300 img/s")
-            print(f"  {'total, no masks':<20} {no_masks:7.2f}  -> {no_masks * 0.3:.1f} cores for 300 img/s "
-                  f"({'within' if no_masks <= 30 else 'over'} the 30 ms target)")
+            print(
+                f"  {'total, no masks':<20} {no_masks:7.2f}  -> {no_masks * 0.3:.1f} cores for 300 img/s "
+                f"({'within' if no_masks <= 30 else 'over'} the 30 ms target)"
+            )
 
 
 if __name__ == "__main__":

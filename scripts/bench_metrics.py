@@ -72,20 +72,36 @@ def synthetic_lvis(scale: float, seed: int = 0, with_masks: bool = False) -> tup
         xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([WIDTH, HEIGHT]) - wh)
         boxes = np.concatenate([xy, wh], axis=1)
         neg = np.setdiff1d(rng.choice(num_cats, size=10, replace=False) + 1, pos)
-        images.append({"id": image_id, "width": WIDTH, "height": HEIGHT, "neg_category_ids": neg.tolist(),
-                       "not_exhaustive_category_ids": []})
+        images.append(
+            {
+                "id": image_id,
+                "width": WIDTH,
+                "height": HEIGHT,
+                "neg_category_ids": neg.tolist(),
+                "not_exhaustive_category_ids": [],
+            }
+        )
         for box, label in zip(boxes.tolist(), labels.tolist()):
-            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label), "bbox": box,
-                   "area": box[2] * box[3], "iscrowd": 0}
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
             if with_masks:
                 ann["segmentation"] = rle(box)
             annotations.append(ann)
         # 300 (box, class) pairs: each box under its own class, the negatives, and random classes.
         box_of = rng.integers(0, n, size=DETS_PER_IMAGE)
         pool = np.concatenate([pos, neg]) if len(neg) else pos
-        classes = np.where(rng.random(DETS_PER_IMAGE) < 0.5, rng.choice(pool, size=DETS_PER_IMAGE),
-                           rng.integers(1, num_cats + 1, size=DETS_PER_IMAGE))
-        classes[: min(n, DETS_PER_IMAGE)] = labels[: DETS_PER_IMAGE]
+        classes = np.where(
+            rng.random(DETS_PER_IMAGE) < 0.5,
+            rng.choice(pool, size=DETS_PER_IMAGE),
+            rng.integers(1, num_cats + 1, size=DETS_PER_IMAGE),
+        )
+        classes[: min(n, DETS_PER_IMAGE)] = labels[:DETS_PER_IMAGE]
         box_of[: min(n, DETS_PER_IMAGE)] = np.arange(min(n, DETS_PER_IMAGE))
         jitter = boxes[box_of] + rng.normal(0, 3, size=(DETS_PER_IMAGE, 4)) * [1, 1, 0, 0]
         jitter[:, 2:] = np.maximum(boxes[box_of, 2:], 1.0)
@@ -113,8 +129,16 @@ def write_inputs(folder: Path, scale: float, seed: int, with_masks: bool) -> dic
     start = time.perf_counter()
     if not all(path.is_file() for path in paths.values()):
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, __file__, "--write-inputs", str(folder / tag), "--scale", str(scale),
-               "--seed", str(seed)] + (["--iou-type", "segm"] if with_masks else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--write-inputs",
+            str(folder / tag),
+            "--scale",
+            str(scale),
+            "--seed",
+            str(seed),
+        ] + (["--iou-type", "segm"] if with_masks else [])
         subprocess.run(cmd, check=True)
     build_s = time.perf_counter() - start
     info = json.loads(paths["info"].read_text())
@@ -129,16 +153,32 @@ def _write_inputs_here(prefix: str, scale: float, seed: int, with_masks: bool) -
         with tmp.open("w") as f:
             json.dump(data, f)
         tmp.replace(f"{prefix}-{name}.json")
-    info = {"images": len(gt["images"]), "categories": len(gt["categories"]), "gt_boxes": len(gt["annotations"]),
-            "detections": len(dets)}
+    info = {
+        "images": len(gt["images"]),
+        "categories": len(gt["categories"]),
+        "gt_boxes": len(gt["annotations"]),
+        "detections": len(dets),
+    }
     Path(f"{prefix}-info.json").write_text(json.dumps(info))  # last: marks the set complete
 
 
 def run_backend(backend: str, inputs: dict, iou_types: list[str], folder: Path) -> dict:
     """One backend in a fresh process (see :func:`worker`); adds its wall time ``wall_s``."""
     arrays = folder / f"per_class_{backend}.npz"
-    cmd = [sys.executable, __file__, "--worker", backend, "--gt", inputs["gt"], "--results", inputs["results"],
-           "--arrays", str(arrays), "--iou-type", *iou_types]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        backend,
+        "--gt",
+        inputs["gt"],
+        "--results",
+        inputs["results"],
+        "--arrays",
+        str(arrays),
+        "--iou-type",
+        *iou_types,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -160,13 +200,21 @@ def worker(backend: str, gt: str, results: str, iou_types: list[str], arrays: st
     import_s = time.perf_counter() - start
     result = run_evaluate(gt, results, iou_types, max_dets=DETS_PER_IMAGE, backend=backend)
     evaluations = result["evaluations"]
-    np.savez(arrays, **{f"{t}_{k}": getattr(e, k) for t, e in evaluations.items()
-                        for k in ("per_class_ap", "category_ids")})
-    print(json.dumps({"import_s": import_s, "load_s": result["seconds"]["load"],
-                      "load_gt_s": result["seconds"]["load_gt"],
-                      "metric_s": result["seconds"]["metrics"],
-                      "metrics": {t: e.metrics for t, e in evaluations.items()},
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    np.savez(
+        arrays, **{f"{t}_{k}": getattr(e, k) for t, e in evaluations.items() for k in ("per_class_ap", "category_ids")}
+    )
+    print(
+        json.dumps(
+            {
+                "import_s": import_s,
+                "load_s": result["seconds"]["load"],
+                "load_gt_s": result["seconds"]["load_gt"],
+                "metric_s": result["seconds"]["metrics"],
+                "metrics": {t: e.metrics for t, e in evaluations.items()},
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            }
+        )
+    )
 
 
 def _difference(a: float, b: float) -> float:
@@ -184,8 +232,10 @@ def largest_difference(runs: dict[str, dict], iou_type: str) -> dict:
     if not np.array_equal(pa[f"{iou_type}_category_ids"], pb[f"{iou_type}_category_ids"]):
         return {"metrics": max(_difference(ma[k], mb[k]) for k in ma), "per_class": float("inf")}
     ap_a, ap_b = pa[f"{iou_type}_per_class_ap"], pb[f"{iou_type}_per_class_ap"]
-    return {"metrics": max(_difference(ma[k], mb[k]) for k in ma),
-            "per_class": max(_difference(x, y) for x, y in zip(ap_a.tolist(), ap_b.tolist()))}
+    return {
+        "metrics": max(_difference(ma[k], mb[k]) for k in ma),
+        "per_class": max(_difference(x, y) for x, y in zip(ap_a.tolist(), ap_b.tolist())),
+    }
 
 
 def memory_available_gb() -> float | None:
@@ -205,8 +255,11 @@ def feasible_scale(scale: float, backends: list[str]) -> float:
     if "lvis" not in backends or available is None or LVIS_API_PEAK_GB * scale <= available:
         return scale
     fitted = max(0.01, int(available / LVIS_API_PEAK_GB * 20) / 20)
-    print(f"[bench_metrics] note: the LVIS API needs ~{LVIS_API_PEAK_GB * scale:.0f} GB at scale {scale:g} and "
-          f"{available:.1f} GB are available: running at scale {fitted:g} instead", flush=True)
+    print(
+        f"[bench_metrics] note: the LVIS API needs ~{LVIS_API_PEAK_GB * scale:.0f} GB at scale {scale:g} and "
+        f"{available:.1f} GB are available: running at scale {fitted:g} instead",
+        flush=True,
+    )
     return fitted
 
 
@@ -215,9 +268,11 @@ def bench(scale: float, iou_types: list[str], backends: list[str], folder: Path,
     the one run, smaller than asked when the LVIS API would not fit in memory."""
     scale = feasible_scale(scale, backends)
     inputs = write_inputs(folder, scale, seed, with_masks="segm" in iou_types)
-    print(f"[bench_metrics] {inputs['images']} images, {inputs['categories']} categories, {inputs['gt_boxes']} GT boxes, "
-          f"{inputs['detections']} detections ({os.path.getsize(inputs['results']) / 1e6:.0f} MB of results JSON)",
-          flush=True)
+    print(
+        f"[bench_metrics] {inputs['images']} images, {inputs['categories']} categories, {inputs['gt_boxes']} GT boxes, "
+        f"{inputs['detections']} detections ({os.path.getsize(inputs['results']) / 1e6:.0f} MB of results JSON)",
+        flush=True,
+    )
     runs, failed = {}, {}
     for backend in backends:
         try:
@@ -227,20 +282,31 @@ def bench(scale: float, iou_types: list[str], backends: list[str], folder: Path,
             print(f"[bench_metrics] {backend}: {err}", flush=True)
             continue
         r = runs[backend]
-        print(f"[bench_metrics] {backend}: {r['wall_s']:.1f} s in all (imports {r['import_s']:.1f} s, reading JSON "
-              f"{r['load_s']:.1f} s, metric step {r['metric_s']:.1f} s), peak {r['peak_rss_gb']:.1f} GB", flush=True)
-    report = {"scale": scale, **{k: v for k, v in inputs.items() if k not in ("gt", "results")}, "runs": runs,
-              "failed": failed}
+        print(
+            f"[bench_metrics] {backend}: {r['wall_s']:.1f} s in all (imports {r['import_s']:.1f} s, reading JSON "
+            f"{r['load_s']:.1f} s, metric step {r['metric_s']:.1f} s), peak {r['peak_rss_gb']:.1f} GB",
+            flush=True,
+        )
+    report = {
+        "scale": scale,
+        **{k: v for k, v in inputs.items() if k not in ("gt", "results")},
+        "runs": runs,
+        "failed": failed,
+    }
     if set(BACKENDS) <= set(runs):
-        report["speedup"] = {"wall": runs["lvis"]["wall_s"] / runs["hotcoco"]["wall_s"],
-                             "metric_step": runs["lvis"]["metric_s"] / runs["hotcoco"]["metric_s"]}
+        report["speedup"] = {
+            "wall": runs["lvis"]["wall_s"] / runs["hotcoco"]["wall_s"],
+            "metric_step": runs["lvis"]["metric_s"] / runs["hotcoco"]["metric_s"],
+        }
         report["largest_difference"] = {t: largest_difference(runs, t) for t in iou_types}
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of LVIS val's 19,809 images (default 1: full size)")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="fraction of LVIS val's 19,809 images (default 1: full size)"
+    )
     p.add_argument("--iou-type", nargs="+", default=["bbox"], choices=("bbox", "segm"))
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--seed", type=int, default=0)
@@ -259,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = bench(args.scale, args.iou_type, args.backends, Path(args.work), args.seed)
     if "speedup" in report:
-        print(f"[bench_metrics] hotcoco vs LVIS API: {report['speedup']['wall']:.1f}x end to end, "
-              f"{report['speedup']['metric_step']:.1f}x on the metric step; largest difference "
-              f"{json.dumps(report['largest_difference'])}")
+        print(
+            f"[bench_metrics] hotcoco vs LVIS API: {report['speedup']['wall']:.1f}x end to end, "
+            f"{report['speedup']['metric_step']:.1f}x on the metric step; largest difference "
+            f"{json.dumps(report['largest_difference'])}"
+        )
     print(json.dumps(report, default=str))
     return 0
 

@@ -68,13 +68,27 @@ def write_real_backbones(folder: Path) -> dict[str, Path]:
     if not (clip_dir / "config.json").is_file():
         tokenizer = tiny_clip_tokenizer()  # a real CLIPTokenizer; the vocabulary does not change speed
         config = CLIPConfig(
-            text_config={"vocab_size": len(tokenizer), "hidden_size": 768, "intermediate_size": 3072,
-                         "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
-                         "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-                         "pad_token_id": tokenizer.eos_token_id},
-            vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                           "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
-            projection_dim=768)
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "max_position_embeddings": 77,
+                "eos_token_id": tokenizer.eos_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
+                "pad_token_id": tokenizer.eos_token_id,
+            },
+            vision_config={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 224,
+                "patch_size": 14,
+            },
+            projection_dim=768,
+        )
         torch.manual_seed(1)
         CLIPModel(config).save_pretrained(clip_dir)
         tokenizer.save_pretrained(clip_dir)
@@ -91,16 +105,24 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_images: int, batch: int,
-                     profile: bool = False) -> None:
+def bench_extraction(
+    table: bench.Table, out: Path, device: torch.device, num_images: int, batch: int, profile: bool = False
+) -> None:
     backbones = write_real_backbones(out / "real")
     data = generate_demo_dataset(out / "real_data", num_train=num_images, num_val=14, image_size=640, seed=0)
     records, _, _ = load_coco(data["train_json"])
     records = sorted(records, key=lambda r: r.image_id)[:num_images]
     boxes = sum(len(r.boxes) for r in records)
-    cfg = ExtractConfig(images=str(data["train_images"]), annotations=str(data["train_json"]), out=str(out / "x"),
-                        sam_checkpoint=str(backbones["sam_checkpoint"]), clip_model=str(backbones["clip_dir"]),
-                        sam_type="vit_b", device=str(device), batch_size=batch)
+    cfg = ExtractConfig(
+        images=str(data["train_images"]),
+        annotations=str(data["train_json"]),
+        out=str(out / "x"),
+        sam_checkpoint=str(backbones["sam_checkpoint"]),
+        clip_model=str(backbones["clip_dir"]),
+        sam_type="vit_b",
+        device=str(device),
+        batch_size=batch,
+    )
     sam_gflop, box_gflop, clip_gflop = bench.backbone_gflops()
     prepared = None
     for precision in supported_precisions(device):
@@ -109,8 +131,9 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
             extractor = FeatureExtractor(dataclasses.replace(cfg, precision=precision, compile=compiled))
             if prepared is None:  # decoding + resizing happen in DataLoader workers in a real run
                 dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform)
-                prepared = [[dataset[i] for i in range(b, min(b + batch, len(dataset)))]
-                            for b in range(0, len(dataset), batch)]
+                prepared = [
+                    [dataset[i] for i in range(b, min(b + batch, len(dataset)))] for b in range(0, len(dataset), batch)
+                ]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = bench.now()
@@ -127,12 +150,19 @@ def bench_extraction(table: bench.Table, out: Path, device: torch.device, num_im
             limit = bench.matmul_gflops(DTYPES[precision], device, 8192 if device.type == "cuda" else 2048) / 1e3
             flags = f"--precision {precision}" + (" --compile" if compiled else "")
             peak = f", peak {peak_memory_gib(device):.1f} GiB" if device.type == "cuda" else ""
-            table.add(f"real extract ({device.type}): SAM ViT-B@1024 + CLIP ViT-L/14, batch {batch}, {flags}",
-                      f"{rate:.3g} img/s, {boxes / seconds:.3g} box/s{peak} (first batch {first:.0f} s)",
-                      f"{tflop * rate:.3g} of {limit:.3g} TFLOP/s measured {precision} matmul",
-                      100 * tflop * rate / limit, ratio_fmt="{:.0f}%", target=">= 40% (GPU)",
-                      met=tflop * rate / limit >= 0.4 if device.type == "cuda" else None, images_per_s=rate,
-                      tflop_per_image=tflop, matmul_tflops=limit, peak_gib=peak_memory_gib(device))
+            table.add(
+                f"real extract ({device.type}): SAM ViT-B@1024 + CLIP ViT-L/14, batch {batch}, {flags}",
+                f"{rate:.3g} img/s, {boxes / seconds:.3g} box/s{peak} (first batch {first:.0f} s)",
+                f"{tflop * rate:.3g} of {limit:.3g} TFLOP/s measured {precision} matmul",
+                100 * tflop * rate / limit,
+                ratio_fmt="{:.0f}%",
+                target=">= 40% (GPU)",
+                met=tflop * rate / limit >= 0.4 if device.type == "cuda" else None,
+                images_per_s=rate,
+                tflop_per_image=tflop,
+                matmul_tflops=limit,
+                peak_gib=peak_memory_gib(device),
+            )
             if profile and (precision, compiled) == (supported_precisions(device)[-1], False):
                 profile_extraction(extractor, prepared, device, out / "profile")
             del extractor
@@ -181,8 +211,12 @@ def profile_extraction(extractor: FeatureExtractor, prepared: list, device: torc
 def bench_training(table: bench.Table, out: Path, device: torch.device, steps: int, workers: list[int]) -> None:
     rng = np.random.default_rng(0)
     texts = torch.nn.functional.normalize(torch.randn(bench.BL["classes"], bench.BL["text_dim"]), dim=-1).to(device)
-    batches = [collate_regions([decode_sample(bench.bl_sample(rng, i + 1)) | {"dataset_index": 0} for i in range(16)])
-               .to(device) for _ in range(4)]
+    batches = [
+        collate_regions([decode_sample(bench.bl_sample(rng, i + 1)) | {"dataset_index": 0} for i in range(16)]).to(
+            device
+        )
+        for _ in range(4)
+    ]
     for precision in supported_precisions(device):
         torch.manual_seed(0)
         head = RegionSpotHead.from_variant("BL").to(device).train()
@@ -197,17 +231,28 @@ def bench_training(table: bench.Table, out: Path, device: torch.device, steps: i
                 bench.head_step(head, optimizer, batches[i % 4], texts)
             bench.sync(device)
         rate = 16 * steps / (bench.now() - start)
-        table.add(f"real train ({device.type}): BL head step from device memory, {precision} autocast",
-                  f"{rate:.3g} img/s (batch 16)", f"{bench.TRAIN_TARGET} img/s (goal)", rate / bench.TRAIN_TARGET,
-                  ratio_fmt="{:.3g}x",
-                  target=">= 1x (GPU)", met=rate >= bench.TRAIN_TARGET if device.type == "cuda" else None,
-                  images_per_s=rate)
+        table.add(
+            f"real train ({device.type}): BL head step from device memory, {precision} autocast",
+            f"{rate:.3g} img/s (batch 16)",
+            f"{bench.TRAIN_TARGET} img/s (goal)",
+            rate / bench.TRAIN_TARGET,
+            ratio_fmt="{:.3g}x",
+            target=">= 1x (GPU)",
+            met=rate >= bench.TRAIN_TARGET if device.type == "cuda" else None,
+            images_per_s=rate,
+        )
     folder = bench.write_bl_shards(out / "bl_train_real", 2048 if device.type == "cuda" else 256, shard_size=32)
     for w in workers:
         samples, mbps = bench.reader_rate(folder, w, 16, 2048 if device.type == "cuda" else 256)
-        table.add(f"real load: BL shard reader, workers {w}", f"{samples:.0f} samples/s, {mbps:.0f} MB/s",
-                  f"{bench.TRAIN_TARGET} img/s (goal)", samples / bench.TRAIN_TARGET, target=">= 1x",
-                  met=samples >= bench.TRAIN_TARGET, samples_per_s=samples)
+        table.add(
+            f"real load: BL shard reader, workers {w}",
+            f"{samples:.0f} samples/s, {mbps:.0f} MB/s",
+            f"{bench.TRAIN_TARGET} img/s (goal)",
+            samples / bench.TRAIN_TARGET,
+            target=">= 1x",
+            met=samples >= bench.TRAIN_TARGET,
+            samples_per_s=samples,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
     p.add_argument("--steps", type=int, default=50, help="timed head steps per precision")
     p.add_argument("--workers", type=int, nargs="+", help="reader workers to try (default 0 2 4 8, capped by cores)")
-    p.add_argument("--profile", action="store_true",
-                   help="profile one extraction pass (lowest precision, eager): OUT/profile/")
+    p.add_argument(
+        "--profile", action="store_true", help="profile one extraction pass (lowest precision, eager): OUT/profile/"
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -234,8 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     total = bench.now() - started
     print(f"\nregionspot_pl bench-real, {name}, torch {torch.__version__}, {total:.0f} s\n")
     print(table.render())
-    report = {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
-              "seconds": round(total, 1), "rows": table.rows}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": name,
+        "torch": torch.__version__,
+        "seconds": round(total, 1),
+        "rows": table.rows,
+    }
     (out / "bench_real.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwritten: {out / 'bench_real.json'}")
     return 0

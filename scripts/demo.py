@@ -48,7 +48,9 @@ def chance_level(gt: Path, detections: Path, seed: int = 0) -> dict:
     return evaluate_detections(gt, shuffled, iou_type="bbox")
 
 
-def attention_in_box(predictor: Predictor, pixels: np.ndarray, boxes: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+def attention_in_box(
+    predictor: Predictor, pixels: np.ndarray, boxes: list[list[float]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Share of each box query's patch attention on the patches its box covers, [layers, N],
     and the share uniform attention would give, [N]."""
     grid, (height, width) = predictor.clip_grid, pixels.shape[:2]
@@ -71,7 +73,10 @@ def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> tuple[list[
     names = {c["id"]: c["name"] for c in val["categories"]}
     vocabulary = [names[i] for i in sorted(names)]
     predictor = Predictor.from_pretrained(
-        head=head, sam_type="tiny", sam_checkpoint=backbones / "sam_tiny.pth", clip_model=backbones / "clip_tiny",
+        head=head,
+        sam_type="tiny",
+        sam_checkpoint=backbones / "sam_tiny.pth",
+        clip_model=backbones / "clip_tiny",
         text_cache=OUT / "text_embeddings.h5",
     )
     panels, attention, shares, uniform = [], None, [], []
@@ -87,22 +92,30 @@ def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> tuple[list[
         if k >= n:
             continue
         preds = predictor.predict(boxes, vocabulary, topk=1)
-        panels.append(draw_detections(
-            pixels, boxes, [p["labels"][0] for p in preds], [p["scores"][0] for p in preds],
-            # no mask overlay: the demo's SAM is random, so its masks are noise (see README)
-            gt_labels=[names[a["category_id"]] for a in anns],
-        ))
+        panels.append(
+            draw_detections(
+                pixels,
+                boxes,
+                [p["labels"][0] for p in preds],
+                [p["scores"][0] for p in preds],
+                # no mask overlay: the demo's SAM is random, so its masks are noise (see README)
+                gt_labels=[names[a["category_id"]] for a in anns],
+            )
+        )
         if attention is None:  # one region, its query's attention in each decoder layer
             attention = [
-                draw_attention(pixels, boxes[0], predictor.attention_maps(boxes[:1], layer=i)[0],
-                               title=f"decoder layer {i + 1}")
+                draw_attention(
+                    pixels, boxes[0], predictor.attention_maps(boxes[:1], layer=i)[0], title=f"decoder layer {i + 1}"
+                )
                 for i in range(len(predictor.head.decoder.layers))
             ]
     grid = save_grid(panels, OUT / "predictions.png", cols=3)
     save_grid(attention, OUT / "attention.png", cols=len(attention))
     per_layer = np.concatenate(shares, axis=1).mean(1)
-    routing = (", ".join(f"layer {i + 1} {100 * v:.0f}%" for i, v in enumerate(per_layer))
-               + f" (uniform attention: {100 * np.concatenate(uniform).mean():.0f}%)")
+    routing = (
+        ", ".join(f"layer {i + 1} {100 * v:.0f}%" for i, v in enumerate(per_layer))
+        + f" (uniform attention: {100 * np.concatenate(uniform).mean():.0f}%)"
+    )
     return [grid, OUT / "attention.png"], routing
 
 
@@ -121,23 +134,64 @@ def main(argv: list[str] | None = None) -> int:
     data = generate_demo_dataset(OUT / "data", num_train=args.num_train, num_val=args.num_val, seed=0)
     times["data"] = time.time() - t
     backbones = OUT / "backbones"
-    times["backbones"] = stage("tiny backbones", PY + ["regionspot_pl.tiny", str(backbones)], backbones / "sam_tiny.pth")
+    times["backbones"] = stage(
+        "tiny backbones", PY + ["regionspot_pl.tiny", str(backbones)], backbones / "sam_tiny.pth"
+    )
     times["extract"] = 0.0
     for split in ("train", "val"):
         # extraction resumes by itself: a rerun finds every shard done and returns at once
-        times["extract"] += stage(f"extract {split}", PY + [
-            "regionspot_pl.extract", "--images", str(data[f"{split}_images"]), "--annotations", str(data[f"{split}_json"]),
-            "--out", str(OUT / "shards" / split), "--dataset", f"demo_{split}", "--sam-type", "tiny",
-            "--sam-checkpoint", str(backbones / "sam_tiny.pth"), "--clip-model", str(backbones / "clip_tiny"),
-            "--shard-size", "50", "--batch-size", "8", "--workers", "2", "--text-cache", str(OUT / "text_embeddings.h5"),
-        ])
+        times["extract"] += stage(
+            f"extract {split}",
+            PY
+            + [
+                "regionspot_pl.extract",
+                "--images",
+                str(data[f"{split}_images"]),
+                "--annotations",
+                str(data[f"{split}_json"]),
+                "--out",
+                str(OUT / "shards" / split),
+                "--dataset",
+                f"demo_{split}",
+                "--sam-type",
+                "tiny",
+                "--sam-checkpoint",
+                str(backbones / "sam_tiny.pth"),
+                "--clip-model",
+                str(backbones / "clip_tiny"),
+                "--shard-size",
+                "50",
+                "--batch-size",
+                "8",
+                "--workers",
+                "2",
+                "--text-cache",
+                str(OUT / "text_embeddings.h5"),
+            ],
+        )
     head = OUT / "run" / "head.pt"
     times["fit"] = stage("fit", PY + ["regionspot_pl.fit", "--config", "configs/fit/demo.yaml"], head)
     test_out = OUT / "test"
-    times["test"] = stage("test", PY + [
-        "regionspot_pl.test", "--shards", str(OUT / "shards" / "val"), "--annotations", str(data["val_json"]),
-        "--head", str(head), "--out", str(test_out), "--device", "cpu", "--text-cache", str(OUT / "text_embeddings.h5"),
-    ], test_out / "metrics.json")
+    times["test"] = stage(
+        "test",
+        PY
+        + [
+            "regionspot_pl.test",
+            "--shards",
+            str(OUT / "shards" / "val"),
+            "--annotations",
+            str(data["val_json"]),
+            "--head",
+            str(head),
+            "--out",
+            str(test_out),
+            "--device",
+            "cpu",
+            "--text-cache",
+            str(OUT / "text_embeddings.h5"),
+        ],
+        test_out / "metrics.json",
+    )
 
     metrics = json.loads((test_out / "metrics.json").read_text())
     chance = chance_level(Path(data["val_json"]), test_out / "detections_bbox.json")
@@ -146,15 +200,24 @@ def main(argv: list[str] | None = None) -> int:
     times["pictures"] = time.time() - t
 
     print("\nRegionSpot demo, val split (box and mask AP, %):")
-    print(format_metrics_table({"bbox": metrics["bbox"], "segm": metrics.get("segm") or {},
-                                "bbox, shuffled labels (chance)": chance}))
-    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
-          + f"; total {time.time() - started:.0f}")
+    print(
+        format_metrics_table(
+            {"bbox": metrics["bbox"], "segm": metrics.get("segm") or {}, "bbox, shuffled labels (chance)": chance}
+        )
+    )
+    print(
+        "\nseconds per stage: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+        + f"; total {time.time() - started:.0f}"
+    )
     print(f"cross-attention inside the query's box, 24 val images: {routing}")
     print("pictures: " + ", ".join(str(i) for i in images))
     if metrics["bbox"]["AP"] < 2 * chance["AP"]:
-        print(f"error: box AP {metrics['bbox']['AP']:.3f} is not far above chance {chance['AP']:.3f}: the head did not learn",
-              file=sys.stderr)
+        print(
+            f"error: box AP {metrics['bbox']['AP']:.3f} is not far above chance {chance['AP']:.3f}: "
+            "the head did not learn",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

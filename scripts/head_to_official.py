@@ -20,8 +20,11 @@ from regionspot_pl.model.checkpoint import CheckpointError, load_head
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/head_to_official.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python scripts/head_to_official.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("head", help="a head file or model folder (fit's head.pt, convert's output)")
     parser.add_argument("out", help="the .pth file to write")
     args = parser.parse_args(argv)

@@ -58,11 +58,16 @@ def convert(boxes_csv: Path, classes_csv: Path, image_dir: Path) -> dict:
         for row in rows:
             x0, x1 = float(row["XMin"]) * width, float(row["XMax"]) * width
             y0, y1 = float(row["YMin"]) * height, float(row["YMax"]) * height
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_of[row["LabelName"]],
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                "iscrowd": int(row.get("IsGroupOf", "0") == "1"),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat_of[row["LabelName"]],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": int(row.get("IsGroupOf", "0") == "1"),
+                }
+            )
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -79,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     coco = convert(args.boxes, args.classes, args.images)
     args.out.write_text(json.dumps(coco))
-    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
-          f"{len(coco['categories'])} classes")
+    print(
+        f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+        f"{len(coco['categories'])} classes"
+    )
     return 0
 
 

@@ -30,10 +30,18 @@ def demo_shards(tmp_path_factory, demo_data, tiny_backbones) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("demo_shards")
     for split in ("train", "val"):
-        run_extraction(ExtractConfig(
-            images=str(demo_data[f"{split}_images"]), annotations=str(demo_data[f"{split}_json"]),
-            out=str(root / split), sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
-            clip_model=str(tiny_backbones["clip_dir"]), dataset=f"demo_{split}", shard_size=4, workers=0,
-            text_cache=str(root / "text.h5"),
-        ))
+        run_extraction(
+            ExtractConfig(
+                images=str(demo_data[f"{split}_images"]),
+                annotations=str(demo_data[f"{split}_json"]),
+                out=str(root / split),
+                sam_type="tiny",
+                sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+                clip_model=str(tiny_backbones["clip_dir"]),
+                dataset=f"demo_{split}",
+                shard_size=4,
+                workers=0,
+                text_cache=str(root / "text.h5"),
+            )
+        )
     return {"train": root / "train", "val": root / "val", "text_cache": root / "text.h5"}

@@ -74,9 +74,7 @@ def _predictor_reference(sam, image, boxes):
     predictor = SamPredictor(sam)
     seen = {}
     pre = sam.image_encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    hook = sam.mask_decoder.transformer.register_forward_hook(
-        lambda m, args, out: seen.update(hs=out[0])
-    )
+    hook = sam.mask_decoder.transformer.register_forward_hook(lambda m, args, out: seen.update(hs=out[0]))
     try:
         predictor.set_image(image)
         masks, _, _ = predictor.predict_torch(
@@ -229,11 +227,8 @@ def test_clip_preprocess_matches_manual():
     out = clip_preprocess(img, 224)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
     # torchvision's tensor resize without antialiasing, as the reference's torchvision did
-    manual = TF.resize(img.float() / 255, [224, 224], interpolation=TF.InterpolationMode.BILINEAR,
-                       antialias=False)
-    manual = (manual - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[
-        :, None, None
-    ]
+    manual = TF.resize(img.float() / 255, [224, 224], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    manual = (manual - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     torch.testing.assert_close(out, manual)
     # float input already in [0, 1] gives the same
     torch.testing.assert_close(clip_preprocess(img.float() / 255, 224), out)
@@ -248,9 +243,7 @@ def test_clip_feature_map_matches_hf(clip, tiny_backbones, image):
     features = clip.feature_map(pixels)
     assert features.shape == (2, 197, 128)
     # an independently loaded HF vision tower gives the same last_hidden_state
-    vision = CLIPVisionModel.from_pretrained(
-        tiny_backbones["clip_dir"], local_files_only=True
-    ).eval()
+    vision = CLIPVisionModel.from_pretrained(tiny_backbones["clip_dir"], local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(features, vision(pixel_values=pixels).last_hidden_state)
     image_embeddings = clip.encode_image_embeddings(pixels)
@@ -354,9 +347,7 @@ def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys
     assert "model.safetensors" in files and "config.json" in files
     assert files == sorted(p.name for p in paths["clip_dir"].iterdir())
     for name in files:
-        assert (paths["clip_dir"] / name).read_bytes() == (
-            reference["clip_dir"] / name
-        ).read_bytes()
+        assert (paths["clip_dir"] / name).read_bytes() == (reference["clip_dir"] / name).read_bytes()
     # loadable offline by the library's own entry points
     build_sam("tiny", paths["sam_checkpoint"])
     model, tokenizer = load_clip(paths["clip_dir"])

@@ -74,15 +74,40 @@ def _mini_set(demo_data, tmp_path: Path, n: int = 2, edit=None) -> tuple[Path, P
 
 
 def _extract_cfg(tiny_backbones, images, ann, out, **kw) -> ExtractConfig:
-    return ExtractConfig(images=str(images), annotations=str(ann), out=str(out), sam_type="tiny",
-                         sam_checkpoint=str(tiny_backbones["sam_checkpoint"]), clip_model=str(tiny_backbones["clip_dir"]),
-                         dataset="mini", workers=0, text_cache=str(Path(out).parent / "text.h5"), **kw)
+    return ExtractConfig(
+        images=str(images),
+        annotations=str(ann),
+        out=str(out),
+        sam_type="tiny",
+        sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+        clip_model=str(tiny_backbones["clip_dir"]),
+        dataset="mini",
+        workers=0,
+        text_cache=str(Path(out).parent / "text.h5"),
+        **kw,
+    )
 
 
 def _extract_argv(tiny_backbones, images, ann, out, *extra) -> list[str]:
-    return ["--images", str(images), "--annotations", str(ann), "--out", str(out), "--sam-type", "tiny",
-            "--sam-checkpoint", str(tiny_backbones["sam_checkpoint"]), "--clip-model", str(tiny_backbones["clip_dir"]),
-            "--workers", "0", "--text-cache", str(Path(out).parent / "text.h5"), *extra]
+    return [
+        "--images",
+        str(images),
+        "--annotations",
+        str(ann),
+        "--out",
+        str(out),
+        "--sam-type",
+        "tiny",
+        "--sam-checkpoint",
+        str(tiny_backbones["sam_checkpoint"]),
+        "--clip-model",
+        str(tiny_backbones["clip_dir"]),
+        "--workers",
+        "0",
+        "--text-cache",
+        str(Path(out).parent / "text.h5"),
+        *extra,
+    ]
 
 
 def _error_line(capsys) -> str:
@@ -95,11 +120,22 @@ def _error_line(capsys) -> str:
 
 
 def _fit_cfg(train, out, steps=4, val=None, val_json=None, **data) -> dict:
-    cfg = {"model": dict(TINY_MODEL), "out": str(out), "seed": 0,
-           "data": {"train_shards": [str(train)], "batch_size": 4, "workers": 0, "shuffle_buffer": 8, **data},
-           "optim": {"lr": 1e-3, "warmup_iters": 2},
-           "trainer": {"max_steps": steps, "val_check_interval": steps, "accelerator": "cpu", "devices": 1,
-                       "precision": "32-true", "enable_progress_bar": False, "log_every_n_steps": 1}}
+    cfg = {
+        "model": dict(TINY_MODEL),
+        "out": str(out),
+        "seed": 0,
+        "data": {"train_shards": [str(train)], "batch_size": 4, "workers": 0, "shuffle_buffer": 8, **data},
+        "optim": {"lr": 1e-3, "warmup_iters": 2},
+        "trainer": {
+            "max_steps": steps,
+            "val_check_interval": steps,
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+        },
+    }
     if val:
         cfg["data"] |= {"val_shards": str(val), "val_annotations": str(val_json)}
     return cfg
@@ -125,7 +161,8 @@ def _rewrite(src: Path, dst: Path, labels=None, sidecar_counts: bool = True) -> 
         if not sidecar_counts:
             side = json.loads((dst / shard.name).with_suffix(".json").read_text())
             (dst / shard.name).with_suffix(".json").write_text(
-                json.dumps({k: v for k, v in side.items() if k not in ("max_label", "num_classes")}))
+                json.dumps({k: v for k, v in side.items() if k not in ("max_label", "num_classes")})
+            )
     shutil.copy(src / "manifest.json", dst / "manifest.json")
     return dst
 
@@ -139,7 +176,8 @@ def shards(demo_shards, demo_data):
 
 
 def test_01_12_extraction_reading_no_image_fails_and_fit_refuses_its_empty_shards(
-        demo_data, tiny_backbones, tmp_path, capsys):
+    demo_data, tiny_backbones, tmp_path, capsys
+):
     def corrupt(coco, images):
         for im in coco["images"]:
             (images / im["file_name"]).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
@@ -181,8 +219,11 @@ def test_02_batch_size_zero_or_negative_is_refused_at_once(shards, tmp_path, cap
 
 
 def test_02_other_numbers_are_checked_before_the_work(shards, tiny_backbones, demo_data, tmp_path, capsys):
-    for key, value, match in (("workers", -1, "loader workers"), ("max_boxes_per_image", 0, "max_boxes_per_image"),
-                              ("mix_weights", [float("nan")], "mixing weights")):
+    for key, value, match in (
+        ("workers", -1, "loader workers"),
+        ("max_boxes_per_image", 0, "max_boxes_per_image"),
+        ("mix_weights", [float("nan")], "mixing weights"),
+    ):
         with pytest.raises(DataConfigError, match=match):
             run(_fit_cfg(shards["train"], tmp_path / "a", **{key: value}))
     bad = _fit_cfg(shards["train"], tmp_path / "b")
@@ -190,8 +231,13 @@ def test_02_other_numbers_are_checked_before_the_work(shards, tiny_backbones, de
     with pytest.raises(FitError, match="--max-steps 0"):
         run(bad)
     images, ann = demo_data["val_images"], demo_data["val_json"]
-    for flag, value in (("--shard-size", "0"), ("--batch-size", "-1"), ("--workers", "-2"), ("--limit", "0"),
-                        ("--read-timeout", "0")):
+    for flag, value in (
+        ("--shard-size", "0"),
+        ("--batch-size", "-1"),
+        ("--workers", "-2"),
+        ("--limit", "0"),
+        ("--read-timeout", "0"),
+    ):
         assert extract_main(_extract_argv(tiny_backbones, images, ann, tmp_path / "x", flag, value)) == 2
         assert f"{flag} " in _error_line(capsys)
     assert not (tmp_path / "x").exists()  # refused before anything was written
@@ -232,19 +278,22 @@ def _one_image(tmp_path, image=None, ann=None, cats=None, proposals=None) -> tup
 DROP = object()  # the field is left out
 
 
-@pytest.mark.parametrize("field,change,match", [
-    ("ann", {"bbox": None}, r"annotation #0 \(id 7\) .* bbox \[x, y, w, h\] must be a list of 4 numbers"),
-    ("ann", {"bbox": [1, 2, 10]}, r"annotation #0 \(id 7\) .* has 3 numbers, not 4"),
-    ("ann", {"bbox": DROP}, r"annotation #0 \(id 7\) .* lacks 'bbox'"),
-    ("ann", {"category_id": DROP}, r"annotation #0 \(id 7\) .* lacks 'category_id'"),
-    ("ann", {"image_id": DROP}, r"annotation #0 \(id 7\) .* lacks 'image_id'"),
-    ("ann", {"image_id": "1"}, r"annotation #0 \(id 7\) .* non-integer image_id"),
-    ("image", {"width": DROP}, r"image #0 .* lacks 'width'"),
-    ("image", {"height": -4}, r"image #0 .* positive integer 'width'/'height'"),
-    ("image", {"file_name": None}, r"image #0 .* neither 'file_name' nor 'coco_url'"),
-    ("image", {"file_name": 12}, r"image #0 .* not a non-empty path string"),
-    ("cat", {"name": DROP}, r"category #0 .* is not \{\"id\": int, \"name\": non-empty str\}"),
-])
+@pytest.mark.parametrize(
+    "field,change,match",
+    [
+        ("ann", {"bbox": None}, r"annotation #0 \(id 7\) .* bbox \[x, y, w, h\] must be a list of 4 numbers"),
+        ("ann", {"bbox": [1, 2, 10]}, r"annotation #0 \(id 7\) .* has 3 numbers, not 4"),
+        ("ann", {"bbox": DROP}, r"annotation #0 \(id 7\) .* lacks 'bbox'"),
+        ("ann", {"category_id": DROP}, r"annotation #0 \(id 7\) .* lacks 'category_id'"),
+        ("ann", {"image_id": DROP}, r"annotation #0 \(id 7\) .* lacks 'image_id'"),
+        ("ann", {"image_id": "1"}, r"annotation #0 \(id 7\) .* non-integer image_id"),
+        ("image", {"width": DROP}, r"image #0 .* lacks 'width'"),
+        ("image", {"height": -4}, r"image #0 .* positive integer 'width'/'height'"),
+        ("image", {"file_name": None}, r"image #0 .* neither 'file_name' nor 'coco_url'"),
+        ("image", {"file_name": 12}, r"image #0 .* not a non-empty path string"),
+        ("cat", {"name": DROP}, r"category #0 .* is not \{\"id\": int, \"name\": non-empty str\}"),
+    ],
+)
 def test_11_a_missing_or_mistyped_field_names_the_file_and_the_record(tmp_path, field, change, match):
     image = {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}
     ann = {"id": 7, "image_id": 1, "category_id": 5, "bbox": [1, 2, 10, 10]}
@@ -262,8 +311,13 @@ def test_11_a_missing_or_mistyped_field_names_the_file_and_the_record(tmp_path, 
 
 
 def test_11_a_malformed_proposal_names_the_file_and_the_entry(tmp_path):
-    path, props = _one_image(tmp_path, proposals=[{"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
-                                                  {"image_id": 1, "bbox": [0, 0, 5], "score": 0.5}])
+    path, props = _one_image(
+        tmp_path,
+        proposals=[
+            {"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
+            {"image_id": 1, "bbox": [0, 0, 5], "score": 0.5},
+        ],
+    )
     with pytest.raises(AnnotationError, match=r"props.json: entry 1 .* has 3 numbers, not 4"):
         load_coco(path, props)
 
@@ -346,14 +400,29 @@ def test_05_images_of_any_pillow_mode_reach_the_encoders_with_their_pixels(tmp_p
 # ------------------------------------------------ 6 and 10: dropped before the work, counted
 
 
-def test_06_10_non_finite_boxes_and_names_outside_images_are_dropped_and_counted(
-        demo_data, tiny_backbones, tmp_path):
+def test_06_10_non_finite_boxes_and_names_outside_images_are_dropped_and_counted(demo_data, tiny_backbones, tmp_path):
     def spoil(coco, images):
         first = coco["images"][0]
-        coco["annotations"].append({"id": 10**6, "image_id": first["id"], "category_id": 1, "area": 1, "iscrowd": 0,
-                                    "bbox": [float("inf"), 0, 10, 10]})
-        coco["annotations"].append({"id": 10**6 + 1, "image_id": first["id"], "category_id": 1, "area": 1,
-                                    "iscrowd": 0, "bbox": [0, 0, float("nan"), 10]})
+        coco["annotations"].append(
+            {
+                "id": 10**6,
+                "image_id": first["id"],
+                "category_id": 1,
+                "area": 1,
+                "iscrowd": 0,
+                "bbox": [float("inf"), 0, 10, 10],
+            }
+        )
+        coco["annotations"].append(
+            {
+                "id": 10**6 + 1,
+                "image_id": first["id"],
+                "category_id": 1,
+                "area": 1,
+                "iscrowd": 0,
+                "bbox": [0, 0, float("nan"), 10],
+            }
+        )
         (tmp_path / "secret.jpg").write_bytes((images / coco["images"][1]["file_name"]).read_bytes())
         coco["images"][1]["file_name"] = "../secret.jpg"
 
@@ -372,9 +441,14 @@ def test_06_10_non_finite_boxes_and_names_outside_images_are_dropped_and_counted
 
 
 def test_06_non_finite_proposals_are_dropped_and_counted(tmp_path):
-    path, props = _one_image(tmp_path, proposals=[{"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
-                                                  {"image_id": 1, "bbox": [0, 0, 1e999, 5], "score": 0.5},
-                                                  {"image_id": 1, "bbox": [0, 0, 5, 5], "score": float("nan")}])
+    path, props = _one_image(
+        tmp_path,
+        proposals=[
+            {"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
+            {"image_id": 1, "bbox": [0, 0, 1e999, 5], "score": 0.5},
+            {"image_id": 1, "bbox": [0, 0, 5, 5], "score": float("nan")},
+        ],
+    )
     assert len(read_proposals(props)[1]) == 3  # read as they are; load_coco decides
     records, _, stats = load_coco(path, props)
     assert len(records[0].boxes) == 1 and stats.non_finite_dropped == 2 and stats.boxes == 1
@@ -391,8 +465,9 @@ def test_07_no_annotations_no_classes_or_no_box_is_an_error(demo_data, tiny_back
         "only crowd boxes": (lambda c: [a.update(iscrowd=1) for a in c["annotations"]], "crowd boxes"),
     }
     for name, (edit, match) in cases.items():
-        images, ann = _mini_set(demo_data, tmp_path / name.replace(" ", "_"), n=1,
-                                edit=lambda coco, images, edit=edit: edit(coco))
+        images, ann = _mini_set(
+            demo_data, tmp_path / name.replace(" ", "_"), n=1, edit=lambda coco, images, edit=edit: edit(coco)
+        )
         assert extract_main(_extract_argv(tiny_backbones, images, ann, tmp_path / "out")) == 2, name
         assert match in _error_line(capsys), name
     assert not (tmp_path / "out").exists()  # all refused before the backbones loaded
@@ -413,8 +488,11 @@ def test_08_a_manifest_vocabulary_that_does_not_fit_the_shards_is_refused(shards
     folder = tmp_path / "edited"
     shutil.copytree(shards["train"], folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["vocabulary"] = {"names": [f"class {i}" for i in range(classes)], "category_ids": list(range(classes)),
-                              "frequencies": []}
+    manifest["vocabulary"] = {
+        "names": [f"class {i}" for i in range(classes)],
+        "category_ids": list(range(classes)),
+        "frequencies": [],
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match=f"vocabulary of {classes} classes .* one of 40"):
         CacheInfo.read(str(folder))
@@ -435,7 +513,8 @@ def test_08_labels_beyond_the_vocabulary_are_caught_without_sidecar_counts(shard
 
 
 def test_09_11_resume_checks_precision_and_backbones_and_one_process_owns_the_folder(
-        demo_data, tiny_backbones, tmp_path, capsys):
+    demo_data, tiny_backbones, tmp_path, capsys
+):
     images, ann = _mini_set(demo_data, tmp_path, n=1)
     out = tmp_path / "out"
     out.mkdir()
@@ -485,10 +564,24 @@ def test_11_concurrent_writers_of_one_json_file_never_collide(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--topk", "0"), ("--batch-size", "0")])
 def test_12_test_refuses_a_zero_count(shards, tmp_path, capsys, flag, value):
-    head = save_head(RegionSpotHead(clip_dim=128, text_dim=64, **{k: v for k, v in TINY_MODEL.items() if k != "variant"}),
-                     tmp_path / "head.pt")
-    argv = ["--shards", str(shards["val"]), "--annotations", str(shards["val_json"]), "--head", str(head),
-            "--out", str(tmp_path / "out"), "--device", "cpu", flag, value]
+    head = save_head(
+        RegionSpotHead(clip_dim=128, text_dim=64, **{k: v for k, v in TINY_MODEL.items() if k != "variant"}),
+        tmp_path / "head.pt",
+    )
+    argv = [
+        "--shards",
+        str(shards["val"]),
+        "--annotations",
+        str(shards["val_json"]),
+        "--head",
+        str(head),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        flag,
+        value,
+    ]
     assert test_cli.main(argv) == 2
     assert f"{flag} must be >= 1" in _error_line(capsys)
 

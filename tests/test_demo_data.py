@@ -56,9 +56,7 @@ def test_other_seed_differs(small_set: dict[str, Path], tmp_path: Path) -> None:
     other = generate_demo_dataset(tmp_path / "other", seed=1, **SMALL)
     assert other["train_json"].read_bytes() != small_set["train_json"].read_bytes()
     first = sorted(small_set["train_images"].glob("*.jpg"))[0].name
-    assert (other["train_images"] / first).read_bytes() != (
-        small_set["train_images"] / first
-    ).read_bytes()
+    assert (other["train_images"] / first).read_bytes() != (small_set["train_images"] / first).read_bytes()
 
 
 def test_skips_when_already_generated_and_redraws_on_change(tmp_path: Path) -> None:

@@ -60,7 +60,9 @@ def make_lvis_gt() -> dict:
         present = {cat for cat, _ in objs}
         images.append(
             {
-                "id": img_id, "width": W, "height": H,
+                "id": img_id,
+                "width": W,
+                "height": H,
                 # Every object is annotated, so every absent category is a verified negative.
                 "neg_category_ids": [c for c in CATEGORY_IDS if c not in present],
                 "not_exhaustive_category_ids": [],
@@ -70,9 +72,13 @@ def make_lvis_gt() -> dict:
             rle = box_rle(box)
             annotations.append(
                 {
-                    "id": len(annotations) + 1, "image_id": img_id, "category_id": cat,
-                    "bbox": [float(v) for v in box], "area": float(mask_utils.area(rle)),
-                    "segmentation": rle, "iscrowd": 0,
+                    "id": len(annotations) + 1,
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "bbox": [float(v) for v in box],
+                    "area": float(mask_utils.area(rle)),
+                    "segmentation": rle,
+                    "iscrowd": 0,
                 }
             )
     categories = [
@@ -93,8 +99,12 @@ def make_coco_gt() -> dict:
 def perfect_results(gt: dict, score: float = 0.9, segm: bool = False) -> list[dict]:
     results = []
     for ann in gt["annotations"]:
-        det = {"image_id": ann["image_id"], "category_id": ann["category_id"],
-               "bbox": list(ann["bbox"]), "score": score}
+        det = {
+            "image_id": ann["image_id"],
+            "category_id": ann["category_id"],
+            "bbox": list(ann["bbox"]),
+            "score": score,
+        }
         if segm:
             det["segmentation"] = dict(ann["segmentation"])
         results.append(det)
@@ -110,8 +120,14 @@ def noisy_results(gt: dict, seed: int = 0) -> list[dict]:
             x, y, w, h = ann["bbox"]
             dx, dy = rng.uniform(-0.2, 0.2, size=2) * (w, h)
             box = [x + dx, y + dy, w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)]
-            results.append({"image_id": ann["image_id"], "category_id": cat,
-                            "bbox": [float(v) for v in box], "score": float(rng.uniform())})
+            results.append(
+                {
+                    "image_id": ann["image_id"],
+                    "category_id": cat,
+                    "bbox": [float(v) for v in box],
+                    "score": float(rng.uniform()),
+                }
+            )
     return results
 
 
@@ -147,8 +163,10 @@ def test_lvis_keeps_at_most_max_dets_per_image() -> None:
     gt = make_lvis_gt()
     results = perfect_results(gt, score=0.5)
     # 300 confident false positives on image 10 push its two true detections past the cap.
-    results += [{"image_id": 10, "category_id": FREQUENT, "bbox": [0.0, 0.0, 5.0 + i / 100, 5.0],
-                 "score": 0.9} for i in range(300)]
+    results += [
+        {"image_id": 10, "category_id": FREQUENT, "bbox": [0.0, 0.0, 5.0 + i / 100, 5.0], "score": 0.9}
+        for i in range(300)
+    ]
     capped = evaluate_detections(gt, results)  # max_dets=300, the official LVIS value
     uncapped = evaluate_detections(gt, results, max_dets=302)
     # Capped: the rare class finds 1 of its 2 objects without a false positive, so precision is
@@ -222,8 +240,7 @@ def test_coco_kind_matches_cocoeval(iou_type: str, backend: str) -> None:
 
     auto = evaluate_detections(gt, results, iou_type, backend=backend)  # no 'frequency': COCO
     official = evaluate_detections(gt, results, iou_type, max_dets=100, backend=backend)
-    forced = evaluate_detections(make_lvis_gt(), results, iou_type, kind="coco", max_dets=100,
-                                 backend=backend)
+    forced = evaluate_detections(make_lvis_gt(), results, iou_type, kind="coco", max_dets=100, backend=backend)
     for metrics in (auto, official, forced):
         assert list(metrics) == list(COCO_METRICS)  # APr/APc/APf are absent for COCO
         assert metrics == pytest.approx(expected, abs=1e-12)
@@ -239,9 +256,9 @@ def test_coco_kind_matches_cocoeval(iou_type: str, backend: str) -> None:
 
 def test_unknown_image_id() -> None:
     gt = make_lvis_gt()
-    results = perfect_results(gt) + [
-        {"image_id": 999, "category_id": RARE, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.1}
-    ] * 2
+    results = (
+        perfect_results(gt) + [{"image_id": 999, "category_id": RARE, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.1}] * 2
+    )
     with pytest.raises(ResultsError, match=r"2 of 9 results refer to 1 image ids .*\[999\]"):
         evaluate_detections(gt, results)
 
@@ -344,22 +361,35 @@ def test_detections_to_results_format() -> None:
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 5.0, 5.0]])
     masks = [mask_utils.encode(np.asfortranarray(np.ones((H, W), np.uint8))) for _ in range(2)]
     dets = detections_to_results(
-        7, boxes, torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0.9, 0.4]),
-        CATEGORY_IDS, masks_rle=masks,
+        7,
+        boxes,
+        torch.tensor([0, 1]),
+        torch.tensor([2, 0]),
+        torch.tensor([0.9, 0.4]),
+        CATEGORY_IDS,
+        masks_rle=masks,
     )
     # mask results carry no bbox (as the reference writes them): LVIS takes areas from the masks
-    assert dets[0] == {"image_id": 7, "category_id": FREQUENT, "score": pytest.approx(0.9),
-                       "segmentation": dets[0]["segmentation"]}
+    assert dets[0] == {
+        "image_id": 7,
+        "category_id": FREQUENT,
+        "score": pytest.approx(0.9),
+        "segmentation": dets[0]["segmentation"],
+    }
     assert isinstance(dets[0]["segmentation"]["counts"], str)
-    dets = detections_to_results(7, boxes, torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0.9, 0.4]),
-                                 CATEGORY_IDS)
-    assert dets[0] == {"image_id": 7, "category_id": FREQUENT, "bbox": [10.0, 20.0, 20.0, 40.0],
-                       "score": pytest.approx(0.9)}
+    dets = detections_to_results(
+        7, boxes, torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0.9, 0.4]), CATEGORY_IDS
+    )
+    assert dets[0] == {
+        "image_id": 7,
+        "category_id": FREQUENT,
+        "bbox": [10.0, 20.0, 20.0, 40.0],
+        "score": pytest.approx(0.9),
+    }
     assert dets[1]["category_id"] == RARE and dets[1]["bbox"] == [0.0, 0.0, 5.0, 5.0]
     json.dumps(dets)  # plain JSON types only
     with pytest.raises(ValueError, match="category_ids maps only 3 classes"):
-        detections_to_results(7, boxes, torch.tensor([0]), torch.tensor([3]), torch.ones(1),
-                              CATEGORY_IDS)
+        detections_to_results(7, boxes, torch.tensor([0]), torch.tensor([3]), torch.ones(1), CATEGORY_IDS)
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
@@ -386,9 +416,7 @@ def test_scoring_pipeline_on_gt_boxes(iou_type: str) -> None:
 
 
 def test_format_metrics_table() -> None:
-    table = format_metrics_table(
-        {"bbox": {"AP": 0.5304, "APr": math.nan}, "segm": dict.fromkeys(LVIS_METRICS, 0.25)}
-    )
+    table = format_metrics_table({"bbox": {"AP": 0.5304, "APr": math.nan}, "segm": dict.fromkeys(LVIS_METRICS, 0.25)})
     header, bbox, segm = table.splitlines()
     assert header.split() == list(LVIS_METRICS)
     assert bbox.split() == ["bbox", "53.0"] + ["-"] * 8
@@ -415,8 +443,7 @@ def test_cli_writes_metrics_json(tmp_path: Path, capsys: pytest.CaptureFixture) 
     for metrics in written.values():
         assert list(metrics) == list(LVIS_METRICS)
         assert all(v == pytest.approx(1.0) for v in metrics.values())
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "ap_per_class.png",
-                                               "ap_per_class.csv"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "ap_per_class.png", "ap_per_class.csv"}
 
     # COCO-style GT: six metrics; a metric with nothing to score is written as null.
     coco = make_coco_gt()
@@ -452,7 +479,9 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 
     proc = subprocess.run(
         [sys.executable, "-m", "regionspot_pl.evaluate", str(gt_path), str(tmp_path / "nope.json")],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert "error: results file not found" in proc.stderr

@@ -23,9 +23,7 @@ VOCAB = ["red circle", "blue square", "green triangle", "background"]
 # small and fast on the tiny random SAM: its masks are noise-like and its predicted IoUs and
 # stability scores low, so the default thresholds would keep none, and its masks nearly all
 # cover the whole image, so SAM's NMS would keep one; 1.0 keeps all 4 x 4 points x 3 masks
-SETTINGS = GeneratorSettings(
-    points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
-)
+SETTINGS = GeneratorSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
 FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
          "--box-nms-thresh", "1.0"]  # fmt: skip
 HW = (96, 128)

@@ -42,10 +42,16 @@ from regionspot_pl.extract import (
 
 def _config(demo_data, tiny_backbones, out, split="train", **kw) -> ExtractConfig:
     return ExtractConfig(
-        images=str(demo_data[f"{split}_images"]), annotations=str(demo_data[f"{split}_json"]), out=str(out),
-        sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
-        clip_model=str(tiny_backbones["clip_dir"]), dataset=f"demo_{split}", workers=0,
-        text_cache=str(Path(out).parent / "text.h5"), **kw,
+        images=str(demo_data[f"{split}_images"]),
+        annotations=str(demo_data[f"{split}_json"]),
+        out=str(out),
+        sam_type="tiny",
+        sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+        clip_model=str(tiny_backbones["clip_dir"]),
+        dataset=f"demo_{split}",
+        workers=0,
+        text_cache=str(Path(out).parent / "text.h5"),
+        **kw,
     )
 
 
@@ -54,7 +60,9 @@ def _samples(folder) -> dict[str, dict]:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return all(np.array_equal(a[k], b[k]) for k in ("sam", "boxes", "labels", "scores", "clip")) and a["meta"] == b["meta"]
+    return (
+        all(np.array_equal(a[k], b[k]) for k in ("sam", "boxes", "labels", "scores", "clip")) and a["meta"] == b["meta"]
+    )
 
 
 def _reference_resize(image: np.ndarray) -> np.ndarray:
@@ -103,8 +111,12 @@ def test_shards_hold_what_sam_predictor_and_hf_clip_give(demo_shards, demo_data,
 
     vision = CLIPVisionModel.from_pretrained(tiny_backbones["clip_dir"], local_files_only=True).eval()
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    square = TF.resize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255, [224, 224],
-                       interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    square = TF.resize(
+        torch.from_numpy(resized).permute(2, 0, 1).float() / 255,
+        [224, 224],
+        interpolation=TF.InterpolationMode.BILINEAR,
+        antialias=False,
+    )
     with torch.no_grad():
         expected_clip = vision(pixel_values=((square - mean) / std)[None]).last_hidden_state[0].numpy()
     assert s["clip"].shape == (197, 128) and s["clip"].dtype == np.float16
@@ -149,8 +161,13 @@ def test_shards_are_plain_webdataset_tars(demo_shards):
 
 def test_sample_round_trip_and_validation():
     rng = np.random.default_rng(0)
-    arrays = dict(sam=rng.normal(size=(3, 256)), boxes=rng.uniform(0, 9, size=(3, 4)),
-                  labels=np.array([0, 2, -1]), scores=np.ones(3), clip=rng.normal(size=(5, 8)))
+    arrays = dict(
+        sam=rng.normal(size=(3, 256)),
+        boxes=rng.uniform(0, 9, size=(3, 4)),
+        labels=np.array([0, 2, -1]),
+        scores=np.ones(3),
+        clip=rng.normal(size=(5, 8)),
+    )
     sample = encode_sample(7, **arrays, meta={"file_name": "a.jpg", "width": 10, "height": 10})
     back = validate_sample(decode_sample(sample))
     assert back["__key__"] == "7" and back["meta"]["image_id"] == 7
@@ -160,6 +177,7 @@ def test_sample_round_trip_and_validation():
         encode_sample(7, **{**arrays, "labels": np.array([0, 1])}, meta={})
     pickled = dict(sample)
     import io
+
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     pickled["labels.npy"] = buf.getvalue()
@@ -195,7 +213,9 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(demo_data, tiny_
         assert (crashed / a.name).read_bytes() == a.read_bytes()
     assert sorted(p.name for p in crashed.glob("*.tar")) == sorted(p.name for p in straight.glob("*.tar"))
     # a third run has nothing left to do
-    assert run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2, limit=12))["images"] == 0
+    assert (
+        run_extraction(_config(demo_data, tiny_backbones, crashed, shard_size=3, batch_size=2, limit=12))["images"] == 0
+    )
 
 
 def test_resuming_into_a_folder_of_another_extraction_is_refused(demo_data, tiny_backbones, tmp_path):
@@ -233,16 +253,42 @@ def test_two_ranks_together_equal_one(demo_shards, demo_data, tiny_backbones, tm
 def test_torchrun_environment_sets_rank(monkeypatch, demo_data, tiny_backbones, tmp_path):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    cfg = config_from_args(["--images", str(demo_data["val_images"]), "--annotations", str(demo_data["val_json"]),
-                            "--out", str(tmp_path), "--sam-type", "tiny",
-                            "--sam-checkpoint", str(tiny_backbones["sam_checkpoint"]),
-                            "--clip-model", str(tiny_backbones["clip_dir"])])
+    cfg = config_from_args(
+        [
+            "--images",
+            str(demo_data["val_images"]),
+            "--annotations",
+            str(demo_data["val_json"]),
+            "--out",
+            str(tmp_path),
+            "--sam-type",
+            "tiny",
+            "--sam-checkpoint",
+            str(tiny_backbones["sam_checkpoint"]),
+            "--clip-model",
+            str(tiny_backbones["clip_dir"]),
+        ]
+    )
     assert (cfg.rank, cfg.world_size) == (1, 3)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    cfg = config_from_args(["--images", str(demo_data["val_images"]), "--annotations", str(demo_data["val_json"]),
-                            "--out", str(tmp_path), "--sam-type", "tiny", "--device", "cuda",
-                            "--sam-checkpoint", str(tiny_backbones["sam_checkpoint"]),
-                            "--clip-model", str(tiny_backbones["clip_dir"])])
+    cfg = config_from_args(
+        [
+            "--images",
+            str(demo_data["val_images"]),
+            "--annotations",
+            str(demo_data["val_json"]),
+            "--out",
+            str(tmp_path),
+            "--sam-type",
+            "tiny",
+            "--device",
+            "cuda",
+            "--sam-checkpoint",
+            str(tiny_backbones["sam_checkpoint"]),
+            "--clip-model",
+            str(tiny_backbones["clip_dir"]),
+        ]
+    )
     assert cfg.device == "cuda:1"  # each torchrun process on its own GPU
 
 
@@ -258,7 +304,14 @@ def _broken_dataset(demo_data, tmp_path) -> tuple[Path, Path]:
     next_id = max(a["id"] for a in coco["annotations"]) + 1
     coco["annotations"] += [
         {"id": next_id, "image_id": third["id"], "category_id": 1, "bbox": [10, 10, 0, 20], "area": 0, "iscrowd": 0},
-        {"id": next_id + 1, "image_id": third["id"], "category_id": 1, "bbox": [-20, 5, 60, 30], "area": 1, "iscrowd": 0},
+        {
+            "id": next_id + 1,
+            "image_id": third["id"],
+            "category_id": 1,
+            "bbox": [-20, 5, 60, 30],
+            "area": 1,
+            "iscrowd": 0,
+        },
         {"id": next_id + 2, "image_id": third["id"], "category_id": 1, "bbox": [5, 5, 30, 30], "area": 1, "iscrowd": 1},
     ]
     ann = tmp_path / "val.json"
@@ -310,9 +363,20 @@ def test_cli_errors_are_clear(demo_data, tiny_backbones, tmp_path, capsys):
         config_from_args(["--config", "configs/data/o365.yaml"])
     with pytest.raises(SystemExit, match="missing --images"):
         config_from_args(["--annotations", "x.json"])
-    args = ["--images", str(demo_data["val_images"]), "--annotations", str(demo_data["val_json"]),
-            "--out", str(tmp_path / "o"), "--sam-type", "vit_b", "--sam-checkpoint", str(tmp_path / "nope.pth"),
-            "--clip-model", str(tiny_backbones["clip_dir"])]
+    args = [
+        "--images",
+        str(demo_data["val_images"]),
+        "--annotations",
+        str(demo_data["val_json"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--sam-type",
+        "vit_b",
+        "--sam-checkpoint",
+        str(tmp_path / "nope.pth"),
+        "--clip-model",
+        str(tiny_backbones["clip_dir"]),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "sam_vit_b_01ec64.pth" in err and "--sam-checkpoint" in err

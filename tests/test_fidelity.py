@@ -73,8 +73,9 @@ def test_resize_for_backbones_is_pil_bilinear():
 def test_boxes_scale_into_the_resized_image_and_masks_come_back_nearest():
     boxes = torch.tensor([[10.0, 20.0, 300.0, 200.0]])
     scaled = scale_boxes(boxes, (333, 500), (800, 1201))
-    torch.testing.assert_close(scaled, torch.tensor([[10 * 1201 / 500, 20 * 800 / 333, 300 * 1201 / 500,
-                                                      200 * 800 / 333]]))
+    torch.testing.assert_close(
+        scaled, torch.tensor([[10 * 1201 / 500, 20 * 800 / 333, 300 * 1201 / 500, 200 * 800 / 333]])
+    )
     masks = torch.rand(2, 800, 1201) > 0.5
     up = masks_to_original(masks, (333, 500))
     # nearest neighbour: pixel (y, x) takes the resized pixel floor(y * 800/333), floor(x * 1201/500)
@@ -159,8 +160,9 @@ def test_text_embeddings_are_the_references_81_prompt_average(tiny_backbones):
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
     # class probabilities of some regions against them agree to 1e-4
     regions = F.normalize(torch.randn(5, got.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1)
-    torch.testing.assert_close((100 * regions @ got.T).softmax(-1),
-                               (100 * regions @ torch.stack(expected).T).softmax(-1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        (100 * regions @ got.T).softmax(-1), (100 * regions @ torch.stack(expected).T).softmax(-1), rtol=0, atol=1e-4
+    )
 
 
 # --------------------------------------------------------------------------------- scoring
@@ -200,11 +202,13 @@ def test_a_pair_outside_the_900_best_probabilities_never_returns():
 
 def test_mask_results_carry_no_bbox():
     rle = {"size": [4, 4], "counts": "04L4"}
-    dets = detections_to_results(1, torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([0]), torch.tensor([0]),
-                                 torch.tensor([0.5]), [7], [rle])
+    dets = detections_to_results(
+        1, torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0.5]), [7], [rle]
+    )
     assert set(dets[0]) == {"image_id", "category_id", "segmentation", "score"}
-    boxes = detections_to_results(1, torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([0]), torch.tensor([0]),
-                                  torch.tensor([0.5]), [7])
+    boxes = detections_to_results(
+        1, torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0.5]), [7]
+    )
     assert boxes[0]["bbox"] == [0.0, 0.0, 2.0, 2.0] and "segmentation" not in boxes[0]
 
 
@@ -241,8 +245,14 @@ def _glip_and_coco_files(tmp_path: Path, annotations: Path) -> tuple[Path, Path]
             x2, y2 = x1 + gen.integers(8, im["width"] // 2), y1 + gen.integers(8, im["height"] // 2)
             boxes.append([float(x1), float(y1), float(x2), float(y2)])
             scores.append(round(float(gen.random()), 4))
-            coco.append({"image_id": im["id"], "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                         "score": scores[-1], "category_id": 1})
+            coco.append(
+                {
+                    "image_id": im["id"],
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                    "score": scores[-1],
+                    "category_id": 1,
+                }
+            )
         glip[str(im["id"])] = {"boxes": boxes, "scores": scores, "labels": [1] * len(boxes)}
     (tmp_path / "glip.json").write_text(json.dumps(glip))
     (tmp_path / "coco.json").write_text(json.dumps(coco))
@@ -255,12 +265,21 @@ def test_glip_and_coco_proposal_files_give_the_same_shards(demo_data, tiny_backb
     folders = {}
     for name, path in (("glip", glip), ("coco", coco)):
         folders[name] = tmp_path / name
-        run_extraction(ExtractConfig(
-            images=str(demo_data["val_images"]), annotations=str(demo_data["val_json"]), out=str(folders[name]),
-            sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
-            clip_model=str(tiny_backbones["clip_dir"]), dataset="props", workers=0, boxes=str(path), limit=3,
-            text_cache=str(tmp_path / "text.h5"),
-        ))
+        run_extraction(
+            ExtractConfig(
+                images=str(demo_data["val_images"]),
+                annotations=str(demo_data["val_json"]),
+                out=str(folders[name]),
+                sam_type="tiny",
+                sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+                clip_model=str(tiny_backbones["clip_dir"]),
+                dataset="props",
+                workers=0,
+                boxes=str(path),
+                limit=3,
+                text_cache=str(tmp_path / "text.h5"),
+            )
+        )
     a = {s["__key__"]: s for s in iter_samples(list_shards(folders["glip"]))}
     b = {s["__key__"]: s for s in iter_samples(list_shards(folders["coco"]))}
     assert a.keys() == b.keys() and len(a) == 3
@@ -271,13 +290,16 @@ def test_glip_and_coco_proposal_files_give_the_same_shards(demo_data, tiny_backb
         assert (a[key]["labels"] == -1).all() and len(a[key]["boxes"]) == 4
 
 
-@pytest.mark.parametrize("content,match", [
-    ({"1": {"boxes": [[0, 0, 5, 5]]}}, "entry '1' is not"),
-    ({"1": {"boxes": [[0, 0, 5]], "scores": [0.5]}}, "has 3 numbers"),
-    ({"1": {"boxes": [[0, 0, 5, 5]], "scores": [0.5, 0.2]}}, "1 boxes but 2 scores"),
-    ([{"image_id": 1, "bbox": [0, 0, 5]}], "entry 0 .* is not"),
-    ([{"bbox": [0, 0, 5, 5]}], "entry 0"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ({"1": {"boxes": [[0, 0, 5, 5]]}}, "entry '1' is not"),
+        ({"1": {"boxes": [[0, 0, 5]], "scores": [0.5]}}, "has 3 numbers"),
+        ({"1": {"boxes": [[0, 0, 5, 5]], "scores": [0.5, 0.2]}}, "1 boxes but 2 scores"),
+        ([{"image_id": 1, "bbox": [0, 0, 5]}], "entry 0 .* is not"),
+        ([{"bbox": [0, 0, 5, 5]}], "entry 0"),
+    ],
+)
 def test_malformed_proposal_files_name_the_entry(tmp_path, content, match):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(content))
@@ -286,10 +308,14 @@ def test_malformed_proposal_files_name_the_entry(tmp_path, content, match):
 
 
 def test_a_gt_image_without_boxes_is_prompted_with_the_whole_image(tmp_path):
-    gt = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
-                     {"id": 2, "file_name": "b.jpg", "width": 30, "height": 20}],
-          "categories": [{"id": 5, "name": "cat"}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 2, 10, 10]}]}
+    gt = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+            {"id": 2, "file_name": "b.jpg", "width": 30, "height": 20},
+        ],
+        "categories": [{"id": 5, "name": "cat"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 2, 10, 10]}],
+    }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(gt))
     records, _, stats = load_coco(path)
@@ -345,9 +371,15 @@ def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path
 
     from regionspot_pl.extract import FeatureExtractor, ImageFeaturesInput
 
-    cfg = ExtractConfig(images=str(demo_data["val_images"]), annotations=str(demo_data["val_json"]),
-                        out=str(tmp_path / "x"), sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
-                        clip_model=str(tiny_backbones["clip_dir"]), workers=0)
+    cfg = ExtractConfig(
+        images=str(demo_data["val_images"]),
+        annotations=str(demo_data["val_json"]),
+        out=str(tmp_path / "x"),
+        sam_type="tiny",
+        sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
+        clip_model=str(tiny_backbones["clip_dir"]),
+        workers=0,
+    )
     extractor = FeatureExtractor(cfg)
     records, _, _ = load_coco(demo_data["val_json"])
     item = ImageFeaturesInput([(0, records[0])], cfg.images, extractor.sam.transform)[0]
@@ -355,6 +387,7 @@ def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path
     resized = item["clip_image"].permute(1, 2, 0).numpy()
     assert tuple(item["resized_size"]) == resized.shape[:2] == resized_shape(records[0].height, records[0].width)
     predictor = SamPredictor(extractor.sam.sam)
-    expected = extractor.sam.sam.preprocess(torch.as_tensor(predictor.transform.apply_image(resized))
-                                            .permute(2, 0, 1)[None].float())
+    expected = extractor.sam.sam.preprocess(
+        torch.as_tensor(predictor.transform.apply_image(resized)).permute(2, 0, 1)[None].float()
+    )
     torch.testing.assert_close(extractor.sam.prepare([item["sam_image"]]), expected)

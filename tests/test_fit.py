@@ -36,10 +36,20 @@ def _cfg(shards, out, steps, val=True, **optim):
     if val:
         data |= {"val_shards": str(shards["val"]), "val_annotations": str(shards["val_json"])}
     return {
-        "model": dict(TINY_MODEL), "out": str(out), "seed": 0, "data": data,
+        "model": dict(TINY_MODEL),
+        "out": str(out),
+        "seed": 0,
+        "data": data,
         "optim": {"lr": 1e-3, "warmup_iters": 5, **optim},
-        "trainer": {"max_steps": steps, "val_check_interval": steps, "accelerator": "cpu", "devices": 1,
-                    "precision": "32-true", "enable_progress_bar": False, "log_every_n_steps": 1},
+        "trainer": {
+            "max_steps": steps,
+            "val_check_interval": steps,
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+        },
     }
 
 
@@ -105,9 +115,19 @@ def test_ddp_two_processes_on_cpu_see_disjoint_samples(shards, tmp_path):
     # 24 train images in 6 shards of 4: each rank gets 3 shards = 12 images = 6 batches of 2
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "ddp_fit.py"), str(shards["train"]), str(shards["val"]),
-         str(shards["val_json"]), str(tmp_path), "6"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            str(Path(__file__).parent / "ddp_fit.py"),
+            str(shards["train"]),
+            str(shards["val"]),
+            str(shards["val_json"]),
+            str(tmp_path),
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = [json.loads((tmp_path / f"keys_rank{r}.json").read_text()) for r in (0, 1)]
@@ -203,9 +223,27 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
     # the CLI reports instead of a traceback
     assert main(["--stage", "warmup", "--train-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")]) == 2
     assert "shard folder not found" in capsys.readouterr().err
-    assert main(["--stage", "warmup", "--model", "auto", "--train-shards", str(shards["train"]),
-                 "--resume", "last", "--out", str(tmp_path / "f"), "--val-shards", str(shards["val"]),
-                 "--val-annotations", str(shards["val_json"])]) == 2
+    assert (
+        main(
+            [
+                "--stage",
+                "warmup",
+                "--model",
+                "auto",
+                "--train-shards",
+                str(shards["train"]),
+                "--resume",
+                "last",
+                "--out",
+                str(tmp_path / "f"),
+                "--val-shards",
+                str(shards["val"]),
+                "--val-annotations",
+                str(shards["val_json"]),
+            ]
+        )
+        == 2
+    )
     assert "cannot resume" in capsys.readouterr().err
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
@@ -249,8 +287,10 @@ def test_advanced_stage_mixes_datasets_with_their_own_vocabularies(shards, tmp_p
     manifest["vocabulary"]["names"] = [f"thing number {i}" for i in range(len(manifest["vocabulary"]["names"]))]
     manifest["dataset"] = "renamed"
     (other / "manifest.json").write_text(json.dumps(manifest))
-    init = save_head(RegionSpotHead(clip_dim=128, text_dim=64, **{k: v for k, v in TINY_MODEL.items() if k != "variant"}),
-                     tmp_path / "warmup_head.pt")
+    init = save_head(
+        RegionSpotHead(clip_dim=128, text_dim=64, **{k: v for k, v in TINY_MODEL.items() if k != "variant"}),
+        tmp_path / "warmup_head.pt",
+    )
     cfg = _cfg(shards, tmp_path / "run", steps=4, val=False, lr=0.0)
     cfg["data"] |= {"train_shards": [str(shards["train"]), str(other)], "mix_weights": [1.0, 1.0], "workers": 0}
     cfg["init_from"] = str(init)
@@ -268,5 +308,7 @@ def test_advanced_stage_mixes_datasets_with_their_own_vocabularies(shards, tmp_p
     # the renamed vocabulary got its own text embeddings in the cache
     from regionspot_pl.backbones.clip import text_embeddings
 
-    a = text_embeddings(None, manifest["vocabulary"]["names"], shards["text_cache"], manifest["backbones"]["clip"]["id"])
+    a = text_embeddings(
+        None, manifest["vocabulary"]["names"], shards["text_cache"], manifest["backbones"]["clip"]["id"]
+    )
     assert a.shape == (40, 64)

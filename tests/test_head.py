@@ -28,8 +28,14 @@ def _inputs(batch: int = 2, boxes: int = 5, tokens: int = 17, clip_dim: int = 64
 
 def test_head_state_dict_keys_are_the_official_ones():
     keys = set(RegionSpotHead().state_dict())
-    expected = {"to_clip.weight", "to_clip.bias", "projector.weight", "projector.bias",
-                "decoder.norm.weight", "decoder.norm.bias"}
+    expected = {
+        "to_clip.weight",
+        "to_clip.bias",
+        "projector.weight",
+        "projector.bias",
+        "decoder.norm.weight",
+        "decoder.norm.bias",
+    }
     for n in range(3):
         for attn in ("self_attn", "multihead_attn"):
             for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):

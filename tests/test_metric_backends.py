@@ -66,8 +66,15 @@ def make_set(seed: int, num_images: int = 40) -> tuple[dict, list[dict]]:
         others = [c for c in present if c not in pos]
         neg = [] if role == "empty" else list(rng.choice(others, size=3, replace=False))
         not_exhaustive = [c for c in pos if rng.random() < 0.3]
-        images.append({"id": image_id, "width": W, "height": H, "neg_category_ids": [int(c) for c in neg],
-                       "not_exhaustive_category_ids": [int(c) for c in not_exhaustive]})
+        images.append(
+            {
+                "id": image_id,
+                "width": W,
+                "height": H,
+                "neg_category_ids": [int(c) for c in neg],
+                "not_exhaustive_category_ids": [int(c) for c in not_exhaustive],
+            }
+        )
         objects = []
         for cat in pos:
             for _ in range(rng.integers(1, 4)):
@@ -75,9 +82,16 @@ def make_set(seed: int, num_images: int = 40) -> tuple[dict, list[dict]]:
                 poly = polygon(rng, box)
                 x0, y0 = min(poly[0::2]), min(poly[1::2])
                 tight = [x0, y0, max(poly[0::2]) - x0, max(poly[1::2]) - y0]
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
-                                    "bbox": tight, "area": float(mask_utils.area(rle_of(poly))),
-                                    "segmentation": [poly]})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": int(cat),
+                        "bbox": tight,
+                        "area": float(mask_utils.area(rle_of(poly))),
+                        "segmentation": [poly],
+                    }
+                )
                 objects.append((cat, np.array(tight), np.array(poly)))
         results += detections(rng, image_id, objects, pos, neg)
     categories = [{"id": c, "name": f"class_{c}", "frequency": f} for c, f in zip(CAT_IDS, FREQS)]
@@ -107,8 +121,15 @@ def detections(rng: np.random.Generator, image_id: int, objects: list, pos: list
         w, h = np.clip(box[2:], 1, [W - x, H - y])
         poly = np.clip(poly.reshape(-1, 2), 0, [W, H]).ravel().round(2).tolist()
         score = float(rng.choice([0.5, 0.25])) if rng.random() < 0.2 else float(rng.uniform())  # ties
-        dets.append({"image_id": image_id, "category_id": label, "bbox": [float(x), float(y), float(w), float(h)],
-                     "score": score, "segmentation": rle_of(poly)})
+        dets.append(
+            {
+                "image_id": image_id,
+                "category_id": label,
+                "bbox": [float(x), float(y), float(w), float(h)],
+                "score": score,
+                "segmentation": rle_of(poly),
+            }
+        )
     return dets
 
 

@@ -138,13 +138,9 @@ def test_error_messages(setup, tmp_path):
     sample = next(iter(iter_samples(setup["shards"])))
     predictor.set_image(_image_path(setup, sample))
     h, w = predictor.image_size
-    with pytest.raises(
-        ValueError, match=rf"box 1 \[10, 10, {w + 20}, 50\] is outside the image of {w}x{h}"
-    ):
+    with pytest.raises(ValueError, match=rf"box 1 \[10, 10, {w + 20}, 50\] is outside the image of {w}x{h}"):
         predictor.predict([[0, 0, 20, 20], [10, 10, w + 20, 50]], setup["names"])
-    with pytest.raises(
-        ValueError, match=r"box 0 \[50, 10, 20, 40\] is not x1,y1,x2,y2 with x2 > x1"
-    ):
+    with pytest.raises(ValueError, match=r"box 0 \[50, 10, 20, 40\] is not x1,y1,x2,y2 with x2 > x1"):
         predictor.predict([[50, 10, 20, 40]], setup["names"])
     with pytest.raises(ValueError, match=r"boxes must be \[N, 4\]"):
         predictor.predict([[1, 2, 3]], setup["names"])
@@ -166,21 +162,15 @@ def test_vocabulary_file(setup):
 
 
 def test_head_clip_dim_mismatch(setup, tmp_path):
-    wrong = save_head(
-        RegionSpotHead(clip_dim=96, text_dim=64, ffn_dim=256, num_heads=4), tmp_path / "h.pt"
-    )
-    with pytest.raises(
-        ValueError, match=r"clip_dim 96, text_dim 64.*vision width 128, text dim 64"
-    ):
+    wrong = save_head(RegionSpotHead(clip_dim=96, text_dim=64, ffn_dim=256, num_heads=4), tmp_path / "h.pt")
+    with pytest.raises(ValueError, match=r"clip_dim 96, text_dim 64.*vision width 128, text dim 64"):
         Predictor.from_pretrained(
             head=wrong, sam_type="tiny", sam_checkpoint=setup["backbones"]["sam_checkpoint"],
             clip_model=setup["backbones"]["clip_dir"],
         )  # fmt: skip
 
 
-def _cli_args(
-    setup: dict, image: Path, boxes: str, out: Path, vocab: str | None = None
-) -> list[str]:
+def _cli_args(setup: dict, image: Path, boxes: str, out: Path, vocab: str | None = None) -> list[str]:
     return [
         "--image", str(image), "--boxes", boxes, "--vocab", vocab or ",".join(setup["names"][:6]),
         "--head", str(setup["head"]), "--sam-type", "tiny",
@@ -232,17 +222,13 @@ def test_viz_pictures(tmp_path):
     boxes = [[5, 5, 60, 50], [70, 30, 150, 110]]
     masks = np.zeros((2, 120, 160), dtype=bool)
     masks[0, 10:40, 10:50] = True
-    pic = viz.draw_detections(
-        image, boxes, ["cat", "dog"], [0.9, 0.4], masks=masks, gt_labels=["cat", "cow"]
-    )
+    pic = viz.draw_detections(image, boxes, ["cat", "dog"], [0.9, 0.4], masks=masks, gt_labels=["cat", "cow"])
     assert pic.size == (640, 480)  # enlarged x4 so that captions stay readable
     attn = np.full(1 + 14 * 14, 1 / 197)
     attn[1 + 3 * 14 + 5] += 0.1
     heat = viz.draw_attention(image, boxes[0], attn / attn.sum(), grid=14, title="cat")
     assert heat.width == 640 and heat.height > 480  # caption band below
-    shared = viz.draw_attention(
-        image, boxes[0], attn / attn.sum(), grid=14, title="cat", value_range=(0, 0.2)
-    )
+    shared = viz.draw_attention(image, boxes[0], attn / attn.sum(), grid=14, title="cat", value_range=(0, 0.2))
     assert shared.size == heat.size
     path = viz.save_grid([pic, heat, shared], tmp_path / "grid.png", cols=2)
     with Image.open(path) as im:

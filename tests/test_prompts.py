@@ -98,9 +98,7 @@ def test_point_prompts_give_sam_predictors_tokens_masks_and_iou(setup):
     assert tokens.shape == (2, 256) and masks.shape == (2, *HW) and iou.shape == (2,)
     results = predictor.predict(vocabulary=VOCAB, point_coords=coords, point_labels=labels)
     for r in range(2):
-        hs, ref_masks, ref_iou = sam_reference(
-            predictor, image, point_coords=coords[r], point_labels=labels[r]
-        )
+        hs, ref_masks, ref_iou = sam_reference(predictor, image, point_coords=coords[r], point_labels=labels[r])
         assert_tokens_equal(tokens[r], hs[1])  # hs[:, 1]: the single-mask output's token
         assert_masks_equal(results[r]["mask"], ref_masks[0])
         assert results[r]["iou"] == pytest.approx(float(ref_iou[0]), abs=1e-4)
@@ -112,9 +110,7 @@ def test_box_with_points_is_one_sam_prompt(setup):
     predictor, image = setup["predictor"], setup["image"]
     box, coords, labels = [110.0, 20.0, 210.0, 120.0], [[160.0, 70.0], [115.0, 25.0]], [1, 0]
     tokens, masks, iou = tokens_of(predictor, boxes=[box], point_coords=[coords], point_labels=[labels])
-    hs, ref_masks, ref_iou = sam_reference(
-        predictor, image, box=box, point_coords=coords, point_labels=labels
-    )
+    hs, ref_masks, ref_iou = sam_reference(predictor, image, box=box, point_coords=coords, point_labels=labels)
     assert_tokens_equal(tokens[0], hs[1])
     assert_masks_equal(masks[0].cpu(), ref_masks[0])
     torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-4)

@@ -40,16 +40,20 @@ def lvis_set() -> tuple[dict, list[dict]]:
     """60 LVIS-style images, box results; class 41 detected perfectly, so the best class is known."""
     gt, results = make_set(7, num_images=60)
     results = [{k: v for k, v in r.items() if k != "segmentation"} for r in results if r["category_id"] != 41]
-    results += [{"image_id": a["image_id"], "category_id": 41, "bbox": a["bbox"], "score": 1.0}
-                for a in gt["annotations"] if a["category_id"] == 41]
+    results += [
+        {"image_id": a["image_id"], "category_id": 41, "bbox": a["bbox"], "score": 1.0}
+        for a in gt["annotations"]
+        if a["category_id"] == 41
+    ]
     return gt, results
 
 
 def test_report_files_and_contents(lvis_set, tmp_path: Path) -> None:
     gt, results = lvis_set
     evaluations = {"bbox": evaluate_results(gt, results, "bbox")}
-    paths = write_report(tmp_path / "out", evaluations, gt, {"ground truth": "gt.json", "results": "res.json"},
-                         seconds=1.5)
+    paths = write_report(
+        tmp_path / "out", evaluations, gt, {"ground truth": "gt.json", "results": "res.json"}, seconds=1.5
+    )
     assert set(paths) == {"report", "plot", "csv"}
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "ap_per_class.png", "ap_per_class.csv"}
 
@@ -70,10 +74,20 @@ def test_report_files_and_contents(lvis_set, tmp_path: Path) -> None:
     assert float(next(r for r in rows if r["category_id"] == "41")["AP_bbox"]) == 1.0
 
     text = paths["report"].read_text()
-    for needed in ("| ground truth | `gt.json` |", "| results | `res.json` |", "| backend | hotcoco ",
-                   "| bbox detections | ", "| metric step | 1.5 s |", "## Metrics (AP, %)",
-                   "## AP by frequency group (%)", "| rare |", "| common |", "| frequent |",
-                   "](ap_per_class.png)", "(ap_per_class.csv)"):
+    for needed in (
+        "| ground truth | `gt.json` |",
+        "| results | `res.json` |",
+        "| backend | hotcoco ",
+        "| bbox detections | ",
+        "| metric step | 1.5 s |",
+        "## Metrics (AP, %)",
+        "## AP by frequency group (%)",
+        "| rare |",
+        "| common |",
+        "| frequent |",
+        "](ap_per_class.png)",
+        "(ap_per_class.csv)",
+    ):
         assert needed in text, needed
     metrics = evaluations["bbox"].metrics
     assert f"| bbox | {100 * metrics['AP']:.1f} | {100 * metrics['AP50']:.1f} |" in text
@@ -115,8 +129,15 @@ def test_two_iou_types_two_panels_and_columns(tmp_path: Path) -> None:
     gt, results = make_set(8)
     evaluations = {t: evaluate_results(gt, results, t) for t in ("bbox", "segm")}
     paths = write_report(tmp_path, evaluations, gt, {"ground truth": "gt.json"})
-    assert list(read_csv(paths["csv"])[0]) == ["category_id", "name", "frequency", "AP_bbox", "AP_segm",
-                                              "gt_instances", "gt_images"]
+    assert list(read_csv(paths["csv"])[0]) == [
+        "category_id",
+        "name",
+        "frequency",
+        "AP_bbox",
+        "AP_segm",
+        "gt_instances",
+        "gt_images",
+    ]
     assert Image.open(paths["plot"]).size == (800, 560)
     assert "| segm |" in paths["report"].read_text()
     with pytest.raises(ValueError, match="no evaluation to report"):
@@ -129,9 +150,22 @@ def test_test_cli_writes_the_report_with_either_backend(demo_data, demo_shards, 
     metrics, tables = {}, {}
     for backend in ("hotcoco", "lvis"):
         out = tmp_path / backend
-        argv = ["--shards", str(demo_shards["val"]), "--annotations", str(demo_data["val_json"]), "--head", str(head),
-                "--out", str(out), "--device", "cpu", "--text-cache", str(demo_shards["text_cache"]),
-                "--metric-backend", backend]
+        argv = [
+            "--shards",
+            str(demo_shards["val"]),
+            "--annotations",
+            str(demo_data["val_json"]),
+            "--head",
+            str(head),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--text-cache",
+            str(demo_shards["text_cache"]),
+            "--metric-backend",
+            backend,
+        ]
         assert test_cli.main(argv) == 0
         printed = capsys.readouterr().out
         assert f"report: {out / 'report.md'}" in printed and f"plot: {out / 'ap_per_class.png'}" in printed
@@ -152,7 +186,11 @@ def test_test_cli_writes_the_report_with_either_backend(demo_data, demo_shards, 
 
 
 def test_test_cli_rejects_an_unknown_backend_in_the_config(demo_data, demo_shards, tmp_path: Path) -> None:
-    cfg = {"shards": str(demo_shards["val"]), "annotations": str(demo_data["val_json"]), "head": "unused.pt",
-           "metric_backend": "pycocotools"}
+    cfg = {
+        "shards": str(demo_shards["val"]),
+        "annotations": str(demo_data["val_json"]),
+        "head": "unused.pt",
+        "metric_backend": "pycocotools",
+    }
     with pytest.raises(test_cli.TestError, match="unknown metric backend 'pycocotools'"):
         test_cli.run_test(cfg)

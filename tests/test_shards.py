@@ -50,13 +50,16 @@ def test_clip_tokens_are_a_view_of_the_shard_bytes_and_per_box_arrays_are_writab
         assert sample[name].flags.writeable and sample[name].flags.owndata
 
 
-@pytest.mark.parametrize("array", [
-    np.arange(12, dtype=np.float16).reshape(3, 4),
-    np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
-    np.zeros((0, 256), np.float16),
-    np.array([3, -1], np.int64),
-    np.float32(2.5).reshape(()),
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float16).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+        np.zeros((0, 256), np.float16),
+        np.array([3, -1], np.int64),
+        np.float32(2.5).reshape(()),
+    ],
+)
 def test_npy_view_round_trips_what_np_save_writes(array):
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -89,8 +92,17 @@ def _one_shard(tmp_path, samples: int = 3):
     writer = AtomicShardWriter(tmp_path / "s-r000-000000.tar")
     for i in range(1, samples + 1):
         n = i + 1
-        writer.write(encode_sample(i, rng.normal(size=(n, 256)), rng.uniform(0, 9, (n, 4)), np.arange(n),
-                                   np.ones(n), rng.normal(size=(5, 8)), {"file_name": f"{i}.jpg"}))
+        writer.write(
+            encode_sample(
+                i,
+                rng.normal(size=(n, 256)),
+                rng.uniform(0, 9, (n, 4)),
+                np.arange(n),
+                np.ones(n),
+                rng.normal(size=(5, 8)),
+                {"file_name": f"{i}.jpg"},
+            )
+        )
     return writer.commit({})
 
 

@@ -58,19 +58,37 @@ def _samples(folder) -> dict[str, dict]:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return all(np.array_equal(a[k], b[k]) for k in ("sam", "boxes", "labels", "scores", "clip")) and a["meta"] == b["meta"]
+    return (
+        all(np.array_equal(a[k], b[k]) for k in ("sam", "boxes", "labels", "scores", "clip")) and a["meta"] == b["meta"]
+    )
 
 
 def test_sigterm_stops_extract_and_the_rerun_completes_it_as_an_uninterrupted_run(
-        demo_shards, demo_data, tiny_backbones, tmp_path):
+    demo_shards, demo_data, tiny_backbones, tmp_path
+):
     out = tmp_path / "out"
-    flags = {"images": demo_data["val_images"], "annotations": demo_data["val_json"], "out": out,
-             "sam_type": "tiny", "sam_checkpoint": tiny_backbones["sam_checkpoint"],
-             "clip_model": tiny_backbones["clip_dir"], "dataset": "demo_val", "shard_size": 2, "limit": 6,
-             "workers": 0, "batch_size": 2, "text_cache": tmp_path / "text.h5"}
+    flags = {
+        "images": demo_data["val_images"],
+        "annotations": demo_data["val_json"],
+        "out": out,
+        "sam_type": "tiny",
+        "sam_checkpoint": tiny_backbones["sam_checkpoint"],
+        "clip_model": tiny_backbones["clip_dir"],
+        "dataset": "demo_val",
+        "shard_size": 2,
+        "limit": 6,
+        "workers": 0,
+        "batch_size": 2,
+        "text_cache": tmp_path / "text.h5",
+    }
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "regionspot_pl.extract", *argv], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "regionspot_pl.extract", *argv],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _wait_for(lambda: any(out.glob("*.tar")), proc, timeout=180)
     seconds, err = _stop(proc, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM and seconds < 30, err[-2000:]
@@ -86,11 +104,23 @@ def test_sigterm_stops_extract_and_the_rerun_completes_it_as_an_uninterrupted_ru
 
 
 def _fit_cfg(shards: dict, out: Path, steps: int, **trainer) -> dict:
-    return {"model": dict(TINY_MODEL), "out": str(out), "seed": 0,
-            "data": {"train_shards": [str(shards["train"])], "batch_size": 4, "workers": 0, "shuffle_buffer": 8},
-            "optim": {"lr": 1e-3, "warmup_iters": 5},
-            "trainer": {"max_steps": steps, "val_check_interval": 2, "accelerator": "cpu", "devices": 1,
-                        "precision": "32-true", "enable_progress_bar": False, "log_every_n_steps": 1, **trainer}}
+    return {
+        "model": dict(TINY_MODEL),
+        "out": str(out),
+        "seed": 0,
+        "data": {"train_shards": [str(shards["train"])], "batch_size": 4, "workers": 0, "shuffle_buffer": 8},
+        "optim": {"lr": 1e-3, "warmup_iters": 5},
+        "trainer": {
+            "max_steps": steps,
+            "val_check_interval": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            **trainer,
+        },
+    }
 
 
 def _consistent_step(ckpt_path: Path) -> int:
@@ -113,8 +143,13 @@ def test_sigterm_stops_fit_at_a_step_boundary_and_resume_continues_it(demo_shard
     out = tmp_path / "fit"
     cfg = _fit_cfg(demo_shards, out, steps=100_000)
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "regionspot_pl.fit", "--config", str(tmp_path / "fit.yaml")],
-                            env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "regionspot_pl.fit", "--config", str(tmp_path / "fit.yaml")],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     last = out / "checkpoints" / "last.ckpt"
     _wait_for(last.is_file, proc, timeout=180)
     seconds, err = _stop(proc, signal.SIGTERM)
@@ -178,8 +213,15 @@ def test_a_stop_that_finds_no_step_boundary_interrupts_within_the_grace_period(t
             if trainer.global_step == 2:  # the next read hangs: SIGTERM arrives while waiting for it
                 threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
-    trainer = L.Trainer(max_steps=100, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, callbacks=[stop, SigtermSoon()])
+    trainer = L.Trainer(
+        max_steps=100,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[stop, SigtermSoon()],
+    )
     start = time.monotonic()
     with pytest.raises(Stopped) as err:
         with stop.guard():

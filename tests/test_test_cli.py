@@ -35,9 +35,26 @@ PROPOSAL_SCORE = 0.5
 
 
 def _extract(tiny: dict, demo: dict, out: Path, text_cache: Path, boxes: Path | None = None) -> Path:
-    argv = ["--images", str(demo["val_images"]), "--annotations", str(demo["val_json"]), "--out", str(out),
-            "--sam-type", "tiny", "--sam-checkpoint", str(tiny["sam_checkpoint"]), "--clip-model",
-            str(tiny["clip_dir"]), "--shard-size", "8", "--text-cache", str(text_cache), "--workers", "0"]
+    argv = [
+        "--images",
+        str(demo["val_images"]),
+        "--annotations",
+        str(demo["val_json"]),
+        "--out",
+        str(out),
+        "--sam-type",
+        "tiny",
+        "--sam-checkpoint",
+        str(tiny["sam_checkpoint"]),
+        "--clip-model",
+        str(tiny["clip_dir"]),
+        "--shard-size",
+        "8",
+        "--text-cache",
+        str(text_cache),
+        "--workers",
+        "0",
+    ]
     assert extract.main(argv + (["--boxes", str(boxes)] if boxes else [])) == 0
     return out
 
@@ -60,18 +77,39 @@ def split(tiny_backbones, tmp_path_factory) -> dict:
     props = []
     for a in gt["annotations"]:
         x, y, w, h = a["bbox"]
-        props += [{"image_id": a["image_id"], "bbox": [x, y, w, h], "score": PROPOSAL_SCORE},
-                  {"image_id": a["image_id"], "bbox": [x + 1, y + 1, w - 1, h - 1], "score": PROPOSAL_SCORE}]
+        props += [
+            {"image_id": a["image_id"], "bbox": [x, y, w, h], "score": PROPOSAL_SCORE},
+            {"image_id": a["image_id"], "bbox": [x + 1, y + 1, w - 1, h - 1], "score": PROPOSAL_SCORE},
+        ]
     (root / "proposals.json").write_text(json.dumps(props))
     prop_shards = _extract(tiny_backbones, demo, root / "shards_props", text_cache, root / "proposals.json")
-    return {"root": root, "demo": demo, "gt": gt, "annotations": str(demo["val_json"]), "gt_shards": gt_shards,
-            "prop_shards": prop_shards, "head": _head(root / "head.pt"), "text_cache": text_cache,
-            "tiny": tiny_backbones}
+    return {
+        "root": root,
+        "demo": demo,
+        "gt": gt,
+        "annotations": str(demo["val_json"]),
+        "gt_shards": gt_shards,
+        "prop_shards": prop_shards,
+        "head": _head(root / "head.pt"),
+        "text_cache": text_cache,
+        "tiny": tiny_backbones,
+    }
 
 
 def _run(split: dict, out: Path, *extra: str, shards: Path | None = None, head: Path | None = None) -> int:
-    argv = ["--shards", str(shards or split["gt_shards"]), "--annotations", split["annotations"],
-            "--head", str(head or split["head"]), "--out", str(out), "--device", "cpu", *extra]
+    argv = [
+        "--shards",
+        str(shards or split["gt_shards"]),
+        "--annotations",
+        split["annotations"],
+        "--head",
+        str(head or split["head"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return test_cli.main(argv)
 
 
@@ -92,8 +130,10 @@ def _head_probs(split: dict, shards: Path, image_id: int) -> tuple[np.ndarray, n
     sample = next(s for s in iter_samples(list_shards(shards)) if s["meta"]["image_id"] == image_id)
     head = load_head(split["head"])
     with torch.no_grad():
-        regions = head(torch.from_numpy(sample["sam"].astype(np.float32))[None],
-                       torch.from_numpy(sample["clip"].astype(np.float32))[None])
+        regions = head(
+            torch.from_numpy(sample["sam"].astype(np.float32))[None],
+            torch.from_numpy(sample["clip"].astype(np.float32))[None],
+        )
     return region_logits(regions, texts)[0].softmax(-1).numpy(), sample["boxes"]
 
 
@@ -137,7 +177,8 @@ def test_end_to_end_writes_three_files(split, gt_run, capsys):
     # the same detections; mask results carry no bbox (LVIS takes their areas from the masks)
     assert all("bbox" not in d for d in segm)
     assert [{k: v for k, v in d.items() if k != "segmentation"} for d in segm] == [
-        {k: v for k, v in d.items() if k != "bbox"} for d in bbox]
+        {k: v for k, v in d.items() if k != "bbox"} for d in bbox
+    ]
     # each segmentation is the SAM mask the shards hold for that box
     sample = next(iter_samples(list_shards(split["gt_shards"])))
     xyxy = sample["boxes"]
@@ -193,8 +234,25 @@ def test_proposals_score_times_prob_and_300_cap(split, tmp_path, capsys):
 def test_baselines_run_and_write_metrics(split, tmp_path, method):
     out = tmp_path / method
     # --images defaults to the folder named in the shards' manifest
-    assert test_cli.main(["--shards", str(split["gt_shards"]), "--annotations", split["annotations"],
-                          "--method", method, "--out", str(out), "--batch-size", "16", "--workers", "2"]) == 0
+    assert (
+        test_cli.main(
+            [
+                "--shards",
+                str(split["gt_shards"]),
+                "--annotations",
+                split["annotations"],
+                "--method",
+                method,
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"bbox", "segm"} and metrics["bbox"]["AP"] is not None
     dets = json.loads((out / "detections_bbox.json").read_text())
@@ -231,7 +289,8 @@ def test_split_config_and_flags_override(split, tmp_path, monkeypatch):
     (tmp_path / "configs" / "test").mkdir(parents=True)
     (tmp_path / "configs" / "test" / "mini.yaml").write_text(
         f"shards: {split['gt_shards']}\nannotations: {split['annotations']}\nhead: /nowhere/head.pt\n"
-        "method: regionspot\ntopk: 300\nout: from_yaml\n")
+        "method: regionspot\ntopk: 300\nout: from_yaml\n"
+    )
     monkeypatch.chdir(tmp_path)  # find_config looks in ./configs first
     assert test_cli.main(["--split", "mini", "--head", str(split["head"]), "--device", "cpu"]) == 0
     assert (tmp_path / "from_yaml" / "metrics.json").is_file()
@@ -242,9 +301,14 @@ def test_shipped_configs_have_the_documented_keys():
     import yaml
 
     lvis = yaml.safe_load((root / "lvis_val.yaml").read_text())
-    assert lvis == {"shards": "cache/shards/lvis_val", "annotations": "/data/lvis/lvis_v1_val.json",
-                    "head": "runs/advanced/head.pt", "method": "regionspot", "topk": 300,
-                    "out": "runs/test/lvis_val"}
+    assert lvis == {
+        "shards": "cache/shards/lvis_val",
+        "annotations": "/data/lvis/lvis_v1_val.json",
+        "head": "runs/advanced/head.pt",
+        "method": "regionspot",
+        "topk": 300,
+        "out": "runs/test/lvis_val",
+    }
     assert set(yaml.safe_load((root / "coco_style.yaml").read_text())) <= set(test_cli.KEYS)
 
 
@@ -265,8 +329,9 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
         writer = AtomicShardWriter(folder / shard.name)
         for s in iter_samples([shard]):
             meta = {k: v for k, v in s["meta"].items() if k not in ("masks", "image_id")}
-            writer.write(encode_sample(s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"],
-                                       s["clip"], meta))
+            writer.write(
+                encode_sample(s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"], s["clip"], meta)
+            )
         writer.commit({})
     manifest = read_manifest(split["gt_shards"])
     manifest["config"]["masks"] = False
@@ -278,8 +343,12 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
     assert "--no-masks" in capsys.readouterr().out
     assert set(json.loads((out / "metrics.json").read_text())) == {"bbox"}
     assert not (out / "detections_segm.json").exists()
-    assert test_cli.main(["--shards", str(folder), "--annotations", split["annotations"], "--method", "clip-mask",
-                          "--out", str(out)]) == 2
+    assert (
+        test_cli.main(
+            ["--shards", str(folder), "--annotations", split["annotations"], "--method", "clip-mask", "--out", str(out)]
+        )
+        == 2
+    )
     assert "--no-masks" in capsys.readouterr().err
 
 
@@ -324,8 +393,19 @@ def test_missing_inputs(split, tmp_path, capsys):
     assert "shard folder not found" in err and "nope" in err
     err = _error(capsys, _run(split, tmp_path / "o", head=tmp_path / "nohead.pt"))
     assert "nohead.pt" in err
-    err = _error(capsys, test_cli.main(["--shards", str(split["gt_shards"]), "--annotations",
-                                        str(tmp_path / "nogt.json"), "--head", str(split["head"])]))
+    err = _error(
+        capsys,
+        test_cli.main(
+            [
+                "--shards",
+                str(split["gt_shards"]),
+                "--annotations",
+                str(tmp_path / "nogt.json"),
+                "--head",
+                str(split["head"]),
+            ]
+        ),
+    )
     assert "annotation file not found" in err
     err = _error(capsys, test_cli.main(["--annotations", split["annotations"], "--head", str(split["head"])]))
     assert "--shards" in err
@@ -342,8 +422,24 @@ def test_vocab_count_mismatch(split, tmp_path, capsys):
 def test_baseline_with_wrong_images_folder(split, tmp_path, capsys):
     empty = tmp_path / "imgs"
     empty.mkdir()
-    err = _error(capsys, test_cli.main(["--shards", str(split["gt_shards"]), "--annotations", split["annotations"],
-                                        "--method", "clip-box", "--images", str(empty), "--out", str(tmp_path / "o"),
-                                        "--workers", "0"]))
+    err = _error(
+        capsys,
+        test_cli.main(
+            [
+                "--shards",
+                str(split["gt_shards"]),
+                "--annotations",
+                split["annotations"],
+                "--method",
+                "clip-box",
+                "--images",
+                str(empty),
+                "--out",
+                str(tmp_path / "o"),
+                "--workers",
+                "0",
+            ]
+        ),
+    )
     assert "image file not found" in err and "--images" in err
     shutil.rmtree(empty)

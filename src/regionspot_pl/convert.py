@@ -20,9 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", help="official RegionSpot checkpoint (.pth with key 'model')")
-    parser.add_argument(
-        "dst", help="head file to write (DST.pt / DST.pth) or model folder to write (any other DST)"
-    )
+    parser.add_argument("dst", help="head file to write (DST.pt / DST.pth) or model folder to write (any other DST)")
     args = parser.parse_args(argv)
     try:
         variant, path = convert_official(args.src, args.dst)

@@ -98,10 +98,21 @@ class ExtractConfig:
     # Fields that decide the content of the shards: a rerun into the same --out must agree.
     # (The precision actually used, the backbones' content and the input files' content are
     # checked too, in _check_same_run.)
-    CONTENT_FIELDS = ("annotations", "boxes", "sam_type", "clip_size", "dataset", "shard_size", "world_size", "masks", "limit")
+    CONTENT_FIELDS = (
+        "annotations",
+        "boxes",
+        "sam_type",
+        "clip_size",
+        "dataset",
+        "shard_size",
+        "world_size",
+        "masks",
+        "limit",
+    )
 
     def check(self) -> None:
         """Numeric and choice flags, before any work: a clear error instead of a hang or a traceback."""
+
         def need(ok: bool, flag: str, value: object, rule: str) -> None:
             if not ok:
                 raise ExtractError(f"--{flag} {value} is invalid: it must be {rule}")
@@ -110,11 +121,24 @@ class ExtractConfig:
             value = getattr(self, flag)
             need(isinstance(value, int) and value >= 1, flag.replace("_", "-"), value, "an integer >= 1")
         need(isinstance(self.workers, int) and self.workers >= 0, "workers", self.workers, "an integer >= 0")
-        need(isinstance(self.rank, int) and 0 <= self.rank < self.world_size, "rank", self.rank,
-             f"in 0..{self.world_size - 1} (--world-size {self.world_size})")
-        need(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit", self.limit, "an integer >= 1")
-        need(isinstance(self.read_timeout, (int, float)) and 0 < self.read_timeout < float("inf"), "read-timeout",
-             self.read_timeout, "a number of seconds > 0")
+        need(
+            isinstance(self.rank, int) and 0 <= self.rank < self.world_size,
+            "rank",
+            self.rank,
+            f"in 0..{self.world_size - 1} (--world-size {self.world_size})",
+        )
+        need(
+            self.limit is None or (isinstance(self.limit, int) and self.limit >= 1),
+            "limit",
+            self.limit,
+            "an integer >= 1",
+        )
+        need(
+            isinstance(self.read_timeout, (int, float)) and 0 < self.read_timeout < float("inf"),
+            "read-timeout",
+            self.read_timeout,
+            "a number of seconds > 0",
+        )
         need(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         need(self.clip_size in (None, 224, 336), "clip-size", self.clip_size, "224 or 336")
         need(self.sam_type in SAM_TYPES, "sam-type", self.sam_type, f"one of {', '.join(SAM_TYPES)}")
@@ -251,10 +275,9 @@ class FeatureExtractor:
         """Prepared items -> per image (SAM tokens [N, 256] float32, CLIP tokens [T, D] float16,
         masks [N, H, W] bool at the original size, or None when masks are not stored), in order."""
         sam_in = self.sam.prepare([it["sam_image"] for it in items])
-        clip_in = torch.stack([
-            clip_preprocess(it["clip_image"].to(self.device, non_blocking=True), self.clip.image_size)
-            for it in items
-        ])
+        clip_in = torch.stack(
+            [clip_preprocess(it["clip_image"].to(self.device, non_blocking=True), self.clip.image_size) for it in items]
+        )
         out = []
         with autocast_for(self.device, self.precision):
             # On a CPU a batch only adds memory traffic to SAM's ViT (batch 8 ran at 0.53x the
@@ -263,8 +286,14 @@ class FeatureExtractor:
             embeddings = torch.cat([self.sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
             clip_tokens = self.clip.feature_map(clip_in).half().cpu().numpy()
             sizes = [tuple(it["resized_size"]) for it in items]
-            boxes = [scale_boxes(torch.from_numpy(it["record"].boxes).to(self.device),
-                                 (it["record"].height, it["record"].width), size) for it, size in zip(items, sizes)]
+            boxes = [
+                scale_boxes(
+                    torch.from_numpy(it["record"].boxes).to(self.device),
+                    (it["record"].height, it["record"].width),
+                    size,
+                )
+                for it, size in zip(items, sizes)
+            ]
             # all boxes of the batch through SAM's decoder together: one call per image would
             # leave a GPU waiting on launches (equal results, tests/test_backbones.py)
             decoded = self.sam.encode_boxes_batch(embeddings, boxes, sizes)
@@ -300,15 +329,27 @@ def _manifest(cfg: ExtractConfig, vocab: Vocabulary, extractor: FeatureExtractor
         "dataset": cfg.dataset,
         "vocabulary": vocab.to_dict(),
         "backbones": {
-            "sam": {"type": cfg.sam_type, "checkpoint": str(Path(cfg.sam_checkpoint).resolve()),
-                    "sha256_16": file_digest(cfg.sam_checkpoint), "image_size": extractor.sam.img_size},
-            "clip": {"model": str(Path(cfg.clip_model).resolve()), "id": model_identity(cfg.clip_model),
-                     "image_size": extractor.clip.image_size, "tokens": extractor.clip.num_tokens,
-                     "vision_dim": extractor.clip.vision_dim, "text_dim": extractor.clip.text_dim},
+            "sam": {
+                "type": cfg.sam_type,
+                "checkpoint": str(Path(cfg.sam_checkpoint).resolve()),
+                "sha256_16": file_digest(cfg.sam_checkpoint),
+                "image_size": extractor.sam.img_size,
+            },
+            "clip": {
+                "model": str(Path(cfg.clip_model).resolve()),
+                "id": model_identity(cfg.clip_model),
+                "image_size": extractor.clip.image_size,
+                "tokens": extractor.clip.num_tokens,
+                "vision_dim": extractor.clip.vision_dim,
+                "text_dim": extractor.clip.text_dim,
+            },
         },
         "text_cache": str(Path(cfg.text_cache).resolve()),
-        "annotations": {"sha256_16": file_digest(cfg.annotations),
-                        "boxes_sha256_16": file_digest(cfg.boxes) if cfg.boxes else None, **read_stats.to_dict()},
+        "annotations": {
+            "sha256_16": file_digest(cfg.annotations),
+            "boxes_sha256_16": file_digest(cfg.boxes) if cfg.boxes else None,
+            **read_stats.to_dict(),
+        },
         "config": {k: v for k, v in asdict(cfg).items()},
     }
 
@@ -327,8 +368,9 @@ def _check_same_run(out: Path, manifest: dict) -> None:
         diffs.append(f"feature protocol ({old.get('protocol') or 'unrecorded'} -> {manifest['protocol']})")
     old_precision = old.get("precision") or old.get("config", {}).get("precision")
     if old_precision not in (None, "auto") and old_precision != manifest["precision"]:
-        diffs.append(f"precision ({old_precision} -> {manifest['precision']}; pass --precision {old_precision} "
-                     "to continue it)")
+        diffs.append(
+            f"precision ({old_precision} -> {manifest['precision']}; pass --precision {old_precision} to continue it)"
+        )
     for b in ("sam", "clip"):
         key = "sha256_16" if b == "sam" else "id"
         if old.get("backbones", {}).get(b, {}).get(key) != manifest["backbones"][b][key]:
@@ -355,18 +397,24 @@ def _plan(cfg: ExtractConfig) -> tuple[list[list[ImageRecord]], Vocabulary, Read
         raise FileNotFoundError(f"image folder not found: {cfg.images} (pass --images DIR)")
     records, vocab, read_stats = load_coco(cfg.annotations, cfg.boxes)
     if read_stats.images_outside:
-        log.warning("%d images dropped: their file_name leads outside --images (e.g. %s)",
-                    read_stats.images_outside, ", ".join(map(repr, read_stats.outside_examples)))
+        log.warning(
+            "%d images dropped: their file_name leads outside --images (e.g. %s)",
+            read_stats.images_outside,
+            ", ".join(map(repr, read_stats.outside_examples)),
+        )
     if cfg.limit is not None:
         records = sorted(records, key=lambda r: r.image_id)[: cfg.limit]
         labelled = sum(int((r.labels >= 0).sum()) for r in records)
         if cfg.boxes is None and labelled == 0:
-            raise ExtractError(f"the first {cfg.limit} images of {cfg.annotations} (--limit) hold no box with a class: "
-                               "raise --limit")
+            raise ExtractError(
+                f"the first {cfg.limit} images of {cfg.annotations} (--limit) hold no box with a class: raise --limit"
+            )
     shards = plan_shards(records, cfg.rank, cfg.world_size, cfg.shard_size)
     if not shards:
-        raise ExtractError(f"rank {cfg.rank} of {cfg.world_size} gets no image ({len(records)} images in all): "
-                           "use a --world-size of at most the number of images")
+        raise ExtractError(
+            f"rank {cfg.rank} of {cfg.world_size} gets no image ({len(records)} images in all): "
+            "use a --world-size of at most the number of images"
+        )
     _preflight_images(cfg, [rec for shard in shards for rec in shard][:PREFLIGHT_IMAGES])
     return shards, vocab, read_stats
 
@@ -419,15 +467,22 @@ def run_extraction(cfg: ExtractConfig) -> dict:
 class _ShardOutput:
     """The shards being written: one writer per shard in progress, committed when its last image is in."""
 
-    def __init__(self, out: Path, cfg: ExtractConfig, shards: list[list[ImageRecord]], pending: list,
-                 num_classes: int) -> None:
+    def __init__(
+        self, out: Path, cfg: ExtractConfig, shards: list[list[ImageRecord]], pending: list, num_classes: int
+    ) -> None:
         self.out, self.cfg, self.num_classes = out, cfg, num_classes
         self.remaining = {j: len(shards[j]) for j, _ in pending}
         self.writers: dict[int, AtomicShardWriter] = {}
         self.skipped: dict[int, list] = {}
         # raw_orientation: images whose annotated size fits only the pixels as stored (EXIF ignored)
-        self.summary = {"images": 0, "boxes": 0, "skipped": 0, "skipped_by_reason": {}, "raw_orientation": 0,
-                        "resumed_images": sum(len(s) for s in shards) - len(pending)}
+        self.summary = {
+            "images": 0,
+            "boxes": 0,
+            "skipped": 0,
+            "skipped_by_reason": {},
+            "raw_orientation": 0,
+            "resumed_images": sum(len(s) for s in shards) - len(pending),
+        }
 
     def add(self, item: dict, sample: dict | None) -> None:
         """One image: its sample, or (``sample`` None) the record of why it was skipped."""
@@ -438,7 +493,8 @@ class _ShardOutput:
             rec, reason = item["record"], item["reason"]
             log.warning("skipping unreadable image (%s): %s", reason, item["error"])
             self.skipped.setdefault(j, []).append(
-                {"image_id": rec.image_id, "file_name": rec.file_name, "reason": reason, "error": item["error"]})
+                {"image_id": rec.image_id, "file_name": rec.file_name, "reason": reason, "error": item["error"]}
+            )
             self.summary["skipped"] += 1
             by_reason = self.summary["skipped_by_reason"]
             by_reason[reason] = by_reason.get(reason, 0) + 1
@@ -472,25 +528,35 @@ def _loader_batches(loader: DataLoader, cfg: ExtractConfig) -> Iterator[list[dic
         except RuntimeError as err:
             raise ExtractError(
                 f"the image readers failed: {err}. A stalled read of {cfg.images} (no image within --read-timeout "
-                f"{cfg.read_timeout:g} s) or a reader killed (out of memory?); finished shards are kept: rerun to resume"
+                f"{cfg.read_timeout:g} s) or a reader killed (out of memory?); "
+                "finished shards are kept: rerun to resume"
             ) from err
         yield items
 
 
-def _extract_pending(cfg: ExtractConfig, shards: list[list[ImageRecord]], extractor: FeatureExtractor,
-                     out: Path, num_classes: int) -> dict:
+def _extract_pending(
+    cfg: ExtractConfig, shards: list[list[ImageRecord]], extractor: FeatureExtractor, out: Path, num_classes: int
+) -> dict:
     """Encode the images of the shards not yet in ``out`` and write those shards."""
-    pending = [(j, rec) for j, shard in enumerate(shards)
-               if not (out / shard_name(cfg.dataset, cfg.rank, j)).exists() for rec in shard]
+    pending = [
+        (j, rec)
+        for j, shard in enumerate(shards)
+        if not (out / shard_name(cfg.dataset, cfg.rank, j)).exists()
+        for rec in shard
+    ]
     loader = DataLoader(
         ImageFeaturesInput(pending, cfg.images, extractor.sam.transform),
-        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate,
-        pin_memory=extractor.device.type == "cuda", persistent_workers=False,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=extractor.device.type == "cuda",
+        persistent_workers=False,
         timeout=cfg.read_timeout if cfg.workers > 0 else 0,
     )
     output = _ShardOutput(out, cfg, shards, pending, num_classes)
-    progress = tqdm(total=len(pending), desc=f"extract {cfg.dataset} r{cfg.rank}", unit="img",
-                    disable=None, dynamic_ncols=True)
+    progress = tqdm(
+        total=len(pending), desc=f"extract {cfg.dataset} r{cfg.rank}", unit="img", disable=None, dynamic_ncols=True
+    )
 
     def write(items: list[dict], good: list[dict], encoded: list[tuple]) -> None:
         samples = iter(extractor.samples(good, encoded, cfg.dataset))
@@ -531,20 +597,30 @@ def _check_extracted(cfg: ExtractConfig, num_shards: int, out: Path) -> None:
         detail = f"; e.g. {example['error'] if isinstance(example, dict) else example}" if example else ""
         raise ExtractError(
             f"no image of {cfg.annotations} could be read under {cfg.images}: {counts['skipped']} skipped "
-            f"({reasons}){detail}. Fix --images or the image files, delete {out} and run again")
+            f"({reasons}){detail}. Fix --images or the image files, delete {out} and run again"
+        )
     sidecars = [read_sidecar(shard) or {} for shard in mine]
     if cfg.boxes is None and all("labelled_boxes" in s for s in sidecars) and counts["labelled_boxes"] == 0:
-        raise ExtractError(f"the {counts['samples']} images read from {cfg.images} hold no box with a class "
-                           f"({reasons}): nothing to learn from; check the annotation file and the images")
+        raise ExtractError(
+            f"the {counts['samples']} images read from {cfg.images} hold no box with a class "
+            f"({reasons}): nothing to learn from; check the annotation file and the images"
+        )
     if cfg.boxes is not None and counts["boxes"] == 0:
-        raise ExtractError(f"the {counts['samples']} images read from {cfg.images} have no proposal box ({reasons}): "
-                           f"check that the image ids of {cfg.boxes} are those of {cfg.annotations}")
+        raise ExtractError(
+            f"the {counts['samples']} images read from {cfg.images} have no proposal box ({reasons}): "
+            f"check that the image ids of {cfg.boxes} are those of {cfg.annotations}"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m regionspot_pl.extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file whose keys are these flags (e.g. configs/data/o365.yaml); flags override it")
+    p = argparse.ArgumentParser(
+        prog="python -m regionspot_pl.extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", help="YAML file whose keys are these flags (e.g. configs/data/o365.yaml); flags override it"
+    )
     p.add_argument("--images", help="folder the annotation file_names are relative to")
     p.add_argument("--annotations", help="COCO-format JSON (categories, images, annotations)")
     p.add_argument("--out", help="output folder for the shards and manifest.json")
@@ -562,12 +638,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="number of ranks (default: $WORLD_SIZE, else 1)")
     p.add_argument("--no-masks", dest="masks", action="store_false", default=None, help="do not store SAM masks")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile SAM's decoder and the encoders: ~10-30 s to compile, then 1.5x (CPU, fp32)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile SAM's decoder and the encoders: ~10-30 s to compile, then 1.5x (CPU, fp32)",
+    )
     p.add_argument("--text-cache", help=f"HDF5 text-embedding cache (default {DEFAULT_TEXT_CACHE})")
     p.add_argument("--limit", type=int, help="only the first N images by id (smoke runs)")
-    p.add_argument("--read-timeout", type=float,
-                   help="seconds without a decoded batch from the image readers before the run fails (default 600)")
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        help="seconds without a decoded batch from the image readers before the run fails (default 600)",
+    )
     return p
 
 
@@ -589,8 +672,10 @@ def config_from_args(argv: list[str] | None = None) -> ExtractConfig:
     if args.config:  # a shipped config holds placeholder paths: say which to edit
         for key in ("images", "annotations", "sam_checkpoint", "clip_model"):
             if not Path(values[key]).exists():
-                raise SystemExit(f"error: {key.replace('_', '-')} path {values[key]} (from {args.config}) does not exist; "
-                                 f"edit it in {args.config} or pass --{key.replace('_', '-')}")
+                raise SystemExit(
+                    f"error: {key.replace('_', '-')} path {values[key]} (from {args.config}) does not exist; "
+                    f"edit it in {args.config} or pass --{key.replace('_', '-')}"
+                )
     if not 0 <= values["rank"] < values["world_size"]:
         raise SystemExit(f"error: rank {values['rank']} is outside world size {values['world_size']}")
     return ExtractConfig(**values)

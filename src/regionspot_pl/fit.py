@@ -51,7 +51,8 @@ def head_config(model: dict, clip: dict) -> HeadConfig:
     if (config.clip_dim, config.text_dim) != (dims["clip_dim"], dims["text_dim"]):
         raise FitError(
             f"the {variant} head expects CLIP features of width {config.clip_dim} and text dim {config.text_dim}, "
-            f"but the shards were extracted with {clip['model']} (width {dims['clip_dim']}, text dim {dims['text_dim']}). "
+            f"but the shards were extracted with {clip['model']} "
+            f"(width {dims['clip_dim']}, text dim {dims['text_dim']}). "
             "Pick the matching variant (BB for ViT-B/16, BL for ViT-L/14) or re-extract the shards."
         )
     return config
@@ -63,8 +64,10 @@ def vocabulary_embeddings(info: CacheInfo, clip: LazyTextEncoder, text_cache: st
     cache = text_cache or info.manifest["text_cache"]
     emb = text_embeddings(clip, list(info.vocabulary.names), cache, backbone["id"])
     if emb.shape != (len(info.vocabulary), backbone["text_dim"]):
-        raise FitError(f"text embeddings {tuple(emb.shape)} do not match the vocabulary of {info.folder} "
-                       f"({len(info.vocabulary)} classes, text dim {backbone['text_dim']}); delete {cache} to rebuild")
+        raise FitError(
+            f"text embeddings {tuple(emb.shape)} do not match the vocabulary of {info.folder} "
+            f"({len(info.vocabulary)} classes, text dim {backbone['text_dim']}); delete {cache} to rebuild"
+        )
     return emb
 
 
@@ -98,8 +101,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m regionspot_pl.fit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m regionspot_pl.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--stage", choices=("warmup", "advanced"), help="picks configs/fit/STAGE.yaml")
     p.add_argument("--config", help="a fit YAML (instead of the stage's)")
     p.add_argument("--model", help="model config name under configs/model (bb, bl, bl336, auto)")
@@ -121,8 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'last' (OUT/checkpoints/last.ckpt) or a .ckpt file")
     p.add_argument("--seed", type=int)
     p.add_argument("--text-cache", help="HDF5 text-embedding cache (default: the one the shards name)")
-    p.add_argument("--metric-backend", choices=BACKENDS,
-                   help="validation AP by hotcoco (default, fast) or lvis (the official LVIS API, the reference)")
+    p.add_argument(
+        "--metric-backend",
+        choices=BACKENDS,
+        help="validation AP by hotcoco (default, fast) or lvis (the official LVIS API, the reference)",
+    )
     return p
 
 
@@ -140,16 +147,35 @@ def build_config(args: argparse.Namespace) -> dict:
     devices = args.devices
     if devices is not None and devices.isdigit():
         devices = int(devices)  # a count; "auto", "-1" and lists like "0,1" go to Lightning as given
-    return merge(cfg, {
-        "model": model,
-        "init_from": args.init_from, "out": args.out, "seed": args.seed, "resume": args.resume,
-        "text_cache": args.text_cache, "metric_backend": args.metric_backend,
-        "data": {"train_shards": args.train_shards, "mix_weights": args.mix_weights, "val_shards": args.val_shards,
-                 "val_annotations": args.val_annotations, "batch_size": args.batch_size, "workers": args.workers},
-        "optim": {"lr": args.lr},
-        "trainer": {"max_steps": args.max_steps, "val_check_interval": args.val_every, "accelerator": args.accelerator,
-                    "devices": devices, "num_nodes": args.num_nodes, "precision": args.precision},
-    })
+    return merge(
+        cfg,
+        {
+            "model": model,
+            "init_from": args.init_from,
+            "out": args.out,
+            "seed": args.seed,
+            "resume": args.resume,
+            "text_cache": args.text_cache,
+            "metric_backend": args.metric_backend,
+            "data": {
+                "train_shards": args.train_shards,
+                "mix_weights": args.mix_weights,
+                "val_shards": args.val_shards,
+                "val_annotations": args.val_annotations,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+            },
+            "optim": {"lr": args.lr},
+            "trainer": {
+                "max_steps": args.max_steps,
+                "val_check_interval": args.val_every,
+                "accelerator": args.accelerator,
+                "devices": devices,
+                "num_nodes": args.num_nodes,
+                "precision": args.precision,
+            },
+        },
+    )
 
 
 def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
@@ -163,16 +189,22 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
     check_numbers(cfg)
     metric_backend = cfg.get("metric_backend") or DEFAULT_BACKEND
     if metric_backend not in BACKENDS:
-        raise FitError(f"unknown metric backend {metric_backend!r}: use 'hotcoco' (fast, the default) or 'lvis' "
-                       "(the official LVIS API, the reference)")
+        raise FitError(
+            f"unknown metric backend {metric_backend!r}: use 'hotcoco' (fast, the default) or 'lvis' "
+            "(the official LVIS API, the reference)"
+        )
     L.seed_everything(seed, workers=True)
 
     val_annotations = data.get("val_annotations")
     dm = RegionDataModule(
-        train_shards=data.get("train_shards") or [], val_shards=data.get("val_shards"),
-        batch_size=data.get("batch_size", 2), workers=data.get("workers", 2),
-        max_boxes_per_image=data.get("max_boxes_per_image"), mix_weights=data.get("mix_weights"),
-        shuffle_buffer=data.get("shuffle_buffer", 256), seed=seed,
+        train_shards=data.get("train_shards") or [],
+        val_shards=data.get("val_shards"),
+        batch_size=data.get("batch_size", 2),
+        workers=data.get("workers", 2),
+        max_boxes_per_image=data.get("max_boxes_per_image"),
+        mix_weights=data.get("mix_weights"),
+        shuffle_buffer=data.get("shuffle_buffer", 256),
+        seed=seed,
     )
     if dm.val is not None and not val_annotations:
         raise FitError("--val-shards needs --val-annotations (the GT file AP is computed against)")
@@ -182,17 +214,21 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
     clip = LazyTextEncoder(dm.clip_info["model"])
     texts = [vocabulary_embeddings(info, clip, cfg.get("text_cache")) for info in dm.train]
     module = RegionSpotModule(
-        head=head_cfg.to_dict(), **{k: v for k, v in optim.items() if k != "clip_grad_norm"},
+        head=head_cfg.to_dict(),
+        **{k: v for k, v in optim.items() if k != "clip_grad_norm"},
         text_embeddings=texts,
         val_text_embeddings=vocabulary_embeddings(dm.val, clip, cfg.get("text_cache")) if dm.val else None,
         val_category_ids=list(dm.val.vocabulary.category_ids) if dm.val else [],
-        val_annotations=val_annotations if dm.val else None, metric_backend=metric_backend,
+        val_annotations=val_annotations if dm.val else None,
+        metric_backend=metric_backend,
     )
     if cfg.get("init_from") and not cfg.get("resume"):
         init = load_head(cfg["init_from"])
         if init.config != module.head.config:
-            raise FitError(f"--init-from {cfg['init_from']} is a head of sizes {init.config.to_dict()}, but this run "
-                           f"trains {head_cfg.to_dict()}: start from a checkpoint of the same variant")
+            raise FitError(
+                f"--init-from {cfg['init_from']} is a head of sizes {init.config.to_dict()}, but this run "
+                f"trains {head_cfg.to_dict()}: start from a checkpoint of the same variant"
+            )
         module.head.load_state_dict(init.state_dict())
 
     ckpt_path = None
@@ -206,14 +242,20 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
             raise FitError(f"cannot resume from {ckpt_path}: not a readable Lightning checkpoint ({err})") from err
         saved_head = saved.get("hyper_parameters", {}).get("head")
         if saved_head != head_cfg.to_dict():
-            raise FitError(f"{ckpt_path} holds a head of sizes {saved_head}, this run trains {head_cfg.to_dict()}: "
-                           "resume with the same --model, or start a new --out")
+            raise FitError(
+                f"{ckpt_path} holds a head of sizes {saved_head}, this run trains {head_cfg.to_dict()}: "
+                "resume with the same --model, or start a new --out"
+            )
         dm.start_epoch = int(saved.get("global_step", 0))  # a fresh shard order, not a replay of the start
 
     validating = dm.val is not None
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best", monitor="val/AP" if validating else None,
-        mode="max", save_top_k=1 if validating else 0, save_last=True,
+        dirpath=out / "checkpoints",
+        filename="best",
+        monitor="val/AP" if validating else None,
+        mode="max",
+        save_top_k=1 if validating else 0,
+        save_last=True,
         every_n_train_steps=None if validating else trainer_cfg.get("val_check_interval") or 1000,
         enable_version_counter=False,  # last.ckpt is also written by GracefulStop: one file, never last-v1
     )
@@ -223,17 +265,25 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
     # SIGTERM/SIGINT: stop at a step boundary with last.ckpt saved; and last.ckpt before every validation
     stop = GracefulStop(out / "checkpoints" / "last.ckpt", every=min(val_every, max_steps) if validating else None)
     trainer = L.Trainer(
-        default_root_dir=out, max_steps=max_steps, accelerator=accelerator,
-        devices=trainer_cfg.pop("devices", "auto") or "auto", num_nodes=trainer_cfg.pop("num_nodes", 1) or 1,
+        default_root_dir=out,
+        max_steps=max_steps,
+        accelerator=accelerator,
+        devices=trainer_cfg.pop("devices", "auto") or "auto",
+        num_nodes=trainer_cfg.pop("num_nodes", 1) or 1,
         precision=resolve_precision(str(trainer_cfg.pop("precision", "auto")), accelerator),
-        gradient_clip_val=optim.get("clip_grad_norm", 1.0), gradient_clip_algorithm="norm",
-        val_check_interval=min(val_every, max_steps) if validating else None, check_val_every_n_epoch=None,
+        gradient_clip_val=optim.get("clip_grad_norm", 1.0),
+        gradient_clip_algorithm="norm",
+        val_check_interval=min(val_every, max_steps) if validating else None,
+        check_val_every_n_epoch=None,
         # a few validation batches at step 0, evaluated: a broken validation setup fails in the first minute
-        limit_val_batches=None if validating else 0, num_sanity_val_steps=2 if validating else 0,
+        limit_val_batches=None if validating else 0,
+        num_sanity_val_steps=2 if validating else 0,
         callbacks=[checkpoint, LearningRateMonitor("step"), stop, *callbacks],
         # a new logs/version_N per start, so a resumed run never overwrites the log it resumes
-        logger=CSVLogger(out, name="logs"), use_distributed_sampler=False,
-        enable_model_summary=False, **trainer_cfg,
+        logger=CSVLogger(out, name="logs"),
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        **trainer_cfg,
     )
     with stop.guard():  # a stop signal ends here as Stopped, with last.ckpt saved
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # resume never unpickles code
@@ -248,9 +298,15 @@ def run(cfg: dict, callbacks: list[L.Callback] = ()) -> dict:
         variant = cfg["model"].get("variant", "auto")
         result["head"] = str(save_head(final.head, out / "head.pt", variant=None if variant == "auto" else variant))
         result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        result["head_folder"] = str(save_pretrained(
-            final.head, out / "head", variant=None if variant == "auto" else variant,
-            metrics=result["metrics"] or None, **fit_card([i.manifest for i in dm.train], max_steps)))
+        result["head_folder"] = str(
+            save_pretrained(
+                final.head,
+                out / "head",
+                variant=None if variant == "auto" else variant,
+                metrics=result["metrics"] or None,
+                **fit_card([i.manifest for i in dm.train], max_steps),
+            )
+        )
         (out / "fit_summary.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -18,8 +18,13 @@ from .model.head import HeadConfig, RegionSpotHead, region_logits
 from .model.loss import region_focal_loss
 
 
-def lr_factor(step: int, warmup_iters: int = 1000, warmup_factor: float = 0.01,
-              milestones: Sequence[int] = (350_000, 420_000), gamma: float = 0.1) -> float:
+def lr_factor(
+    step: int,
+    warmup_iters: int = 1000,
+    warmup_factor: float = 0.01,
+    milestones: Sequence[int] = (350_000, 420_000),
+    gamma: float = 0.1,
+) -> float:
     """The paper's learning-rate multiplier at an iteration.
 
     Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters`` (as detectron2's
@@ -91,7 +96,9 @@ class RegionSpotModule(L.LightningModule):
         now = time.perf_counter()
         if self._step_clock is not None:
             world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("train/images_per_s", size * world / max(now - self._step_clock, 1e-9), prog_bar=True, batch_size=size)
+            self.log(
+                "train/images_per_s", size * world / max(now - self._step_clock, 1e-9), prog_bar=True, batch_size=size
+            )
         self._step_clock = now
         return loss
 
@@ -107,7 +114,11 @@ class RegionSpotModule(L.LightningModule):
                 continue
             box_idx, class_idx, scores = score_regions(logits[i][keep], batch.scores[i][keep], self.hparams.topk)
             self._val_results += detections_to_results(
-                int(meta["image_id"]), batch.boxes[i][keep].cpu(), box_idx.cpu(), class_idx.cpu(), scores.cpu(),
+                int(meta["image_id"]),
+                batch.boxes[i][keep].cpu(),
+                box_idx.cpu(),
+                class_idx.cpu(),
+                scores.cpu(),
                 list(self.hparams.val_category_ids),
             )
 
@@ -121,8 +132,13 @@ class RegionSpotModule(L.LightningModule):
             results = [r for part in gathered for r in part]
         metrics = None
         if self.trainer.is_global_zero:
-            metrics = evaluate_detections(self.hparams.val_annotations, results, iou_type="bbox",
-                                          backend=self.hparams.metric_backend) if results else {}
+            metrics = (
+                evaluate_detections(
+                    self.hparams.val_annotations, results, iou_type="bbox", backend=self.hparams.metric_backend
+                )
+                if results
+                else {}
+            )
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         if self.trainer.sanity_checking:  # fit's step-0 check: the evaluation ran; the AP of 2 batches means nothing
             return

@@ -100,9 +100,7 @@ def load_image(image: ImageLike) -> np.ndarray:
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"image array is empty: {image.shape}")
         return np.ascontiguousarray(image)
-    raise TypeError(
-        f"image must be a path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}"
-    )
+    raise TypeError(f"image must be a path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
 
 
 def check_boxes(boxes: BoxesLike, image_size: tuple[int, int]) -> Tensor:
@@ -128,8 +126,7 @@ def check_boxes(boxes: BoxesLike, image_size: tuple[int, int]) -> Tensor:
             raise ValueError(f"{where} has a non-finite coordinate")
         if x2 <= x1 or y2 <= y1:
             raise ValueError(
-                f"{where} is not x1,y1,x2,y2 with x2 > x1 and y2 > y1 (boxes are corners in "
-                "pixels, not x,y,w,h)"
+                f"{where} is not x1,y1,x2,y2 with x2 > x1 and y2 > y1 (boxes are corners in pixels, not x,y,w,h)"
             )
         if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
             raise ValueError(
@@ -145,8 +142,7 @@ def read_vocabulary(vocabulary: VocabularyLike) -> list[str]:
         path = Path(vocabulary)
         if not path.is_file():
             raise FileNotFoundError(
-                f"vocabulary file not found: {path} (pass a list of names, or a text file with "
-                "one class name a line)"
+                f"vocabulary file not found: {path} (pass a list of names, or a text file with one class name a line)"
             )
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         source = str(path)
@@ -170,10 +166,7 @@ def _regions_of(value: PointsLike, name: str, per_point: int) -> list[np.ndarray
     (as ``predict_torch``), a list of such per-region arrays allows a different K each."""
     single = 2 if per_point == 2 else 1
     shape_hint = "[K, 2] x, y" if per_point == 2 else "[K] labels"
-    usage = (
-        f"{name} must be {shape_hint} for one region, a batch of N such regions, or a list "
-        f"of N per-region arrays"
-    )
+    usage = f"{name} must be {shape_hint} for one region, a batch of N such regions, or a list of N per-region arrays"
     if isinstance(value, Tensor):
         value = value.detach().cpu().numpy()
     try:
@@ -250,10 +243,7 @@ def check_points(
                 )
         bad = [v for v in lab.tolist() if v not in (0.0, 1.0)]
         if bad:
-            raise ValueError(
-                f"point_labels of region {r} hold {bad[0]:g}; a label is 1 (foreground) or 0 "
-                "(background)"
-            )
+            raise ValueError(f"point_labels of region {r} hold {bad[0]:g}; a label is 1 (foreground) or 0 (background)")
         out.append((torch.as_tensor(xy, dtype=torch.float32), torch.as_tensor(lab).long()))
     return out
 
@@ -347,8 +337,9 @@ class _CrossAttentionRecorder:
         self._handle.remove()
 
 
-def check_head_fits_clip(head: RegionSpotHead, clip: ClipEncoder, head_name: str = "the head",
-                         clip_where: str = "") -> None:
+def check_head_fits_clip(
+    head: RegionSpotHead, clip: ClipEncoder, head_name: str = "the head", clip_where: str = ""
+) -> None:
     """The head's CLIP width and text dim must be the CLIP model's (a BL head needs ViT-L/14)."""
     cfg = head.config
     if (cfg.clip_dim, cfg.text_dim) != (clip.vision_dim, clip.text_dim):
@@ -421,9 +412,7 @@ class Predictor:
         # before building SAM, which can take a while for the real models
         check_head_fits_clip(head_module, clip, f"head {head}", f" in {clip_model}")
         sam = SamRegionEncoder(build_sam(sam_type, sam_checkpoint))
-        return cls(
-            head_module, sam, clip, model_identity(clip_model), device, text_cache, precision
-        )
+        return cls(head_module, sam, clip, model_identity(clip_model), device, text_cache, precision)
 
     # ----------------------------------------------------------------------------------- image
     @torch.inference_mode()
@@ -459,9 +448,7 @@ class Predictor:
 
     # --------------------------------------------------------------------------------- regions
     @torch.inference_mode()
-    def _prompt_tokens(
-        self, prompts: list[RegionPrompt], multimask: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _prompt_tokens(self, prompts: list[RegionPrompt], multimask: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """SAM on N prompts (original pixels) through the resized image, as extraction does.
 
         Prompts alike in :attr:`RegionPrompt.signature` share one decoder call; the others are
@@ -485,9 +472,7 @@ class Predictor:
             outputs.append(out)
         return outputs[0], outputs[1], outputs[2]
 
-    def _decode_group(
-        self, prompts: list[RegionPrompt], multimask: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _decode_group(self, prompts: list[RegionPrompt], multimask: bool) -> tuple[Tensor, Tensor, Tensor]:
         """One batch of prompts with one signature -> (tokens, masks, iou), see _prompt_tokens."""
         original, resized = self.image_size, self._resized_size
         boxes = coords = labels = None
@@ -508,9 +493,7 @@ class Predictor:
         return tokens.float().half().float(), masks.reshape(*lead, *original), iou.float()
 
     @torch.inference_mode()
-    def _run_head(
-        self, tokens: Tensor, with_attention: bool, layer: int = -1
-    ) -> tuple[Tensor, Tensor | None]:
+    def _run_head(self, tokens: Tensor, with_attention: bool, layer: int = -1) -> tuple[Tensor, Tensor | None]:
         """Region tokens [N, 256] -> (embeddings [N, text_dim], attention of ``layer`` [N, T] or None).
 
         Multimask tokens [N, 3, 256] -> [N, 3, text_dim] (and [N, 3, T]): one head pass per
@@ -696,7 +679,7 @@ def parse_points(text: str) -> tuple[list[list[list[float]]], list[list[int]]]:
             if len(values) not in (2, 3):
                 raise ValueError(
                     f"--points region {r} point {i} {token!r} is not x,y or x,y,label; separate "
-                    f"the points of a region with spaces and regions with \";\", {example}"
+                    f'the points of a region with spaces and regions with ";", {example}'
                 )
             label = values[2] if len(values) == 3 else 1.0
             if label not in (0.0, 1.0):
@@ -727,12 +710,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--image", help="image file")
-    p.add_argument(
-        "--images", help="with --everything: a folder of images (.jpg, .png, ...; not its subfolders)"
-    )
-    p.add_argument(
-        "--boxes", help='regions as boxes in pixels: "x1,y1,x2,y2;x1,y1,x2,y2" (";" between regions)'
-    )
+    p.add_argument("--images", help="with --everything: a folder of images (.jpg, .png, ...; not its subfolders)")
+    p.add_argument("--boxes", help='regions as boxes in pixels: "x1,y1,x2,y2;x1,y1,x2,y2" (";" between regions)')
     p.add_argument(
         "--points",
         help='regions as points in pixels: "x,y[,label] x,y[,label];x,y" (";" between regions, '
@@ -746,14 +725,11 @@ def _parser() -> argparse.ArgumentParser:
         help="head file (.pt: fit's head.pt, convert's output) or model folder / Hugging Face Hub id",
     )  # fmt: skip
     p.add_argument("--sam-type", required=True, choices=SAM_TYPES)
-    p.add_argument(
-        "--sam-checkpoint", required=True, help="e.g. " + OFFICIAL_SAM_CHECKPOINTS["vit_b"]
-    )
+    p.add_argument("--sam-checkpoint", required=True, help="e.g. " + OFFICIAL_SAM_CHECKPOINTS["vit_b"])
     p.add_argument("--clip-model", required=True, help="local Hugging Face CLIP folder")
     p.add_argument(
         "--out",
-        help="picture to write (PNG); with --everything --images a folder for one picture per "
-        "image (optional there)",
+        help="picture to write (PNG); with --everything --images a folder for one picture per image (optional there)",
     )
     p.add_argument("--attention-out", help="also write the regions' attention maps (PNG grid)")
     p.add_argument("--topk", type=int, default=3, help="labels per region (default 3)")

@@ -161,8 +161,9 @@ class GracefulStop(L.Callback):
         """Between two steps: no step under way, and every per-step schedule stepped as often as
         the optimizer (Lightning steps them after the step's end hooks)."""
         schedules = [c.scheduler for c in trainer.lr_scheduler_configs if c.interval == "step"]
-        return not self._in_step and all(getattr(s, "last_epoch", trainer.global_step) == trainer.global_step
-                                         for s in schedules)
+        return not self._in_step and all(
+            getattr(s, "last_epoch", trainer.global_step) == trainer.global_step for s in schedules
+        )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.restore()

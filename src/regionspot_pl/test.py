@@ -55,10 +55,28 @@ from .stopping import Stopped, stop_on_signals
 
 METHODS: tuple[str, ...] = ("regionspot", *BASELINES)
 # Config keys = the flags. Defaults that depend on the method (batch size) are set in run_test.
-KEYS: tuple[str, ...] = ("shards", "annotations", "head", "clip_model", "vocab", "method", "topk", "out",
-                         "device", "images", "batch_size", "text_cache", "workers", "metric_backend")
-DEFAULTS: dict[str, Any] = {"method": "regionspot", "topk": MAX_DETS_PER_IMAGE, "workers": 2,
-                            "metric_backend": DEFAULT_BACKEND}
+KEYS: tuple[str, ...] = (
+    "shards",
+    "annotations",
+    "head",
+    "clip_model",
+    "vocab",
+    "method",
+    "topk",
+    "out",
+    "device",
+    "images",
+    "batch_size",
+    "text_cache",
+    "workers",
+    "metric_backend",
+)
+DEFAULTS: dict[str, Any] = {
+    "method": "regionspot",
+    "topk": MAX_DETS_PER_IMAGE,
+    "workers": 2,
+    "metric_backend": DEFAULT_BACKEND,
+}
 # regionspot: images per head batch; baselines: box crops per CLIP image-tower batch.
 DEFAULT_BATCH = {"regionspot": 16, "clip-box": 128, "clip-mask": 128}
 
@@ -197,8 +215,9 @@ def regionspot_logits(
             logits = region_logits(regions, texts).cpu()  # [B, N, C]
         for i, s in enumerate(chunk):
             n = len(s["labels"])  # collate keeps every box in order: the first n rows are real
-            yield ImageLogits(int(s["meta"]["image_id"]), s["boxes"], s["scores"], logits[i, :n],
-                              s["meta"].get("masks"))
+            yield ImageLogits(
+                int(s["meta"]["image_id"]), s["boxes"], s["scores"], logits[i, :n], s["meta"].get("masks")
+            )
 
 
 def _identity(item: Any) -> Any:
@@ -226,23 +245,39 @@ class _CropStream(IterableDataset):
                 path = resolve_image_path(self.images, meta["file_name"])
                 image, _raw = read_image(path, (meta["height"], meta["width"]))
             except ImageReadError as err:  # missing, unreadable or resized: probably the wrong folder
-                yield {"error": f"{err}; the crop baselines need the original images: pass --images DIR, "
-                                "the folder the shards were extracted from"}
+                yield {
+                    "error": f"{err}; the crop baselines need the original images: pass --images DIR, "
+                    "the folder the shards were extracted from"
+                }
                 return
             masks = meta.get("masks")
             crops = box_crops(image, s["boxes"], self.size, masks if self.with_masks else None)
-            yield {"image_id": int(meta["image_id"]), "boxes": s["boxes"], "scores": s["scores"],
-                   "masks": masks, "crops": crops}
+            yield {
+                "image_id": int(meta["image_id"]),
+                "boxes": s["boxes"],
+                "scores": s["scores"],
+                "masks": masks,
+                "crops": crops,
+            }
 
 
 def baseline_logits(
-    encoder: ClipEncoder, shards: list[str], texts: Tensor, images: str, with_masks: bool,
-    batch_size: int, workers: int,
+    encoder: ClipEncoder,
+    shards: list[str],
+    texts: Tensor,
+    images: str,
+    with_masks: bool,
+    batch_size: int,
+    workers: int,
 ) -> Iterator[ImageLogits]:
     """CLIP on each box's crop (masked outside the SAM mask when ``with_masks``), batched over
     the boxes of consecutive images: ``batch_size`` crops per CLIP forward."""
-    loader = DataLoader(_CropStream(shards, images, encoder.image_size, with_masks), batch_size=None,
-                        num_workers=min(workers, len(shards)), collate_fn=_identity)
+    loader = DataLoader(
+        _CropStream(shards, images, encoder.image_size, with_masks),
+        batch_size=None,
+        num_workers=min(workers, len(shards)),
+        collate_fn=_identity,
+    )
     pending: list[dict] = []
 
     def flush() -> Iterator[ImageLogits]:
@@ -270,8 +305,15 @@ def results_of(dets: list[ImageDetections], category_ids: tuple[int, ...], with_
     """Detections in COCO/LVIS results format, with each box's SAM mask when ``with_masks``."""
     out = []
     for d in dets:
-        out += detections_to_results(d.image_id, torch.from_numpy(d.boxes), d.box_idx, d.class_idx, d.scores,
-                                     category_ids, d.masks if with_masks else None)
+        out += detections_to_results(
+            d.image_id,
+            torch.from_numpy(d.boxes),
+            d.box_idx,
+            d.class_idx,
+            d.scores,
+            category_ids,
+            d.masks if with_masks else None,
+        )
     return out
 
 
@@ -284,8 +326,10 @@ def _write_json(path: Path, obj: object) -> None:
 
 def _json_metrics(metrics: dict[str, dict[str, float]]) -> dict:
     """Every LVIS key per IoU type; NaN (nothing to score) and keys COCO lacks become null."""
+
     def value(v: float | None) -> float | None:
         return None if v is None or math.isnan(v) else float(v)
+
     return {t: {k: value(m.get(k)) for k in LVIS_METRICS} for t, m in metrics.items()}
 
 
@@ -312,15 +356,19 @@ def run_test(cfg: dict) -> dict:
         raise TestError(f"--batch-size must be >= 1, got {batch_size}")
     backend = cfg.get("metric_backend") or DEFAULT_BACKEND
     if backend not in BACKENDS:
-        raise TestError(f"unknown metric backend {backend!r}: use 'hotcoco' (fast, the default) or 'lvis' "
-                        "(the official LVIS API / pycocotools, the reference)")
+        raise TestError(
+            f"unknown metric backend {backend!r}: use 'hotcoco' (fast, the default) or 'lvis' "
+            "(the official LVIS API / pycocotools, the reference)"
+        )
     if cfg.get("workers") is not None and int(cfg["workers"]) < 0:
         raise TestError(f"--workers must be >= 0, got {cfg['workers']}")
 
     folder = str(cfg["shards"])
     if not Path(folder).is_dir():
-        raise TestError(f"shard folder not found: {folder} (extract it first with `python -m regionspot_pl.extract "
-                        f"--out {folder}`, or pass --shards DIR)")
+        raise TestError(
+            f"shard folder not found: {folder} (extract it first with `python -m regionspot_pl.extract "
+            f"--out {folder}`, or pass --shards DIR)"
+        )
     info = CacheInfo.read(folder)
     clip_info, extract_cfg = info.manifest["backbones"]["clip"], info.manifest.get("config", {})
     has_masks = extract_cfg.get("masks", True) is not False
@@ -336,19 +384,25 @@ def run_test(cfg: dict) -> dict:
         head = load_head(cfg["head"], map_location=device)
         _check_head(head, cfg["head"], clip_info, folder)
     if method == "clip-mask" and not has_masks:
-        raise TestError(f"clip-mask needs the SAM masks, but the shards in {folder} were extracted with --no-masks: "
-                        "re-extract them with masks, or use --method clip-box")
+        raise TestError(
+            f"clip-mask needs the SAM masks, but the shards in {folder} were extracted with --no-masks: "
+            "re-extract them with masks, or use --method clip-box"
+        )
 
     # Text side: the CLIP the shards were extracted with, unless --clip-model names another.
     clip_dir = str(cfg.get("clip_model") or clip_info["model"])
     if method in BASELINES and not Path(clip_dir).is_dir():
-        raise TestError(f"CLIP folder not found: {clip_dir} (the {method} baseline embeds the crops with CLIP: "
-                        "pass --clip-model DIR, a Hugging Face CLIP snapshot)")
+        raise TestError(
+            f"CLIP folder not found: {clip_dir} (the {method} baseline embeds the crops with CLIP: "
+            "pass --clip-model DIR, a Hugging Face CLIP snapshot)"
+        )
     same_clip = not cfg.get("clip_model") or Path(clip_dir).resolve() == Path(clip_info["model"]).resolve()
     model_id = clip_info["id"] if same_clip else model_identity(clip_dir)
     if method == "regionspot" and model_id != clip_info["id"]:
-        print(f"note: text embeddings from {clip_dir}, a different CLIP than the one of the shards' features "
-              f"({clip_info['model']})")
+        print(
+            f"note: text embeddings from {clip_dir}, a different CLIP than the one of the shards' features "
+            f"({clip_info['model']})"
+        )
     if head is not None:  # before any text encoding: a mismatch should not cost a vocabulary pass first
         _check_text_dim(head, cfg["head"], clip_info["text_dim"] if same_clip else _config_text_dim(clip_dir), clip_dir)
     encoder = _load_clip(clip_dir).to(device) if method in BASELINES else None
@@ -363,10 +417,13 @@ def run_test(cfg: dict) -> dict:
     else:
         images = str(cfg.get("images") or extract_cfg.get("images") or "")
         if not images or not Path(images).is_dir():
-            raise TestError(f"image folder {images or '(none)'} not found: the {method} baseline crops the original "
-                            "images; pass --images DIR (the folder the shards were extracted from)")
-        stream = baseline_logits(encoder, info.shards, texts, images, method == "clip-mask", batch_size,
-                                 int(cfg.get("workers", 2)))
+            raise TestError(
+                f"image folder {images or '(none)'} not found: the {method} baseline crops the original "
+                "images; pass --images DIR (the folder the shards were extracted from)"
+            )
+        stream = baseline_logits(
+            encoder, info.shards, texts, images, method == "clip-mask", batch_size, int(cfg.get("workers", 2))
+        )
 
     total = info.manifest.get("counts", {}).get("samples")
     start = time.perf_counter()
@@ -383,12 +440,16 @@ def run_test(cfg: dict) -> dict:
         dets.append(ImageDetections(item.image_id, item.boxes, box_idx, class_idx, scores, item.masks))
     pass_s = time.perf_counter() - start
     what = "head pass" if method == "regionspot" else f"{method} CLIP pass"
-    print(f"{what}: {pass_s:.1f} s for {len(seen)} images, {boxes} boxes ({len(seen) / max(pass_s, 1e-9):.1f} img/s, "
-          f"{device})")
+    print(
+        f"{what}: {pass_s:.1f} s for {len(seen)} images, {boxes} boxes ({len(seen) / max(pass_s, 1e-9):.1f} img/s, "
+        f"{device})"
+    )
     gt_ids = {int(im["id"]) for im in gt["images"]}
     if len(seen & gt_ids) < len(gt_ids):
-        print(f"note: the shards cover {len(seen & gt_ids)} of the {len(gt_ids)} images of {cfg['annotations']}; "
-              "objects in the others count as missed")
+        print(
+            f"note: the shards cover {len(seen & gt_ids)} of the {len(gt_ids)} images of {cfg['annotations']}; "
+            "objects in the others count as missed"
+        )
 
     out = Path(cfg.get("out") or f"runs/test/{info.name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -408,8 +469,9 @@ def run_test(cfg: dict) -> dict:
             continue
         start = time.perf_counter()
         # evaluate_results pauses the garbage collector itself (LVIS-sized result lists)
-        evaluations[iou_type] = evaluate_results(gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE,
-                                                 backend=backend)
+        evaluations[iou_type] = evaluate_results(
+            gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE, backend=backend
+        )
         metrics[iou_type] = evaluations[iou_type].metrics
         metric_s += time.perf_counter() - start
         del results  # LVIS-sized result lists are GBs: one at a time
@@ -418,11 +480,18 @@ def run_test(cfg: dict) -> dict:
     files["metrics"].write_text(json.dumps(_json_metrics(metrics), indent=2) + "\n")
     if evaluations:  # report.md, ap_per_class.png/.csv: what was evaluated, per-class AP
         model = {"head": cfg["head"]} if method == "regionspot" else {"method": f"{method} (CLIP {clip_dir})"}
-        sources = {"ground truth": cfg["annotations"], "shards": folder, **model,
-                   "results": ", ".join(str(files[t]) for t in evaluations)}
+        sources = {
+            "ground truth": cfg["annotations"],
+            "shards": folder,
+            **model,
+            "results": ", ".join(str(files[t]) for t in evaluations),
+        }
         files.update(write_report(out, evaluations, gt, sources, seconds=metric_s))
-    return {"metrics": metrics, "files": {k: str(v) for k, v in files.items()},
-            "seconds": {"pass": pass_s, "metrics": metric_s}}
+    return {
+        "metrics": metrics,
+        "files": {k: str(v) for k, v in files.items()},
+        "seconds": {"pass": pass_s, "metrics": metric_s},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,8 +500,9 @@ def run_test(cfg: dict) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m regionspot_pl.test", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m regionspot_pl.test", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--split", help="picks configs/test/SPLIT.yaml (e.g. lvis_val)")
     p.add_argument("--config", help="a test YAML (instead of the split's)")
     p.add_argument("--shards", help="shard folder of the split (python -m regionspot_pl.extract --out)")
@@ -445,12 +515,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/test/DATASET)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--images", help="original images, for the crop baselines (default: the shards' manifest's)")
-    p.add_argument("--batch-size", type=int, help="images per head batch (default 16), or crops per CLIP batch "
-                                                  "for the baselines (default 128)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per head batch (default 16), or crops per CLIP batch for the baselines (default 128)",
+    )
     p.add_argument("--text-cache", help="HDF5 text-embedding cache (default: the one the shards name)")
     p.add_argument("--workers", type=int, help="image decoding workers for the crop baselines (default 2)")
-    p.add_argument("--metric-backend", choices=BACKENDS,
-                   help="hotcoco (default, fast) or lvis (the official LVIS API / pycocotools, the reference)")
+    p.add_argument(
+        "--metric-backend",
+        choices=BACKENDS,
+        help="hotcoco (default, fast) or lvis (the official LVIS API / pycocotools, the reference)",
+    )
     return p
 
 
@@ -484,8 +560,14 @@ def main(argv: list[str] | None = None) -> int:
             print(err.code, file=sys.stderr)
             return 2
         raise
-    except (TestError, ShardFormatError, CheckpointError, AnnotationError, EvaluationInputError,
-            FileNotFoundError) as err:
+    except (
+        TestError,
+        ShardFormatError,
+        CheckpointError,
+        AnnotationError,
+        EvaluationInputError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_metrics_table(result["metrics"]))

@@ -13,12 +13,8 @@ from .backbones.tiny import write_tiny_backbones
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m regionspot_pl.tiny", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument(
-        "out_dir", metavar="DIR", help="directory to write sam_tiny.pth and clip_tiny/ into"
-    )
+    parser = argparse.ArgumentParser(prog="python -m regionspot_pl.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", metavar="DIR", help="directory to write sam_tiny.pth and clip_tiny/ into")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     args = parser.parse_args(argv)
     paths = write_tiny_backbones(args.out_dir, seed=args.seed)

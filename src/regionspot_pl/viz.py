@@ -29,9 +29,7 @@ def _to_pil(image: ImageInput) -> Image.Image:
         return image.convert("RGB")
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(
-            f"image must be a PIL image or HxWx3 uint8 array, got {array.dtype} {array.shape}"
-        )
+        raise ValueError(f"image must be a PIL image or HxWx3 uint8 array, got {array.dtype} {array.shape}")
     return Image.fromarray(array)
 
 
@@ -119,9 +117,7 @@ def draw_detections(
     base = _to_pil(image)
     n = len(boxes)
     if not (len(labels) == len(scores) == n):
-        raise ValueError(
-            f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box"
-        )
+        raise ValueError(f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box")
     if gt_labels is not None and len(gt_labels) != n:
         raise ValueError(f"gt_labels has {len(gt_labels)} entries for {n} boxes")
     if masks is not None and len(masks) != n:
@@ -135,16 +131,12 @@ def draw_detections(
         for mask, colour in zip(masks, colours):
             m = np.asarray(mask, dtype=bool)
             if m.shape != canvas.shape[:2]:
-                raise ValueError(
-                    f"mask shape {m.shape} does not match the image {canvas.shape[:2]}"
-                )
+                raise ValueError(f"mask shape {m.shape} does not match the image {canvas.shape[:2]}")
             canvas[m] = (1 - _MASK_ALPHA) * canvas[m] + _MASK_ALPHA * np.asarray(colour, np.float32)
     picture = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     scale = _upscale_factor(picture.size, min_size)
     if scale > 1:
-        picture = picture.resize(
-            (picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC
-        )
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
 
     draw = ImageDraw.Draw(picture)
     font = _font(picture.width)
@@ -207,7 +199,7 @@ def draw_masks(
     min_size: int = 512,
     alpha: float = 0.55,
 ) -> Image.Image:
-    """"Name everything" picture: each mask filled in its own colour with its outline, and
+    """ "Name everything" picture: each mask filled in its own colour with its outline, and
     captioned with its label and probability at the top-left of the mask.
 
     Args:
@@ -224,9 +216,7 @@ def draw_masks(
     base = _to_pil(image)
     n = len(masks)
     if not (len(labels) == len(scores) == n):
-        raise ValueError(
-            f"masks ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per mask"
-        )
+        raise ValueError(f"masks ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per mask")
     scale = _upscale_factor(base.size, min_size)
     picture = base.resize((base.width * scale, base.height * scale), Image.Resampling.BICUBIC)
     canvas = np.asarray(picture).astype(np.float32)
@@ -297,8 +287,7 @@ def draw_attention(
         grid = int(round(math.sqrt(len(weights) - 1)))
     if len(weights) != 1 + grid * grid:
         raise ValueError(
-            f"attention has {len(weights)} weights; expected 1 class token + {grid}x{grid} "
-            f"patches = {1 + grid * grid}"
+            f"attention has {len(weights)} weights; expected 1 class token + {grid}x{grid} patches = {1 + grid * grid}"
         )
     cls_weight, patches = float(weights[0]), weights[1:].reshape(grid, grid)
     low, peak = float(patches.min()), float(patches.max())
@@ -312,9 +301,7 @@ def draw_attention(
     size = (base.width * scale, base.height * scale)
     picture = base.resize(size, Image.Resampling.BICUBIC) if scale > 1 else base
     # upsample the [0, 1] map as an 8-bit image (bilinear), then colour it
-    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(
-        size, Image.Resampling.BILINEAR
-    )
+    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     coloured = colormaps[cmap](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3] * 255
     blended = (1 - _HEAT_ALPHA) * np.asarray(picture, np.float32) + _HEAT_ALPHA * coloured
     picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
@@ -327,9 +314,7 @@ def draw_attention(
 
     # caption band below the picture, so it never hides the heat map
     font = _font(picture.width)
-    lines = ([title] if title else []) + [
-        f"class token {cls_weight:.3f} | patches {low:.4f}-{peak:.4f}"
-    ]
+    lines = ([title] if title else []) + [f"class token {cls_weight:.3f} | patches {low:.4f}-{peak:.4f}"]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     heights = [measure.textbbox((0, 0), t, font=font) for t in lines]
     line_h = max(b[3] - b[1] for b in heights) + 6
@@ -366,9 +351,7 @@ def save_grid(
     rows = math.ceil(len(images) / cols)
     cell_w = max(im.width for im in images)
     cell_h = max(im.height for im in images)
-    sheet = Image.new(
-        "RGB", (cols * cell_w + (cols + 1) * gap, rows * cell_h + (rows + 1) * gap), background
-    )
+    sheet = Image.new("RGB", (cols * cell_w + (cols + 1) * gap, rows * cell_h + (rows + 1) * gap), background)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         sheet.paste(im.convert("RGB"), (gap + c * (cell_w + gap), gap + r * (cell_h + gap)))

@@ -150,9 +150,7 @@ class ClipEncoder(nn.Module):
     def encode_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, text_dim] L2-normalized CLIP image embeddings (crop baselines)."""
         pixel_values = self._check_pixels(pixel_values)
-        return F.normalize(
-            _pooled(self.model.get_image_features(pixel_values=pixel_values)), dim=-1
-        )
+        return F.normalize(_pooled(self.model.get_image_features(pixel_values=pixel_values)), dim=-1)
 
     @torch.no_grad()
     def encode_texts(
@@ -182,9 +180,7 @@ class ClipEncoder(nn.Module):
             ).to(self.device)
             features.append(
                 _pooled(
-                    self.model.get_text_features(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    )
+                    self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 ).float()
             )
         if not features:
@@ -285,9 +281,7 @@ def text_embeddings(
     with _exclusive(cache_file.with_name(cache_file.name + ".lock")):
         if _read_cached(cache_file, key) is not None:  # another process wrote it meanwhile
             return embeddings
-        fd, tmp_name = tempfile.mkstemp(
-            dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp"
-        )
+        fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
@@ -298,9 +292,7 @@ def text_embeddings(
                             old.copy(old[name], out, name=name)
                 group = out.require_group(key)
                 group.create_dataset("embeddings", data=embeddings.numpy())
-                group.create_dataset(
-                    "class_names", data=list(class_names), dtype=h5py.string_dtype()
-                )
+                group.create_dataset("class_names", data=list(class_names), dtype=h5py.string_dtype())
                 group.create_dataset("templates", data=list(templates), dtype=h5py.string_dtype())
                 group.attrs["model_id"] = model_id
             os.replace(tmp, cache_file)

@@ -72,9 +72,7 @@ def _oriented(image: Image.Image) -> Image.Image:
         return image
 
 
-def read_image(
-    path: str | Path, expected_size: tuple[int, int] | None = None
-) -> tuple[np.ndarray, bool]:
+def read_image(path: str | Path, expected_size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
     """Decode an image file as the reference does: EXIF orientation applied, RGB, uint8.
 
     Args:
@@ -112,9 +110,7 @@ def read_image(
     )
 
 
-def resized_shape(
-    height: int, width: int, short_edge: int = SHORT_EDGE, max_size: int = MAX_SIZE
-) -> tuple[int, int]:
+def resized_shape(height: int, width: int, short_edge: int = SHORT_EDGE, max_size: int = MAX_SIZE) -> tuple[int, int]:
     """(h, w) of detectron2's ``ResizeShortestEdge.get_output_shape`` for an (H, W) image.
 
     The short side becomes ``short_edge``; if the long side then exceeds ``max_size`` both
@@ -149,9 +145,7 @@ def scale_boxes(boxes: Tensor, original_size: tuple[int, int], resized_size: tup
     """[N, 4] xyxy boxes in original pixels -> the same boxes in the resized image's pixels,
     scaled by (w / W, h / H) as detectron2's transform scales coordinates."""
     (height, width), (new_h, new_w) = original_size, resized_size
-    factors = torch.tensor(
-        [new_w / width, new_h / height, new_w / width, new_h / height], dtype=torch.float64
-    )
+    factors = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height], dtype=torch.float64)
     return (boxes.to(torch.float64) * factors.to(boxes.device)).to(torch.float32)
 
 

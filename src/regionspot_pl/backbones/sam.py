@@ -3,8 +3,8 @@
 RegionSpot's position-aware region token is the output of SAM's mask decoder two-way transformer
 for the first mask token (the one SAM uses when ``multimask_output=False``). The same decoder call
 also gives the prompted mask, which mask AP is computed from. Prompts are boxes (training,
-extraction, test), points with labels, or both (the predictor), as ``SamPredictor`` takes them. Everything here is SAM's own
-code (``segment_anything``); this module only builds, loads and batches it.
+extraction, test), points with labels, or both (the predictor), as ``SamPredictor`` takes them.
+Everything here is SAM's own code (``segment_anything``); this module only builds, loads and batches it.
 """
 
 from __future__ import annotations
@@ -91,9 +91,7 @@ def build_tiny_sam() -> Sam:
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8
-            ),
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8),
             transformer_dim=prompt_embed_dim,
             iou_head_depth=3,
             iou_head_hidden_dim=256,
@@ -164,9 +162,7 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
         try:
             sam.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {str(checkpoint)!r} does not fit --sam-type {sam_type}: {err}"
-            ) from err
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --sam-type {sam_type}: {err}") from err
     sam.eval()
     sam.requires_grad_(False)
     return sam
@@ -250,9 +246,7 @@ class SamRegionEncoder(nn.Module):
         """uint8 [3, h, w] images from ``transform.resize`` -> [B, 3, S, S] float32 on SAM's
         device: moved as uint8, normalized and padded there."""
         device = self.sam.device
-        return torch.stack(
-            [self.transform.normalize_and_pad(r.to(device, non_blocking=True)) for r in resized]
-        )
+        return torch.stack([self.transform.normalize_and_pad(r.to(device, non_blocking=True)) for r in resized])
 
     @torch.no_grad()
     def encode_boxes(
@@ -281,9 +275,7 @@ class SamRegionEncoder(nn.Module):
         """
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be [N, 4] xyxy pixels, got {tuple(boxes.shape)}")
-        tokens, masks, _ = self.encode_prompts(
-            image_embedding, image_size, boxes=boxes, chunk_size=chunk_size
-        )
+        tokens, masks, _ = self.encode_prompts(image_embedding, image_size, boxes=boxes, chunk_size=chunk_size)
         return tokens, masks
 
     @torch.no_grad()
@@ -318,10 +310,12 @@ class SamRegionEncoder(nn.Module):
             )
         sam, device = self.sam, self.sam.device
         owner = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
-        prompts = torch.cat([
-            self.transform.resizer.apply_boxes_torch(b.to(device, torch.float32).reshape(-1, 4), size)
-            for b, size in zip(boxes, image_sizes)
-        ])
+        prompts = torch.cat(
+            [
+                self.transform.resizer.apply_boxes_torch(b.to(device, torch.float32).reshape(-1, 4), size)
+                for b, size in zip(boxes, image_sizes)
+            ]
+        )
         tokens, low_res = [], []
         for start in range(0, len(owner), max(1, int(max_boxes_per_call))):
             index = owner[start : start + max_boxes_per_call].to(device)
@@ -476,19 +470,13 @@ def _check_prompts(
         raise ValueError(f"boxes must be [N, 4] xyxy pixels, got {tuple(boxes.shape)}")
     if point_coords is not None:
         if point_coords.ndim != 3 or point_coords.shape[2] != 2:
-            raise ValueError(
-                f"point_coords must be [N, K, 2] x, y pixels, got {tuple(point_coords.shape)}"
-            )
+            raise ValueError(f"point_coords must be [N, K, 2] x, y pixels, got {tuple(point_coords.shape)}")
         if point_labels is None or tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
             got = None if point_labels is None else tuple(point_labels.shape)
-            raise ValueError(
-                f"point_labels must be [N, K] = {tuple(point_coords.shape[:2])}, got {got}"
-            )
+            raise ValueError(f"point_labels must be [N, K] = {tuple(point_coords.shape[:2])}, got {got}")
     elif point_labels is not None:
         raise ValueError("point_labels given without point_coords")
     n = boxes.shape[0] if boxes is not None else point_coords.shape[0]
     if boxes is not None and point_coords is not None and point_coords.shape[0] != n:
-        raise ValueError(
-            f"{n} boxes but {point_coords.shape[0]} point prompts: give one of each per region"
-        )
+        raise ValueError(f"{n} boxes but {point_coords.shape[0]} point prompts: give one of each per region")
     return int(n)

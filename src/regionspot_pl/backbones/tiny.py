@@ -23,9 +23,7 @@ _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map (the byte-level BPE alphabet)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = list(printable)
     n = 0
@@ -97,8 +95,9 @@ def _give_sincos_positions(model: CLIPModel) -> None:
 
     With HF's init (std 0.02, far below the patch content) the tokens carry almost no location
     and a head cannot learn to route its cross-attention to a box (on the demo's scenes: 24%
-    held-out top-1 with HF's init, 43% with these, 8% chance); trained CLIPs do carry location. The scale is the RMS a unit-variance input gives through the patch
-    embedding, sqrt(sum(w^2) / width); the class token gets a zero position.
+    held-out top-1 with HF's init, 43% with these, 8% chance); trained CLIPs do carry location.
+    The scale is the RMS a unit-variance input gives
+    through the patch embedding, sqrt(sum(w^2) / width); the class token gets a zero position.
     """
     embeddings = model.vision_model.embeddings
     weight = embeddings.patch_embedding.weight  # [width, 3, patch, patch]

@@ -33,8 +33,11 @@ class Vocabulary:
         return {cid: i for i, cid in enumerate(self.category_ids)}
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "category_ids": list(self.category_ids),
-                "frequencies": list(self.frequencies)}
+        return {
+            "names": list(self.names),
+            "category_ids": list(self.category_ids),
+            "frequencies": list(self.frequencies),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Vocabulary:
@@ -78,16 +81,22 @@ class ReadStats:
 
     def dropped(self) -> dict[str, int]:
         """Drop counts by reason (zeros left out)."""
-        counts = {"crowd boxes": self.crowd_skipped, "degenerate boxes": self.degenerate_dropped,
-                  "non-finite boxes": self.non_finite_dropped, "boxes of unknown image ids": self.unknown_image_boxes,
-                  "images outside the image folder": self.images_outside}
+        counts = {
+            "crowd boxes": self.crowd_skipped,
+            "degenerate boxes": self.degenerate_dropped,
+            "non-finite boxes": self.non_finite_dropped,
+            "boxes of unknown image ids": self.unknown_image_boxes,
+            "images outside the image folder": self.images_outside,
+        }
         return {k: v for k, v in counts.items() if v}
 
     def describe(self) -> str:
         """'12 images, 40 boxes (38 labelled); dropped: 2 crowd boxes, ...' for messages and logs."""
         dropped = ", ".join(f"{v} {k}" for k, v in self.dropped().items()) or "nothing"
-        return (f"{self.images} images, {self.boxes} boxes kept ({self.labelled_boxes} with a class, "
-                f"{self.whole_image_prompts} whole-image prompts); dropped: {dropped}")
+        return (
+            f"{self.images} images, {self.boxes} boxes kept ({self.labelled_boxes} with a class, "
+            f"{self.whole_image_prompts} whole-image prompts); dropped: {dropped}"
+        )
 
 
 def read_json(path: str | Path, what: str) -> dict | list:
@@ -174,16 +183,25 @@ def read_categories(data: dict, path: str | Path) -> Vocabulary:
     """The vocabulary: categories in id order; ids unique ints, names non-empty strings."""
     cats = data.get("categories")
     if not isinstance(cats, list) or not cats:
-        raise AnnotationError(f"{path} has no categories (a vocabulary of 0 classes names nothing): "
-                              "add a 'categories' list of {\"id\": int, \"name\": str}")
+        raise AnnotationError(
+            f"{path} has no categories (a vocabulary of 0 classes names nothing): "
+            'add a \'categories\' list of {"id": int, "name": str}'
+        )
     seen: dict[int, int] = {}
     for i, c in enumerate(cats):
-        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str) or not c["name"].strip():
-            raise _record_error(path, f"category #{i}", c, "is not {\"id\": int, \"name\": non-empty str}",
-                                "fix the category record")
+        if (
+            not isinstance(c, dict)
+            or not _is_int(c.get("id"))
+            or not isinstance(c.get("name"), str)
+            or not c["name"].strip()
+        ):
+            raise _record_error(
+                path, f"category #{i}", c, 'is not {"id": int, "name": non-empty str}', "fix the category record"
+            )
         if c["id"] in seen:
-            raise _record_error(path, f"category #{i}", c, f"repeats the id of category #{seen[c['id']]}",
-                                "category ids must be unique")
+            raise _record_error(
+                path, f"category #{i}", c, f"repeats the id of category #{seen[c['id']]}", "category ids must be unique"
+            )
         seen[c["id"]] = i
     cats = sorted(cats, key=lambda c: c["id"])
     return Vocabulary(
@@ -197,8 +215,9 @@ def read_images(data: dict, path: str | Path) -> dict[int, dict]:
     """Image records by id: unique int ids, positive integer sizes, a file name."""
     images = data.get("images")
     if not isinstance(images, list) or not images:
-        raise AnnotationError(f"{path} lists no images: add an 'images' list of "
-                              "{\"id\", \"file_name\", \"width\", \"height\"}")
+        raise AnnotationError(
+            f'{path} lists no images: add an \'images\' list of {{"id", "file_name", "width", "height"}}'
+        )
     by_id: dict[int, dict] = {}
     where: dict[int, int] = {}
     for i, im in enumerate(images):
@@ -206,21 +225,35 @@ def read_images(data: dict, path: str | Path) -> dict[int, dict]:
             raise _record_error(path, f"image #{i}", im, "is not an object", "fix the image record")
         missing = [k for k in ("id", "width", "height") if k not in im]
         if missing:
-            raise _record_error(path, f"image #{i}", im, f"lacks {', '.join(map(repr, missing))}",
-                                "every image needs an int 'id', 'width', 'height' and a 'file_name'")
+            raise _record_error(
+                path,
+                f"image #{i}",
+                im,
+                f"lacks {', '.join(map(repr, missing))}",
+                "every image needs an int 'id', 'width', 'height' and a 'file_name'",
+            )
         sizes_ok = all(_is_number(im[k]) and im[k] >= 1 and float(im[k]).is_integer() for k in ("width", "height"))
         if not _is_int(im["id"]) or not sizes_ok:
-            raise _record_error(path, f"image #{i}", im, "needs an int 'id' and positive integer 'width'/'height'",
-                                "fix the image record")
+            raise _record_error(
+                path,
+                f"image #{i}",
+                im,
+                "needs an int 'id' and positive integer 'width'/'height'",
+                "fix the image record",
+            )
         try:
             image_file_name(im)
         except AnnotationError as err:
             raise _record_error(path, f"image #{i}", im, str(err), "give each image a relative 'file_name'") from None
         if im["id"] in by_id:
             first = by_id[im["id"]]
-            raise _record_error(path, f"image #{i}", im, f"repeats the id {im['id']} of image #{where[im['id']]} "
-                                f"({image_file_name(first)!r})", "image ids must be unique: one image's boxes "
-                                "would otherwise be stored under another image's file")
+            raise _record_error(
+                path,
+                f"image #{i}",
+                im,
+                f"repeats the id {im['id']} of image #{where[im['id']]} ({image_file_name(first)!r})",
+                "image ids must be unique: one image's boxes would otherwise be stored under another image's file",
+            )
         by_id[im["id"]], where[im["id"]] = im, i
     return by_id
 
@@ -232,9 +265,13 @@ def _check_annotation(ann: object, i: int, path: str | Path) -> dict:
         raise _record_error(path, f"annotation #{i}", ann, "is not an object", fix)
     missing = [k for k in ("image_id", "category_id", "bbox") if k not in ann]
     if missing:
-        raise _record_error(path, f"annotation #{i} (id {ann.get('id')})", ann, f"lacks {', '.join(map(repr, missing))}", fix)
+        raise _record_error(
+            path, f"annotation #{i} (id {ann.get('id')})", ann, f"lacks {', '.join(map(repr, missing))}", fix
+        )
     if not _is_int(ann["image_id"]) or not _is_int(ann["category_id"]):
-        raise _record_error(path, f"annotation #{i} (id {ann.get('id')})", ann, "has a non-integer image_id or category_id", fix)
+        raise _record_error(
+            path, f"annotation #{i} (id {ann.get('id')})", ann, "has a non-integer image_id or category_id", fix
+        )
     try:
         _numbers(ann["bbox"], 4, "bbox [x, y, w, h]")
     except ValueError as err:
@@ -283,7 +320,7 @@ def _read_glip_results(data: dict, path: str | Path) -> dict[int, list]:
                 per_image[image_id].append((box, -1, float(score)))
         except (KeyError, TypeError, ValueError) as err:
             raise AnnotationError(
-                f"{where} is not {{\"boxes\": [[x1, y1, x2, y2], ...], \"scores\": [...]}} "
+                f'{where} is not {{"boxes": [[x1, y1, x2, y2], ...], "scores": [...]}} '
                 f"keyed by image id: {type(err).__name__}: {err}"
             ) from err
     return per_image
@@ -303,12 +340,11 @@ def read_proposals(path: str | Path) -> dict[int, list]:
         return _read_glip_results(data, path)
     raise AnnotationError(
         f"{path}: expected a COCO results list [{{image_id, bbox, score}}, ...] or a GLIP file "
-        f"{{\"<image_id>\": {{\"boxes\": ..., \"scores\": ...}}}}, got {type(data).__name__}"
+        f'{{"<image_id>": {{"boxes": ..., "scores": ...}}}}, got {type(data).__name__}'
     )
 
 
-def _read_ground_truth(data: dict, annotations: str | Path, index: dict[int, int],
-                       stats: ReadStats) -> dict[int, list]:
+def _read_ground_truth(data: dict, annotations: str | Path, index: dict[int, int], stats: ReadStats) -> dict[int, list]:
     """GT annotations -> per image ``[(xyxy, class index, 1.0), ...]``; crowd boxes skipped.
     Every record is checked; annotation ids, where given, must be unique."""
     anns = data.get("annotations")
@@ -323,15 +359,22 @@ def _read_ground_truth(data: dict, annotations: str | Path, index: dict[int, int
         ann = _check_annotation(ann, i, annotations)
         if _is_int(ann.get("id")):
             if ann["id"] in ids:
-                raise _record_error(annotations, f"annotation #{i}", ann, f"repeats the id of annotation #{ids[ann['id']]}",
-                                    "annotation ids must be unique (the evaluators index boxes by id)")
+                raise _record_error(
+                    annotations,
+                    f"annotation #{i}",
+                    ann,
+                    f"repeats the id of annotation #{ids[ann['id']]}",
+                    "annotation ids must be unique (the evaluators index boxes by id)",
+                )
             ids[ann["id"]] = i
         if ann.get("iscrowd", 0):
             stats.crowd_skipped += 1
             continue
         cat = ann["category_id"]
         if cat not in index:
-            raise AnnotationError(f"{annotations}: annotation {ann.get('id')} has category_id {cat} not in 'categories'")
+            raise AnnotationError(
+                f"{annotations}: annotation {ann.get('id')} has category_id {cat} not in 'categories'"
+            )
         per_image[ann["image_id"]].append((xywh_to_xyxy([float(v) for v in ann["bbox"]]), index[cat], 1.0))
     return per_image
 
@@ -381,16 +424,18 @@ def load_coco(
     return records, vocab, stats
 
 
-def _image_record(image_id: int, im: dict, name: str, items: list, ground_truth: bool,
-                  min_box_size: float, stats: ReadStats) -> ImageRecord:
+def _image_record(
+    image_id: int, im: dict, name: str, items: list, ground_truth: bool, min_box_size: float, stats: ReadStats
+) -> ImageRecord:
     """One image's record: its boxes cleaned (clipped, degenerate and non-finite dropped)."""
     w, h = int(im["width"]), int(im["height"])
     if not items and ground_truth:
         items = [([0.0, 0.0, float(w), float(h)], -1, 1.0)]
         stats.whole_image_prompts += 1
     if not items:
-        return ImageRecord(image_id, name, w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
-                           np.zeros(0, np.float32))
+        return ImageRecord(
+            image_id, name, w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        )
     boxes, keep, clipped, non_finite = clean_boxes(np.asarray([b for b, _, _ in items]), w, h, min_box_size)
     scores = np.asarray([s for _, _, s in items], dtype=np.float32)
     bad_score = ~np.isfinite(scores) & keep
@@ -404,23 +449,31 @@ def _image_record(image_id: int, im: dict, name: str, items: list, ground_truth:
     return ImageRecord(image_id, name, w, h, boxes[keep], labels, scores[keep])
 
 
-def _check_usable(records: list[ImageRecord], stats: ReadStats, annotations: str | Path,
-                  proposals: str | Path | None) -> None:
+def _check_usable(
+    records: list[ImageRecord], stats: ReadStats, annotations: str | Path, proposals: str | Path | None
+) -> None:
     """No usable image, or no box to learn from or to name, is an error with the counts by reason."""
     if not records:
         examples = ", ".join(repr(n) for n in stats.outside_examples)
-        raise AnnotationError(f"{annotations}: no usable image ({stats.describe()}; e.g. {examples}): file names "
-                              "must be relative paths inside --images")
+        raise AnnotationError(
+            f"{annotations}: no usable image ({stats.describe()}; e.g. {examples}): file names "
+            "must be relative paths inside --images"
+        )
     if proposals is not None and stats.boxes == 0:
-        raise AnnotationError(f"{proposals}: no usable proposal box for the images of {annotations} "
-                              f"({stats.describe()}): check that its image ids are those of the annotation file")
+        raise AnnotationError(
+            f"{proposals}: no usable proposal box for the images of {annotations} "
+            f"({stats.describe()}): check that its image ids are those of the annotation file"
+        )
     if proposals is None and stats.labelled_boxes == 0:
-        raise AnnotationError(f"{annotations}: no usable ground-truth box ({stats.describe()}): nothing to "
-                              "learn from or to name; fix the annotations, or pass --boxes FILE for proposals")
+        raise AnnotationError(
+            f"{annotations}: no usable ground-truth box ({stats.describe()}): nothing to "
+            "learn from or to name; fix the annotations, or pass --boxes FILE for proposals"
+        )
 
 
-def check_ground_truth(path: str | Path, category_ids: tuple[int, ...], image_ids: set[int] | None,
-                       shards: str) -> None:
+def check_ground_truth(
+    path: str | Path, category_ids: tuple[int, ...], image_ids: set[int] | None, shards: str
+) -> None:
     """A GT file must describe a shard folder: the same categories, and every image the shards hold.
 
     Args:
@@ -431,19 +484,23 @@ def check_ground_truth(path: str | Path, category_ids: tuple[int, ...], image_id
     """
     data = read_json(path, "ground-truth file")
     if not isinstance(data, dict) or not {"images", "categories", "annotations"} <= data.keys():
-        raise AnnotationError(f"{path} is not a COCO/LVIS ground-truth file (keys 'images', 'categories', "
-                              f"'annotations'): pass the annotation file {shards} was extracted from")
+        raise AnnotationError(
+            f"{path} is not a COCO/LVIS ground-truth file (keys 'images', 'categories', "
+            f"'annotations'): pass the annotation file {shards} was extracted from"
+        )
     vocab = read_categories(data, path)
     if sorted(vocab.category_ids) != sorted(category_ids):
         raise AnnotationError(
             f"{path} has {len(vocab)} categories but the shards {shards} were extracted with a vocabulary of "
-            f"{len(category_ids)} (other category ids): pass the annotation file they came from")
+            f"{len(category_ids)} (other category ids): pass the annotation file they came from"
+        )
     images = read_images(data, path)
     missing = sorted(image_ids - images.keys()) if image_ids is not None else []
     if missing:
         raise AnnotationError(
             f"{len(missing)} of the {len(image_ids)} images of the shards {shards} are not in {path} (image ids "
             f"{missing[:5]}{', ...' if len(missing) > 5 else ''}): it is the ground truth of another split; pass "
-            "the annotation file the shards were extracted from")
+            "the annotation file the shards were extracted from"
+        )
     for i, ann in enumerate(data["annotations"]):
         _check_annotation(ann, i, path)

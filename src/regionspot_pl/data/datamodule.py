@@ -42,9 +42,11 @@ class DataConfigError(ValueError):
     """A data setting is out of range (batch size, workers, weights, caps)."""
 
 
-def check_data_numbers(batch_size: int, workers: int, max_boxes: int | None, shuffle_buffer: int,
-                       read_timeout: float) -> None:
+def check_data_numbers(
+    batch_size: int, workers: int, max_boxes: int | None, shuffle_buffer: int, read_timeout: float
+) -> None:
     """The loader's numbers, before anything starts: a batch size of 0 would wait forever for a full batch."""
+
     def need(ok: bool, name: str, value: object, rule: str) -> None:
         if not ok:
             raise DataConfigError(f"{name} {value!r} is invalid: it must be {rule}")
@@ -54,11 +56,19 @@ def check_data_numbers(batch_size: int, workers: int, max_boxes: int | None, shu
 
     need(whole(batch_size) and batch_size >= 1, "batch size (--batch-size)", batch_size, "an integer >= 1")
     need(whole(workers) and workers >= 0, "loader workers (--workers)", workers, "an integer >= 0")
-    need(max_boxes is None or (whole(max_boxes) and max_boxes >= 1), "max_boxes_per_image", max_boxes,
-         "an integer >= 1, or unset for no cap")
+    need(
+        max_boxes is None or (whole(max_boxes) and max_boxes >= 1),
+        "max_boxes_per_image",
+        max_boxes,
+        "an integer >= 1, or unset for no cap",
+    )
     need(whole(shuffle_buffer) and shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer, "an integer >= 0")
-    need(isinstance(read_timeout, (int, float)) and 0 < read_timeout < math.inf, "read_timeout", read_timeout,
-         "a number of seconds > 0")
+    need(
+        isinstance(read_timeout, (int, float)) and 0 < read_timeout < math.inf,
+        "read_timeout",
+        read_timeout,
+        "a number of seconds > 0",
+    )
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -68,8 +78,9 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def shards_for_epoch(shards: list[str], epoch: int, seed: int, rank: int, world: int,
-                     worker: int, num_workers: int, shuffle: bool) -> list[str]:
+def shards_for_epoch(
+    shards: list[str], epoch: int, seed: int, rank: int, world: int, worker: int, num_workers: int, shuffle: bool
+) -> list[str]:
     """The shards one worker of one rank reads in one epoch (disjoint, covering all)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards)) if shuffle else range(len(shards))
     ranked = [shards[i] for i in order][rank::world]
@@ -78,11 +89,16 @@ def shards_for_epoch(shards: list[str], epoch: int, seed: int, rank: int, world:
 
 def check_mix_weights(weights: list[float], count: int) -> None:
     """One finite, non-negative weight per training dataset, not all zero."""
-    ok = (len(weights) == count and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
-          and sum(weights) > 0)
+    ok = (
+        len(weights) == count
+        and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+        and sum(weights) > 0
+    )
     if not ok:
-        raise DataConfigError(f"mixing weights {list(weights)} are invalid: give {count} finite, non-negative "
-                              "numbers (--mix-weights, one per --train-shards folder), not all zero")
+        raise DataConfigError(
+            f"mixing weights {list(weights)} are invalid: give {count} finite, non-negative "
+            "numbers (--mix-weights, one per --train-shards folder), not all zero"
+        )
 
 
 class ShardStream(IterableDataset):
@@ -92,9 +108,17 @@ class ShardStream(IterableDataset):
     forever), and so is a label outside the vocabulary of ``num_classes`` classes (when given).
     """
 
-    def __init__(self, shards: list[str], dataset_index: int, seed: int = 0, shuffle: bool = True,
-                 repeat: bool = True, shuffle_buffer: int = 256, start_epoch: int = 0,
-                 num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        dataset_index: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        repeat: bool = True,
+        shuffle_buffer: int = 256,
+        start_epoch: int = 0,
+        num_classes: int | None = None,
+    ) -> None:
         self.shards = shards
         self.dataset_index = dataset_index
         self.seed = seed
@@ -127,8 +151,10 @@ class ShardStream(IterableDataset):
                 yield sample
             if count == 0:
                 shown = ", ".join(urls[:3]) + (", ..." if len(urls) > 3 else "")
-                raise ShardFormatError(f"the shards {shown} hold no sample (every image skipped at extraction?): "
-                                       "re-extract them, or leave them out of the folder")
+                raise ShardFormatError(
+                    f"the shards {shown} hold no sample (every image skipped at extraction?): "
+                    "re-extract them, or leave them out of the folder"
+                )
             if not self.repeat:
                 return
             epoch += 1
@@ -137,9 +163,11 @@ class ShardStream(IterableDataset):
         labels = sample["labels"]
         if self.num_classes is not None and len(labels) and int(labels.max()) >= self.num_classes:
             raise ShardFormatError(
-                f"sample {sample['__key__']} of {sample.get('__url__', 'a shard')} has class index {int(labels.max())}, "
+                f"sample {sample['__key__']} of {sample.get('__url__', 'a shard')} "
+                f"has class index {int(labels.max())}, "
                 f"but the manifest's vocabulary has {self.num_classes} classes: the manifest does not belong to "
-                "these shards; restore the one written by the extraction, or re-extract")
+                "these shards; restore the one written by the extraction, or re-extract"
+            )
 
 
 @dataclass
@@ -166,8 +194,9 @@ class RegionBatch:
         return ~self.valid
 
 
-def collate_regions(samples: list[dict], max_boxes: int | None = None,
-                    rng: np.random.Generator | None = None) -> RegionBatch:
+def collate_regions(
+    samples: list[dict], max_boxes: int | None = None, rng: np.random.Generator | None = None
+) -> RegionBatch:
     """Pad per-image boxes to the batch maximum; keep a random subset when over ``max_boxes``."""
     if len({s["dataset_index"] for s in samples}) != 1:
         raise ValueError("a batch must come from one dataset (its vocabulary scores it)")
@@ -180,10 +209,16 @@ def collate_regions(samples: list[dict], max_boxes: int | None = None,
             picked.append(None)
     counts = [len(s["labels"]) if keep is None else len(keep) for s, keep in zip(samples, picked)]
     b, n = len(samples), max(1, *counts)
-    t = batch_tensors({"sam": ((b, n, samples[0]["sam"].shape[1]), torch.float32),
-                       "clip": ((b, *samples[0]["clip"].shape), torch.float16),
-                       "boxes": ((b, n, 4), torch.float32), "labels": ((b, n), torch.int64),
-                       "scores": ((b, n), torch.float32), "valid": ((b, n), torch.bool)})
+    t = batch_tensors(
+        {
+            "sam": ((b, n, samples[0]["sam"].shape[1]), torch.float32),
+            "clip": ((b, *samples[0]["clip"].shape), torch.float16),
+            "boxes": ((b, n, 4), torch.float32),
+            "labels": ((b, n), torch.int64),
+            "scores": ((b, n), torch.float32),
+            "valid": ((b, n), torch.bool),
+        }
+    )
     # filled through NumPy views (cheaper per call than torch indexing)
     sam, clip, boxes, labels, scores, valid = (t[k].numpy() for k in RegionBatch.TENSORS)
     sam.fill(0)
@@ -198,8 +233,10 @@ def collate_regions(samples: list[dict], max_boxes: int | None = None,
         scores[i, :k] = s["scores"][rows]
     np.less(np.arange(n)[None, :], np.array(counts)[:, None], out=valid)
     np.stack([s["clip"] for s in samples], out=clip)
-    meta = [{**s["meta"], "kept": None if keep is None else keep.tolist(), "key": s["__key__"]}
-            for s, keep in zip(samples, picked)]
+    meta = [
+        {**s["meta"], "kept": None if keep is None else keep.tolist(), "key": s["__key__"]}
+        for s, keep in zip(samples, picked)
+    ]
     return RegionBatch(*(t[k] for k in RegionBatch.TENSORS), samples[0]["dataset_index"], meta)
 
 
@@ -215,7 +252,9 @@ def batch_tensors(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict
         offsets[k] = total
         total += -(-size // 64) * 64
     buffer = torch.empty(total, dtype=torch.uint8)
-    return {k: buffer[offsets[k] : offsets[k] + sizes[k]].view(dtype).view(shape) for k, (shape, dtype) in specs.items()}
+    return {
+        k: buffer[offsets[k] : offsets[k] + sizes[k]].view(dtype).view(shape) for k, (shape, dtype) in specs.items()
+    }
 
 
 class MixedBatches(IterableDataset):
@@ -224,8 +263,9 @@ class MixedBatches(IterableDataset):
     Batches are mixed, not samples, so every batch is scored against one vocabulary.
     """
 
-    def __init__(self, streams: list[ShardStream], weights: list[float], batch_size: int,
-                 max_boxes: int | None, seed: int) -> None:
+    def __init__(
+        self, streams: list[ShardStream], weights: list[float], batch_size: int, max_boxes: int | None, seed: int
+    ) -> None:
         check_mix_weights(weights, len(streams))
         check_data_numbers(batch_size, 0, max_boxes, 0, READ_TIMEOUT_S)
         total = float(sum(weights))
@@ -316,7 +356,9 @@ class CacheInfo:
                 try:
                     ids.add(int(key))
                 except ValueError:
-                    raise ShardFormatError(f"{shard} holds a sample keyed {key!r}, not an image id; re-extract it") from None
+                    raise ShardFormatError(
+                        f"{shard} holds a sample keyed {key!r}, not an image id; re-extract it"
+                    ) from None
         return ids
 
 
@@ -332,11 +374,15 @@ def _check_local_shards(folder: str, shards: list[str], num_classes: int) -> tup
         if side is None:
             continue
         if side.get("num_classes", num_classes) != num_classes:
-            raise ShardFormatError(f"{folder}/manifest.json has a vocabulary of {num_classes} classes but {shard} "
-                                   f"was extracted with one of {side['num_classes']}: {fix}")
+            raise ShardFormatError(
+                f"{folder}/manifest.json has a vocabulary of {num_classes} classes but {shard} "
+                f"was extracted with one of {side['num_classes']}: {fix}"
+            )
         if side.get("max_label", -1) >= num_classes:
-            raise ShardFormatError(f"{shard} holds class index {side['max_label']}, beyond the {num_classes} classes "
-                                   f"of {folder}/manifest.json: {fix}")
+            raise ShardFormatError(
+                f"{shard} holds class index {side['max_label']}, beyond the {num_classes} classes "
+                f"of {folder}/manifest.json: {fix}"
+            )
     if any(side is None for side in sides.values()):
         return shards, None
     counts = shard_counts(folder, shards)
@@ -346,7 +392,8 @@ def _check_local_shards(folder: str, shards: list[str], num_classes: int) -> tup
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts["skipped_by_reason"].items())) or "none recorded"
         raise ShardFormatError(
             f"the {counts['shards']} shards in {folder} hold no sample: {counts['skipped']} images were skipped at "
-            f"extraction ({reasons}). Fix the images and re-extract into an empty folder")
+            f"extraction ({reasons}). Fix the images and re-extract into an empty folder"
+        )
     return [s for s in shards if sides[s]["samples"] > 0], counts
 
 
@@ -357,10 +404,18 @@ def _no_collate(batch):
 class RegionDataModule(L.LightningDataModule):
     """Feature-cache batches for ``fit``: mixed training datasets, one validation set."""
 
-    def __init__(self, train_shards: list[str], val_shards: str | None = None, batch_size: int = 2,
-                 workers: int = 2, max_boxes_per_image: int | None = None,
-                 mix_weights: list[float] | None = None, shuffle_buffer: int = 256, seed: int = 0,
-                 read_timeout: float = READ_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        train_shards: list[str],
+        val_shards: str | None = None,
+        batch_size: int = 2,
+        workers: int = 2,
+        max_boxes_per_image: int | None = None,
+        mix_weights: list[float] | None = None,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        read_timeout: float = READ_TIMEOUT_S,
+    ) -> None:
         super().__init__()
         check_data_numbers(batch_size, workers, max_boxes_per_image, shuffle_buffer, read_timeout)
         if not train_shards:
@@ -383,15 +438,19 @@ class RegionDataModule(L.LightningDataModule):
                 raise ShardFormatError(
                     f"{info.folder} holds no box with a class ({info.counts['samples']} images, "
                     f"{info.counts['boxes']} boxes, all unlabelled: proposals, or images without annotations): "
-                    "nothing to train on; train on shards extracted from ground-truth annotations")
+                    "nothing to train on; train on shards extracted from ground-truth annotations"
+                )
 
     def _check_same_backbones(self) -> None:
         infos = self.train + ([self.val] if self.val else [])
-        dims = {(i.manifest["backbones"]["clip"]["vision_dim"], i.manifest["backbones"]["clip"]["text_dim"]) for i in infos}
+        dims = {
+            (i.manifest["backbones"]["clip"]["vision_dim"], i.manifest["backbones"]["clip"]["text_dim"]) for i in infos
+        }
         if len(dims) != 1:
             models = ", ".join(f"{i.folder}: {i.manifest['backbones']['clip']['model']}" for i in infos)
             raise ShardFormatError(
-                f"shard folders were extracted with different CLIP models ({models}); re-extract them with one CLIP model"
+                f"shard folders were extracted with different CLIP models ({models}); "
+                "re-extract them with one CLIP model"
             )
 
     def check_world(self, world: int) -> None:
@@ -411,22 +470,42 @@ class RegionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         _, world = rank_and_world()
         self.check_world(world)
-        streams = [ShardStream(info.shards, i, self.seed, shuffle=True, repeat=True,
-                               shuffle_buffer=self.shuffle_buffer, start_epoch=self.start_epoch,
-                               num_classes=len(info.vocabulary))
-                   for i, info in enumerate(self.train)]
+        streams = [
+            ShardStream(
+                info.shards,
+                i,
+                self.seed,
+                shuffle=True,
+                repeat=True,
+                shuffle_buffer=self.shuffle_buffer,
+                start_epoch=self.start_epoch,
+                num_classes=len(info.vocabulary),
+            )
+            for i, info in enumerate(self.train)
+        ]
         mixed = MixedBatches(streams, self.mix_weights, self.batch_size, self.max_boxes, self.seed + self.start_epoch)
         # timeout: a worker stuck on a read (a stalled network mount or pipe) fails the run instead of hanging it
-        return DataLoader(mixed, batch_size=None, num_workers=self.workers, collate_fn=_no_collate,
-                          persistent_workers=self.workers > 0, timeout=self.read_timeout if self.workers else 0)
+        return DataLoader(
+            mixed,
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_no_collate,
+            persistent_workers=self.workers > 0,
+            timeout=self.read_timeout if self.workers else 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val is None:
             return []
         stream = ShardStream(self.val.shards, 0, shuffle=False, repeat=False, num_classes=len(self.val.vocabulary))
         workers = min(self.workers, math.ceil(len(self.val.shards) / rank_and_world()[1]))
-        return DataLoader(ValidationBatches(stream, self.batch_size), batch_size=None,
-                          num_workers=workers, collate_fn=_no_collate, timeout=self.read_timeout if workers else 0)
+        return DataLoader(
+            ValidationBatches(stream, self.batch_size),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_no_collate,
+            timeout=self.read_timeout if workers else 0,
+        )
 
     def transfer_batch_to_device(self, batch: RegionBatch, device: torch.device, dataloader_idx: int) -> RegionBatch:
         return batch.to(device)

@@ -126,7 +126,9 @@ def npy_view(data: bytes) -> np.ndarray:
     """
     if data[:6] != _NPY_MAGIC or data[6:7] not in (b"\x01", b"\x02", b"\x03"):
         raise ValueError("no .npy magic/version")
-    header_end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    header_end = (
+        10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    )
     header = data[:header_end]
     parsed = _npy_headers.get(header)
     if parsed is None:
@@ -151,7 +153,9 @@ def validate_sample(s: dict) -> dict:
     for name, (dtype, ndim) in ARRAY_MEMBERS.items():
         a = s[name[:-4]]
         if a.dtype != dtype or a.ndim != ndim:
-            raise ShardFormatError(f"sample {key}: {name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} with {ndim} dims")
+            raise ShardFormatError(
+                f"sample {key}: {name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} with {ndim} dims"
+            )
     n = len(s["sam"])
     if s["sam"].shape[1] != 256 or s["boxes"].shape != (n, 4) or len(s["labels"]) != n or len(s["scores"]) != n:
         raise ShardFormatError(
@@ -199,8 +203,12 @@ class AtomicShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        counts = {"samples": self.samples, "boxes": self.boxes, "labelled_boxes": self.labelled_boxes,
-                  "max_label": self.max_label}
+        counts = {
+            "samples": self.samples,
+            "boxes": self.boxes,
+            "labelled_boxes": self.labelled_boxes,
+            "max_label": self.max_label,
+        }
         write_json_atomic(self.path.with_suffix(".json"), {**counts, **sidecar})
         os.replace(self.tmp, self.path)
         return self.path
@@ -274,7 +282,9 @@ def list_shards(folder: str | Path) -> list[Path]:
         raise ShardFormatError(f"shard folder not found: {folder}")
     shards = sorted(folder.glob("*.tar"))
     if not shards:
-        raise ShardFormatError(f"no .tar shards in {folder}: run `python -m regionspot_pl.extract --out {folder}` first")
+        raise ShardFormatError(
+            f"no .tar shards in {folder}: run `python -m regionspot_pl.extract --out {folder}` first"
+        )
     return shards
 
 
@@ -286,7 +296,9 @@ def read_sidecar(shard: str | Path) -> dict | None:
     try:
         side = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardFormatError(f"{path} (the sidecar of {shard}) is not valid JSON ({err}); re-extract the shard") from err
+        raise ShardFormatError(
+            f"{path} (the sidecar of {shard}) is not valid JSON ({err}); re-extract the shard"
+        ) from err
     if not isinstance(side, dict) or not isinstance(side.get("samples"), int):
         raise ShardFormatError(f"{path} (the sidecar of {shard}) has no sample count; re-extract the shard")
     return side
@@ -327,7 +339,9 @@ def shard_keys(path: str | Path) -> set[str]:
             try:
                 size = _octal(header[124:136])
             except ValueError:
-                raise ShardFormatError(f"{_at(str(path), f.tell() - TAR_BLOCK)}: not a tar header; re-extract the shard") from None
+                raise ShardFormatError(
+                    f"{_at(str(path), f.tell() - TAR_BLOCK)}: not a tar header; re-extract the shard"
+                ) from None
             name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
             if header[156:157] in (b"0", b"\0"):
                 keys.add(name.rsplit("/", 1)[-1].split(".", 1)[0])
@@ -396,8 +410,10 @@ class FolderLock:
 
     def _busy(self, owner: dict) -> str:
         who = f"process {owner.get('pid', '?')} on host {owner.get('host', '?')}"
-        return (f"{self.what} is being written by {who} (lock file {self.path}): wait for it to finish, or stop it; "
-                "two runs writing one folder would overwrite each other's files")
+        return (
+            f"{self.what} is being written by {who} (lock file {self.path}): wait for it to finish, or stop it; "
+            "two runs writing one folder would overwrite each other's files"
+        )
 
     def release(self) -> None:
         if self._fd is None:
@@ -448,8 +464,10 @@ def tar_members(stream, url: str) -> Iterator[dict]:
     while True:
         header = stream.read(TAR_BLOCK)
         if not header:  # a copy cut at a member boundary: the samples after it would be lost silently
-            raise ShardFormatError(f"{_at(url, offset)}: the shard ends without tar's end-of-archive blocks; it is "
-                                   "truncated, re-extract or re-copy it")
+            raise ShardFormatError(
+                f"{_at(url, offset)}: the shard ends without tar's end-of-archive blocks; it is "
+                "truncated, re-extract or re-copy it"
+            )
         if header.count(0) == TAR_BLOCK:  # end of archive
             return
         if len(header) < TAR_BLOCK:
@@ -457,15 +475,21 @@ def tar_members(stream, url: str) -> Iterator[dict]:
         try:
             checksum, size = _octal(header[148:156]), _octal(header[124:136])
         except ValueError:
-            raise ShardFormatError(f"{_at(url, offset)}: not a tar header; the file is corrupt or not a shard") from None
+            raise ShardFormatError(
+                f"{_at(url, offset)}: not a tar header; the file is corrupt or not a shard"
+            ) from None
         if checksum != 256 + sum(header[:148]) + sum(header[156:]):  # checksum field counted as spaces
-            raise ShardFormatError(f"{_at(url, offset)}: tar header checksum mismatch; the shard is corrupt, re-extract it")
+            raise ShardFormatError(
+                f"{_at(url, offset)}: tar header checksum mismatch; the shard is corrupt, re-extract it"
+            )
         kind = header[156:157]
         name = header[:100].split(b"\0", 1)[0]
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
         data = stream.read(size)
         if len(data) < size:
-            raise ShardFormatError(f"{_at(url, offset)}: member {name.decode(errors='replace')} is truncated; re-extract the shard")
+            raise ShardFormatError(
+                f"{_at(url, offset)}: member {name.decode(errors='replace')} is truncated; re-extract the shard"
+            )
         stream.read(-size % TAR_BLOCK)
         offset += TAR_BLOCK + size + (-size % TAR_BLOCK)
         if kind in (b"0", b"\0"):

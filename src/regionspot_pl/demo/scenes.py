@@ -161,9 +161,7 @@ _SHAPE_POLYS: dict[str, list[tuple[np.ndarray, int]]] = {
 }
 
 
-def _shape_polys(
-    shape: str, radius: float, aspect: float, angle: float
-) -> list[tuple[np.ndarray, int]]:
+def _shape_polys(shape: str, radius: float, aspect: float, angle: float) -> list[tuple[np.ndarray, int]]:
     """The shape's polygons scaled, stretched and rotated about the origin (pixel units)."""
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
@@ -270,10 +268,7 @@ def _render_image(
             mask = np.asarray(mimg, bool)
             area = int(mask.sum())
             covered = np.bincount(labels[mask], minlength=len(placed) + 1)[1:]
-            ok = all(
-                vis - cov >= _MIN_VISIBLE * p.full_area
-                for vis, cov, p in zip(visible, covered, placed)
-            )
+            ok = all(vis - cov >= _MIN_VISIBLE * p.full_area for vis, cov, p in zip(visible, covered, placed))
             if ok and area > 0:
                 break
             radius = max(min_radius, radius * 0.93)  # smaller ones fit between the others
@@ -446,9 +441,7 @@ def _write_split(
     return images, anns
 
 
-def _category_records(
-    cats: dict[int, Category], train_anns: list[dict], num_train: int
-) -> list[dict[str, Any]]:
+def _category_records(cats: dict[int, Category], train_anns: list[dict], num_train: int) -> list[dict[str, Any]]:
     """Category records with image/instance counts and frequency counted on the train split."""
     image_sets: dict[int, set[int]] = {c: set() for c in cats}
     instances = dict.fromkeys(cats, 0)
@@ -533,9 +526,7 @@ def generate_demo_dataset(
     train_plans = _plan_train(plan_rng, num_train, ids)
     val_plans = _plan_val(plan_rng, num_val, ids)
     train_images, train_anns = _write_split("train", train_plans, out, image_size, seed, cats, 0)
-    val_images, val_anns = _write_split(
-        "val", val_plans, out, image_size, seed, cats, VAL_ID_OFFSET
-    )
+    val_images, val_anns = _write_split("val", val_plans, out, image_size, seed, cats, VAL_ID_OFFSET)
     categories = _category_records(cats, train_anns, num_train)
     info = {
         "description": "regionspot_pl synthetic demo scenes (coloured, textured shapes)",
@@ -625,9 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="redraw even if already generated")
     p.add_argument("--preview", action="store_true", help="also write OUT_DIR/preview.png")
     a = p.parse_args(argv)
-    paths = generate_demo_dataset(
-        a.out_dir, a.num_train, a.num_val, a.image_size, a.seed, force=a.force
-    )
+    paths = generate_demo_dataset(a.out_dir, a.num_train, a.num_val, a.image_size, a.seed, force=a.force)
     if a.preview:
         paths["preview"] = render_preview(a.out_dir)
     json.dump({k: str(v) for k, v in paths.items()}, sys.stdout, indent=1)

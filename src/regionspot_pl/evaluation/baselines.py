@@ -84,9 +84,7 @@ def box_crops(
 
 
 @torch.no_grad()
-def crop_logits(
-    encoder: ClipEncoder, crops: Tensor, text_embeddings: Tensor, batch_size: int = 256
-) -> Tensor:
+def crop_logits(encoder: ClipEncoder, crops: Tensor, text_embeddings: Tensor, batch_size: int = 256) -> Tensor:
     """[N, 3, S, S] crops x [C, D] text embeddings -> [N, C] logits = 100 * cosine (on CPU).
 
     CLIP's image tower runs ``batch_size`` crops at a time on the encoder's device.

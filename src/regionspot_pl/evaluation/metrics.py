@@ -173,9 +173,15 @@ def evaluate_results(
                 run = _run_lvis if kind == "lvis" else _run_coco
                 metrics, precision, cat_ids = run(gt_dict, dets, iou_type, max_dets, verbose)
     return Evaluation(
-        iou_type=iou_type, kind=kind, backend=backend, max_dets=max_dets, metrics=metrics,
-        category_ids=np.asarray(cat_ids, dtype=np.int64), per_class_ap=per_class_ap(precision),
-        num_images=len(gt_dict["images"]), num_detections=num_detections,
+        iou_type=iou_type,
+        kind=kind,
+        backend=backend,
+        max_dets=max_dets,
+        metrics=metrics,
+        category_ids=np.asarray(cat_ids, dtype=np.int64),
+        per_class_ap=per_class_ap(precision),
+        num_images=len(gt_dict["images"]),
+        num_detections=num_detections,
     )
 
 
@@ -300,8 +306,12 @@ def _share_a_placeholder_mask(dets: list[dict[str, Any]]) -> None:
 
 
 def _run_hotcoco(
-    gt: dict[str, Any], dets: list[Mapping[str, Any]], columns: np.ndarray | None, iou_type: str,
-    kind: str, max_dets: int,
+    gt: dict[str, Any],
+    dets: list[Mapping[str, Any]],
+    columns: np.ndarray | None,
+    iou_type: str,
+    kind: str,
+    max_dets: int,
 ) -> _Run:
     import hotcoco
 
@@ -406,9 +416,7 @@ def _capped(image_ids: np.ndarray, scores: np.ndarray, max_dets: int) -> np.ndar
     return keep
 
 
-def _run_lvis(
-    gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str, max_dets: int, verbose: bool
-) -> _Run:
+def _run_lvis(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str, max_dets: int, verbose: bool) -> _Run:
     # Imported here: importing ``lvis`` calls logging.basicConfig() on the root logger, a side
     # effect that users of the rest of the package (or COCO-only data) should not pay for.
     from lvis import LVIS, LVISEval, LVISResults
@@ -442,9 +450,7 @@ def _run_lvis(
     return metrics, evaluator.eval["precision"], list(evaluator.params.cat_ids)
 
 
-def _run_coco(
-    gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str, max_dets: int, verbose: bool
-) -> _Run:
+def _run_coco(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str, max_dets: int, verbose: bool) -> _Run:
     del verbose  # COCOeval prints its summary anyway; _quiet decides whether it is seen
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -555,9 +561,7 @@ def _read_json(path: str | Path, what: str, error: type[EvaluationInputError]) -
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     data = _read_json(gt, "ground truth", GroundTruthError) if isinstance(gt, str | Path) else gt
     if not isinstance(data, Mapping):
-        raise GroundTruthError(
-            f"ground truth must be a COCO/LVIS annotation dict, got {type(data).__name__}"
-        )
+        raise GroundTruthError(f"ground truth must be a COCO/LVIS annotation dict, got {type(data).__name__}")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise GroundTruthError(
@@ -624,9 +628,7 @@ def _load_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list[Map
     return data
 
 
-def _validate_results(
-    results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou_type: str
-) -> None:
+def _validate_results(results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou_type: str) -> None:
     """Check every detection; report each kind of problem once, with counts and examples."""
     required = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
     img_ids = {img["id"] for img in gt["images"]}
@@ -664,13 +666,10 @@ def _validate_results(
     if iou_type == "segm" and 0 < with_box < n:
         # Both libraries look at the first result only to decide how to read all of them.
         raise ResultsError(
-            f"{with_box} of {n} mask results carry a 'bbox' and the others do not; give it to "
-            "all of them or to none"
+            f"{with_box} of {n} mask results carry a 'bbox' and the others do not; give it to all of them or to none"
         )
     if not_dicts:
-        raise ResultsError(
-            f"{len(not_dicts)} of {n} results are not dicts (indices {_head(not_dicts)})"
-        )
+        raise ResultsError(f"{len(not_dicts)} of {n} results are not dicts (indices {_head(not_dicts)})")
     if missing:
         parts = [f"{len(idx)} lack '{key}' (indices {_head(idx)})" for key, idx in missing.items()]
         hint = (
@@ -678,9 +677,7 @@ def _validate_results(
             if "segmentation" in missing
             else ""
         )
-        raise ResultsError(
-            f"results must carry {list(required)}; of {n} results " + ", ".join(parts) + hint
-        )
+        raise ResultsError(f"results must carry {list(required)}; of {n} results " + ", ".join(parts) + hint)
     if unknown_imgs:
         raise ResultsError(
             f"{sum(unknown_imgs.values())} of {n} results refer to {len(unknown_imgs)} image ids "
@@ -696,8 +693,7 @@ def _validate_results(
         )
     if bad_scores:
         raise ResultsError(
-            f"{len(bad_scores)} of {n} results have a 'score' that is not a finite number "
-            f"(indices {_head(bad_scores)})"
+            f"{len(bad_scores)} of {n} results have a 'score' that is not a finite number (indices {_head(bad_scores)})"
         )
     if bad_boxes:
         first = results[bad_boxes[0]]["bbox"]
@@ -715,9 +711,7 @@ def _validate_results(
         )
 
 
-def _result_columns(
-    results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou_type: str
-) -> np.ndarray | None:
+def _result_columns(results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou_type: str) -> np.ndarray | None:
     """The fast check: every detection at once, in NumPy; the detections as columns when all is well.
 
     Returns:
@@ -740,8 +734,10 @@ def _result_columns(
         if iou_type == "segm":
             if not has_box and any("bbox" in d for d in results):
                 return None
-            if not all(isinstance(d["segmentation"], dict) and "size" in d["segmentation"]
-                       and "counts" in d["segmentation"] for d in results):
+            if not all(
+                isinstance(d["segmentation"], dict) and "size" in d["segmentation"] and "counts" in d["segmentation"]
+                for d in results
+            ):
                 return None
     except (KeyError, TypeError, ValueError, IndexError):
         return None
@@ -755,7 +751,8 @@ def _result_columns(
     if boxes.dtype.kind not in "fiu" or boxes.shape != (n, 4):
         return None
     good = (
-        np.isin(image_ids, gt_images).all() and np.isin(cat_ids, gt_cats).all()
+        np.isin(image_ids, gt_images).all()
+        and np.isin(cat_ids, gt_cats).all()
         and np.isfinite(scores).all()
         and (not has_box or (np.isfinite(boxes).all() and (boxes[:, 2:] > 0).all()))
     )

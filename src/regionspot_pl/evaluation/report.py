@@ -54,17 +54,20 @@ def class_rows(gt: Mapping[str, Any], evaluations: Mapping[str, Evaluation]) -> 
     """
     instances = Counter(a["category_id"] for a in gt["annotations"])
     images = Counter(cat for _, cat in {(a["image_id"], a["category_id"]) for a in gt["annotations"]})
-    per_type = {
-        t: dict(zip(e.category_ids.tolist(), e.per_class_ap.tolist())) for t, e in evaluations.items()
-    }
+    per_type = {t: dict(zip(e.category_ids.tolist(), e.per_class_ap.tolist())) for t, e in evaluations.items()}
     rows = []
     for cat in sorted(gt["categories"], key=lambda c: c["id"]):
         cid = cat["id"]
-        rows.append(ClassRow(
-            category_id=cid, name=str(cat.get("name", cid)), frequency=cat.get("frequency", ""),
-            instances=instances.get(cid, 0), images=images.get(cid, 0),
-            ap={t: per_type[t].get(cid, math.nan) for t in evaluations},
-        ))
+        rows.append(
+            ClassRow(
+                category_id=cid,
+                name=str(cat.get("name", cid)),
+                frequency=cat.get("frequency", ""),
+                instances=instances.get(cid, 0),
+                images=images.get(cid, 0),
+                ap={t: per_type[t].get(cid, math.nan) for t in evaluations},
+            )
+        )
     return rows
 
 
@@ -116,8 +119,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _markdown(
-    rows: list[ClassRow], evaluations: Mapping[str, Evaluation], gt: Mapping[str, Any],
-    sources: Mapping[str, str], seconds: float | None,
+    rows: list[ClassRow],
+    evaluations: Mapping[str, Evaluation],
+    gt: Mapping[str, Any],
+    sources: Mapping[str, str],
+    seconds: float | None,
 ) -> str:
     first = next(iter(evaluations.values()))
     types = list(evaluations)
@@ -125,8 +131,9 @@ def _markdown(
     lines += _provenance(rows, evaluations, gt, sources, seconds)
     lines += ["", "## Metrics (AP, %)", ""]
     keys = [k for k in LVIS_METRICS if any(k in e.metrics for e in evaluations.values())]
-    lines += _table(["", *keys], [[t, *(_pct(e.metrics.get(k, math.nan)) for k in keys)]
-                                  for t, e in evaluations.items()])
+    lines += _table(
+        ["", *keys], [[t, *(_pct(e.metrics.get(k, math.nan)) for k in keys)] for t, e in evaluations.items()]
+    )
     lines += ["", "## AP by frequency group (%)", ""]
     lines += _groups(rows, evaluations)
     # Ties (several classes at 100, or at 0) list the class with more objects first: the surer result.
@@ -136,11 +143,21 @@ def _markdown(
     header = ["#", "category", "id", "frequency", *(f"{t} AP" for t in types), "GT instances", "GT images"]
 
     def listing(selected: list[ClassRow], start: int, step: int) -> list[str]:
-        return _table(header, [
-            [start + step * i, r.name, r.category_id, FREQUENCY_NAMES.get(r.frequency, "-"),
-             *(_pct(r.ap[t]) for t in types), r.instances, r.images]
-            for i, r in enumerate(selected)
-        ])
+        return _table(
+            header,
+            [
+                [
+                    start + step * i,
+                    r.name,
+                    r.category_id,
+                    FREQUENCY_NAMES.get(r.frequency, "-"),
+                    *(_pct(r.ap[t]) for t in types),
+                    r.instances,
+                    r.images,
+                ]
+                for i, r in enumerate(selected)
+            ],
+        )
 
     n = len(scored)
     lines += ["", f"## The {min(TOP, n)} best classes ({first.iou_type} AP)", ""]
@@ -148,26 +165,45 @@ def _markdown(
     lines += ["", f"## The {min(TOP, n)} worst classes ({first.iou_type} AP)", ""]
     lines += listing(worst[:TOP], n, -1)  # numbered by rank, n the last
     missing = len(rows) - n
-    lines += ["", f"{n} of {len(rows)} classes have ground truth in this set and are ranked"
-                  + (f"; the other {missing} have no AP (nothing to find)." if missing else ".")]
-    lines += ["", f"![{first.iou_type} AP per class, sorted]({PLOT})", "",
-              f"Per-class AP of every class: [{TABLE}]({TABLE}) (fractions).", ""]
+    lines += [
+        "",
+        f"{n} of {len(rows)} classes have ground truth in this set and are ranked"
+        + (f"; the other {missing} have no AP (nothing to find)." if missing else "."),
+    ]
+    lines += [
+        "",
+        f"![{first.iou_type} AP per class, sorted]({PLOT})",
+        "",
+        f"Per-class AP of every class: [{TABLE}]({TABLE}) (fractions).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _provenance(
-    rows: list[ClassRow], evaluations: Mapping[str, Evaluation], gt: Mapping[str, Any],
-    sources: Mapping[str, str], seconds: float | None,
+    rows: list[ClassRow],
+    evaluations: Mapping[str, Evaluation],
+    gt: Mapping[str, Any],
+    sources: Mapping[str, str],
+    seconds: float | None,
 ) -> list[str]:
     """The 'what against what' table: sources, protocol, backend, sizes, time."""
     first = next(iter(evaluations.values()))
     groups = Counter(r.frequency for r in rows)
     split = ", ".join(f"{groups[f]} {FREQUENCY_NAMES[f]}" for f in "rcf" if groups[f])
     cells = [[name, f"`{value}`"] for name, value in sources.items()]
-    cells.append(["ground truth size", f"{len(gt['images'])} images, {len(gt['annotations'])} objects, "
-                                       f"{len(rows)} categories" + (f" ({split})" if split else "")])
-    protocol = (f"LVIS (federated), at most {first.max_dets} detections per image" if first.kind == "lvis"
-                else f"COCO, at most {first.max_dets} detections per image and class")
+    cells.append(
+        [
+            "ground truth size",
+            f"{len(gt['images'])} images, {len(gt['annotations'])} objects, "
+            f"{len(rows)} categories" + (f" ({split})" if split else ""),
+        ]
+    )
+    protocol = (
+        f"LVIS (federated), at most {first.max_dets} detections per image"
+        if first.kind == "lvis"
+        else f"COCO, at most {first.max_dets} detections per image and class"
+    )
     cells.append(["protocol", protocol])
     cells.append(["backend", _backend_name(first.backend, first.kind)])
     for t, e in evaluations.items():
@@ -194,8 +230,7 @@ def _groups(rows: list[ClassRow], evaluations: Mapping[str, Evaluation]) -> list
         if freq is not None and not members:
             continue
         with_gt = sum(1 for r in members if r.instances > 0)
-        aps = [_pct(e.metrics.get(keys[freq], math.nan) if freq else e.metrics["AP"])
-               for e in evaluations.values()]
+        aps = [_pct(e.metrics.get(keys[freq], math.nan) if freq else e.metrics["AP"]) for e in evaluations.values()]
         name = FREQUENCY_NAMES[freq] if freq else "all"
         table.append([name, len(members), with_gt, sum(r.instances for r in members), *aps])
     return _table(["group", "classes", "with GT here", "GT instances", *(f"{t} AP" for t in evaluations)], table)
@@ -209,8 +244,7 @@ def _groups(rows: list[ClassRow], evaluations: Mapping[str, Evaluation]) -> list
 def _write_csv(path: Path, rows: list[ClassRow], types: list[str]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["category_id", "name", "frequency", *(f"AP_{t}" for t in types),
-                         "gt_instances", "gt_images"])
+        writer.writerow(["category_id", "name", "frequency", *(f"AP_{t}" for t in types), "gt_instances", "gt_images"])
         for r in rows:
             aps = ["" if math.isnan(r.ap[t]) else f"{r.ap[t]:.6f}" for t in types]
             writer.writerow([r.category_id, r.name, r.frequency, *aps, r.instances, r.images])
@@ -239,13 +273,25 @@ def _plot(path: Path, rows: list[ClassRow], evaluations: Mapping[str, Evaluation
         ax.set_ylim(0, 100)
         ax.set_ylabel(f"{t} AP (%)")
         ax.set_xlabel(f"categories with ground truth ({len(ranked)}), sorted by {t} AP")
-        handles = [Patch(color=FREQUENCY_COLOURS[f], label=_legend_label(f, ranked, e))
-                   for f in "rcf" if any(r.frequency == f for r in ranked)]
-        handles.append(Line2D([], [], color="black", linewidth=1.0, linestyle="--",
-                              label=f"AP {_pct(e.metrics['AP'])} (all)"))
+        handles = [
+            Patch(color=FREQUENCY_COLOURS[f], label=_legend_label(f, ranked, e))
+            for f in "rcf"
+            if any(r.frequency == f for r in ranked)
+        ]
+        handles.append(
+            Line2D([], [], color="black", linewidth=1.0, linestyle="--", label=f"AP {_pct(e.metrics['AP'])} (all)")
+        )
         # above the bars, which fill the panel up to 100
-        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles),
-                  fontsize=8, frameon=False, handlelength=1.5, columnspacing=1.2)
+        ax.legend(
+            handles=handles,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncol=len(handles),
+            fontsize=8,
+            frameon=False,
+            handlelength=1.5,
+            columnspacing=1.2,
+        )
     fig.savefig(path)
 
 

@@ -62,8 +62,7 @@ def score_regions(
     num_boxes, num_classes = logits.shape
     if proposal_scores is not None and proposal_scores.shape != (num_boxes,):
         raise ValueError(
-            f"proposal_scores must be [N] = [{num_boxes}] (one per box), got shape "
-            f"{tuple(proposal_scores.shape)}"
+            f"proposal_scores must be [N] = [{num_boxes}] (one per box), got shape {tuple(proposal_scores.shape)}"
         )
     probs, flat_idx = _top(logits.float().softmax(dim=-1).flatten(), candidates)
     if proposal_scores is not None:

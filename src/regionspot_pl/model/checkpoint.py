@@ -66,7 +66,10 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Reg
     if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
         hint = ""
         if isinstance(payload, dict) and "model" in payload:
-            hint = f" It looks like an official RegionSpot checkpoint: run `python -m regionspot_pl.convert {path} HEAD.pt` first."
+            hint = (
+                " It looks like an official RegionSpot checkpoint: "
+                f"run `python -m regionspot_pl.convert {path} HEAD.pt` first."
+            )
         raise CheckpointError(
             f"{path} is not a regionspot_pl head checkpoint (expected a dict with format={HEAD_FORMAT!r}).{hint}"
         )

@@ -58,9 +58,7 @@ class RegionSpotHead(nn.Module):
         use_class_token: bool = True,
     ) -> None:
         super().__init__()
-        self.config = HeadConfig(
-            sam_dim, clip_dim, text_dim, depth, num_heads, ffn_dim, dropout, use_class_token
-        )
+        self.config = HeadConfig(sam_dim, clip_dim, text_dim, depth, num_heads, ffn_dim, dropout, use_class_token)
         self.to_clip = nn.Linear(sam_dim, clip_dim)
         layer = nn.TransformerDecoderLayer(
             d_model=clip_dim,
@@ -81,9 +79,7 @@ class RegionSpotHead(nn.Module):
             raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
         return cls(**{**VARIANTS[name].to_dict(), **overrides})
 
-    def forward(
-        self, sam_tokens: Tensor, clip_tokens: Tensor, padding_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, sam_tokens: Tensor, clip_tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Embed regions in CLIP's text space.
 
         Args:
@@ -117,9 +113,7 @@ class RegionSpotHead(nn.Module):
         return self.projector(hidden)
 
 
-def region_logits(
-    region_embeddings: Tensor, text_embeddings: Tensor, scale: float = CLIP_LOGIT_SCALE
-) -> Tensor:
+def region_logits(region_embeddings: Tensor, text_embeddings: Tensor, scale: float = CLIP_LOGIT_SCALE) -> Tensor:
     """Scaled cosine similarity between regions [..., D] and class texts [C, D] -> [..., C]."""
     regions = F.normalize(region_embeddings.float(), dim=-1, eps=1e-7)
     texts = F.normalize(text_embeddings.float(), dim=-1, eps=1e-7)

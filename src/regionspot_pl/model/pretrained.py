@@ -282,9 +282,7 @@ def _check_config(config: object, path: Path) -> None:
             and (kind is float or isinstance(value, int))
         )  # fmt: skip
         if not ok:
-            raise CheckpointError(
-                f"{path}: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})"
-            )
+            raise CheckpointError(f"{path}: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
         if kind is int and value < 1:
             raise CheckpointError(f"{path}: {key} must be >= 1, got {value}")
     if not (0 <= config["dropout"] < 1 and math.isfinite(config["dropout"])):
@@ -350,8 +348,7 @@ def official_card(variant: str, source: str | Path) -> dict[str, Any]:
     backbones = _VARIANT_BACKBONES.get(variant)
     training = {
         "data": ["Objects365", "OpenImages", "V3Det"],
-        "source": f"official RegionSpot checkpoint {Path(source).name} "
-        "(python -m regionspot_pl.convert)",
+        "source": f"official RegionSpot checkpoint {Path(source).name} (python -m regionspot_pl.convert)",
     }
     return {"backbones": backbones, "training": training}
 
