@@ -45,3 +45,23 @@ def demo_shards(tmp_path_factory, demo_data, tiny_backbones) -> dict[str, Path]:
             )
         )
     return {"train": root / "train", "val": root / "val", "text_cache": root / "text.h5"}
+
+
+@pytest.fixture
+def cli_error(capsys: pytest.CaptureFixture):
+    """``cli_error(main, argv, *fragments)``: runs a command's ``main(argv)`` in process and checks
+    the bad-input contract: exit code 2, exactly one ``error:`` line on stderr, no traceback, and
+    each fragment in that line. Returns the line."""
+
+    def check(main, argv: list[str], *fragments: str) -> str:
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, f"exit code {code}, stderr:\n{err}"
+        assert "Traceback" not in err, err
+        assert len(errors) == 1, f"expected one error: line, stderr:\n{err}"
+        for fragment in fragments:
+            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+        return errors[0]
+
+    return check

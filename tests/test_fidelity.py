@@ -354,7 +354,7 @@ def test_nearest_upsampling_matches_math():
 
 def test_masks_only_where_they_are_used_and_o365_is_v1():
     """Training sets store no masks (training reads tokens, boxes, labels); evaluation splits do."""
-    from regionspot_pl.config import load_yaml
+    from regionspot_pl.cli import load_yaml
 
     root = Path(__file__).resolve().parents[1] / "configs" / "data"
     for name in ("o365", "openimages", "v3det"):

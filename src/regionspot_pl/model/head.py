@@ -7,10 +7,12 @@ with text embeddings of class names. Parameter names equal those of the official
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import RegionSpotError
 
 # exp(CLIP's learned logit_scale) in the released CLIP models.
 CLIP_LOGIT_SCALE = 100.0
@@ -41,6 +43,59 @@ VARIANTS: dict[str, HeadConfig] = {
     "BL@336": HeadConfig(clip_dim=1024, text_dim=768),
 }
 VARIANT_CLIP_SIZE = {"BB": 224, "BL": 224, "BL@336": 336}
+VARIANT_CLIP = {"BB": "ViT-B/16", "BL": "ViT-L/14", "BL@336": "ViT-L/14@336"}
+AUTO = "auto"
+
+
+class HeadMismatchError(RegionSpotError):
+    """A head does not fit the CLIP features or text embeddings it is given."""
+
+
+def variant_for_clip(vision_dim: int, text_dim: int, image_size: int | None = None) -> str | None:
+    """The published variant made for a CLIP of these sizes, or None (any other CLIP)."""
+    for name, cfg in VARIANTS.items():
+        size_fits = image_size is None or VARIANT_CLIP_SIZE[name] == image_size
+        if (cfg.clip_dim, cfg.text_dim) == (vision_dim, text_dim) and size_fits:
+            return name
+    return None
+
+
+def head_config_for(
+    variant: str, vision_dim: int, text_dim: int, image_size: int | None = None, clip_name: str = "the shards' CLIP"
+) -> tuple[HeadConfig, str | None]:
+    """(head sizes, variant name) for features of a CLIP of these sizes.
+
+    ``variant`` 'auto' takes the published variant made for that CLIP, or a head of the default
+    sizes at its widths (variant None) for any other CLIP. A named variant that does not fit is a
+    :class:`HeadMismatchError` naming the one that does.
+    """
+    if variant == AUTO:
+        name = variant_for_clip(vision_dim, text_dim, image_size)
+        config = VARIANTS[name] if name else replace(HeadConfig(), clip_dim=vision_dim, text_dim=text_dim)
+        return config, name
+    if variant not in VARIANTS:
+        raise HeadMismatchError(f"unknown head variant {variant!r}; expected {AUTO!r} or one of {sorted(VARIANTS)}")
+    check_head_fits(VARIANTS[variant], vision_dim, text_dim, clip_name, f"the {variant} head")
+    return VARIANTS[variant], variant
+
+
+def check_head_fits(config: HeadConfig, vision_dim: int, text_dim: int, clip_name: str, head_name: str) -> None:
+    """The one check of a head against a CLIP: its feature width and its text dim must be the
+    CLIP's, or the head would read features it was never trained on."""
+    if (config.clip_dim, config.text_dim) == (vision_dim, text_dim):
+        return
+    right = variant_for_clip(vision_dim, text_dim)
+    fix = f"use the {right} head (--model {right})" if right else "use a head trained on this CLIP (--model auto)"
+    raise HeadMismatchError(
+        f"{head_name} expects CLIP features of width {config.clip_dim} and text dim {config.text_dim}, but "
+        f"{clip_name} gives width {vision_dim} and text dim {text_dim}: {fix}, or extract the features with "
+        f"the CLIP the head was made for ({_clip_of(config)})"
+    )
+
+
+def _clip_of(config: HeadConfig) -> str:
+    right = variant_for_clip(config.clip_dim, config.text_dim)
+    return VARIANT_CLIP[right] if right else f"vision width {config.clip_dim}, text dim {config.text_dim}"
 
 
 class RegionSpotHead(nn.Module):
