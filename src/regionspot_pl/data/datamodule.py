@@ -13,32 +13,22 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .annotations import Vocabulary
-from .shards import (
-    ShardFormatError,
-    decoded_samples,
-    list_shards,
-    read_manifest,
-    read_sidecar,
-    shard_counts,
-    shard_keys,
-)
+from ..errors import RegionSpotError
+from .cache import ShardFolder
+from .shards import ShardFormatError, decoded_samples
 
-SHARD_URLS = "shards.txt"
 READ_TIMEOUT_S = 600.0  # a loader worker that delivers no batch for this long is an error, not a wait
 
 
-class DataConfigError(ValueError):
+class DataConfigError(RegionSpotError, ValueError):
     """A data setting is out of range (batch size, workers, weights, caps)."""
 
 
@@ -307,96 +297,6 @@ class ValidationBatches(IterableDataset):
             yield collate_regions(samples)
 
 
-@dataclass
-class CacheInfo:
-    """What a shard folder says about itself: shards, vocabulary, backbones, counts."""
-
-    folder: str
-    shards: list[str]
-    vocabulary: Vocabulary
-    manifest: dict
-    # samples, boxes, labelled_boxes (None where a sidecar predates it), skipped and skipped_by_reason,
-    # from the sidecars of local shards; None for streamed shards (shards.txt)
-    counts: dict | None = None
-
-    @classmethod
-    def read(cls, folder: str) -> CacheInfo:
-        """A shard folder: its manifest, and its ``*.tar`` files or, to stream them from object
-        storage, the URLs listed in ``shards.txt`` (anything webdataset opens: a path, ``pipe:``,
-        ``http(s):``; brace patterns like ``o365-r000-{000000..000099}.tar`` are expanded).
-
-        Local shards are checked against the manifest through their sidecars: a folder without a
-        single sample and a vocabulary that does not fit the shards' labels are refused, and
-        shards of 0 samples are left out (a reader given only those would wait forever)."""
-        manifest = read_manifest(folder)
-        vocabulary = Vocabulary.from_dict(manifest["vocabulary"])
-        url_list = Path(folder) / SHARD_URLS
-        counts = None
-        if url_list.is_file():
-            lines = [line.strip() for line in url_list.read_text().splitlines()]
-            shards = [url for line in lines if line and not line.startswith("#") for url in braceexpand(line)]
-            if not shards:
-                raise ShardFormatError(f"{url_list} lists no shard URLs")
-        else:
-            shards, counts = _check_local_shards(str(folder), [str(p) for p in list_shards(folder)], len(vocabulary))
-        return cls(str(folder), shards, vocabulary, manifest, counts)
-
-    @property
-    def name(self) -> str:
-        return self.manifest.get("dataset") or Path(self.folder).name
-
-    def image_ids(self) -> set[int] | None:
-        """The image ids the shards hold (sample keys, from the tar headers of local shards);
-        None when the shards are streamed (listing them would read them all)."""
-        if not all(Path(s).is_file() for s in self.shards):
-            return None
-        ids = set()
-        for shard in self.shards:
-            for key in shard_keys(shard):
-                try:
-                    ids.add(int(key))
-                except ValueError:
-                    raise ShardFormatError(
-                        f"{shard} holds a sample keyed {key!r}, not an image id; re-extract it"
-                    ) from None
-        return ids
-
-
-def _check_local_shards(folder: str, shards: list[str], num_classes: int) -> tuple[list[str], dict | None]:
-    """Local shards against their sidecars and the manifest's vocabulary of ``num_classes``.
-
-    Returns the shards that hold samples (all, where a sidecar is missing) and the folder's
-    counts (None unless every shard has a sidecar).
-    """
-    sides = {s: read_sidecar(s) for s in shards}
-    fix = "the manifest does not belong to these shards: restore the one written by the extraction, or re-extract"
-    for shard, side in sides.items():
-        if side is None:
-            continue
-        if side.get("num_classes", num_classes) != num_classes:
-            raise ShardFormatError(
-                f"{folder}/manifest.json has a vocabulary of {num_classes} classes but {shard} "
-                f"was extracted with one of {side['num_classes']}: {fix}"
-            )
-        if side.get("max_label", -1) >= num_classes:
-            raise ShardFormatError(
-                f"{shard} holds class index {side['max_label']}, beyond the {num_classes} classes "
-                f"of {folder}/manifest.json: {fix}"
-            )
-    if any(side is None for side in sides.values()):
-        return shards, None
-    counts = shard_counts(folder, shards)
-    if not all("labelled_boxes" in side for side in sides.values()):
-        counts["labelled_boxes"] = None
-    if counts["samples"] == 0:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts["skipped_by_reason"].items())) or "none recorded"
-        raise ShardFormatError(
-            f"the {counts['shards']} shards in {folder} hold no sample: {counts['skipped']} images were skipped at "
-            f"extraction ({reasons}). Fix the images and re-extract into an empty folder"
-        )
-    return [s for s in shards if sides[s]["samples"] > 0], counts
-
-
 def _no_collate(batch):
     return batch
 
@@ -420,8 +320,8 @@ class RegionDataModule(L.LightningDataModule):
         check_data_numbers(batch_size, workers, max_boxes_per_image, shuffle_buffer, read_timeout)
         if not train_shards:
             raise ShardFormatError("no training shard folders given (--train-shards DIR [DIR ...])")
-        self.train = [CacheInfo.read(f) for f in train_shards]
-        self.val = CacheInfo.read(val_shards) if val_shards else None
+        self.train = [ShardFolder.read(f) for f in train_shards]
+        self.val = ShardFolder.read(val_shards) if val_shards else None
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.max_boxes, self.shuffle_buffer, self.read_timeout = max_boxes_per_image, shuffle_buffer, read_timeout
         self.mix_weights = list(mix_weights) if mix_weights else [1.0] * len(self.train)
@@ -443,11 +343,9 @@ class RegionDataModule(L.LightningDataModule):
 
     def _check_same_backbones(self) -> None:
         infos = self.train + ([self.val] if self.val else [])
-        dims = {
-            (i.manifest["backbones"]["clip"]["vision_dim"], i.manifest["backbones"]["clip"]["text_dim"]) for i in infos
-        }
+        dims = {(i.clip.vision_dim, i.clip.text_dim) for i in infos}
         if len(dims) != 1:
-            models = ", ".join(f"{i.folder}: {i.manifest['backbones']['clip']['model']}" for i in infos)
+            models = ", ".join(f"{i.folder}: {i.clip.model}" for i in infos)
             raise ShardFormatError(
                 f"shard folders were extracted with different CLIP models ({models}); "
                 "re-extract them with one CLIP model"
@@ -465,7 +363,7 @@ class RegionDataModule(L.LightningDataModule):
 
     @property
     def clip_info(self) -> dict:
-        return self.train[0].manifest["backbones"]["clip"]
+        return self.train[0].clip
 
     def train_dataloader(self) -> DataLoader:
         _, world = rank_and_world()

@@ -16,7 +16,7 @@ member          dtype, shape       meaning
 ``masks`` is a list of N COCO RLEs (``{"size": [H, W], "counts": str}``) of the box-prompted
 SAM masks, or absent when extraction ran with masks off. Shards are named
 ``{dataset}-r{rank:03d}-{index:06d}.tar``; each has a sidecar ``.json`` with its counts.
-A folder of shards also holds ``manifest.json`` (vocabulary, backbones, config).
+A folder of shards also holds ``manifest.json`` (:mod:`regionspot_pl.data.cache`).
 
 Reading is the training loader's hot loop, so it avoids copies: tar members are read with one
 ``read`` each (webdataset's ``tarfile`` stream copies every member several times, 2.4x slower
@@ -32,14 +32,15 @@ import io
 import json
 import os
 import socket
-import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, url_opener
+
+from ..errors import RegionSpotError
+from ..io import write_json_atomic
 
 ARRAY_MEMBERS = {
     "sam.npy": (np.float16, 2),
@@ -48,15 +49,9 @@ ARRAY_MEMBERS = {
     "scores.npy": (np.float32, 1),
     "clip.npy": (np.float16, 2),
 }
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-# How the features were computed (the image path, SAM/CLIP inputs, prompts): the reference's
-# inference path since "reference-v1". Shards of any other protocol give other numbers, so
-# fit and test refuse them.
-PROTOCOL = "reference-v1"
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(RegionSpotError, ValueError):
     """A shard sample or folder does not follow the cache format."""
 
 
@@ -218,63 +213,6 @@ class AtomicShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: str | Path, obj: object) -> None:
-    """Write JSON under a temporary name unique to this call, then rename it into place: a reader
-    never sees half a file, and two writers of one path (ranks writing the manifest) never
-    rename each other's temporary file away."""
-    path = Path(path)
-    # not tempfile.mkstemp: its files are private (0600); this one gets the umask's permissions
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x") as f:
-            f.write(json.dumps(obj, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a shard folder, with a clear error when it is missing."""
-    path = Path(folder) / MANIFEST
-    if not Path(folder).is_dir():
-        raise ShardFormatError(f"shard folder not found: {folder}")
-    if not path.is_file():
-        raise ShardFormatError(
-            f"{folder} has no {MANIFEST}: is it a folder written by `python -m regionspot_pl.extract --out`?"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardFormatError(f"{path} is not valid JSON ({err}): restore it or re-extract {folder}") from err
-    found = manifest.get("protocol") if isinstance(manifest, dict) else None
-    if found != PROTOCOL:
-        raise ShardFormatError(
-            f"the shards in {folder} were extracted with the feature protocol "
-            f"{found or 'from before protocols were recorded'}, not this version's {PROTOCOL!r} "
-            "(the reference's image path and prompts): re-extract them with "
-            f"`python -m regionspot_pl.extract --out {folder}` into an empty folder"
-        )
-    check_manifest_vocabulary(manifest, path)
-    return manifest
-
-
-def check_manifest_vocabulary(manifest: dict, path: str | Path) -> None:
-    """The manifest's vocabulary: names and category ids, one per class, at least one class."""
-    vocab = manifest.get("vocabulary")
-    names = vocab.get("names") if isinstance(vocab, dict) else None
-    ids = vocab.get("category_ids") if isinstance(vocab, dict) else None
-    fix = "restore the manifest written by the extraction, or re-extract"
-    if not isinstance(names, list) or not isinstance(ids, list) or len(names) != len(ids):
-        raise ShardFormatError(f"{path}: 'vocabulary' needs lists 'names' and 'category_ids' of one length; {fix}")
-    if not names:
-        raise ShardFormatError(f"{path}: the vocabulary has 0 classes, so there is nothing to name; {fix}")
-    if len(set(ids)) != len(ids) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ShardFormatError(f"{path}: the vocabulary's category_ids must be distinct integers; {fix}")
-    if not all(isinstance(n, str) and n.strip() for n in names):
-        raise ShardFormatError(f"{path}: every vocabulary name must be a non-empty string; {fix}")
-
-
 def list_shards(folder: str | Path) -> list[Path]:
     """Complete shards of a folder, sorted; a clear error when there are none."""
     folder = Path(folder)
@@ -348,7 +286,7 @@ def shard_keys(path: str | Path) -> set[str]:
             f.seek(size + (-size % TAR_BLOCK), os.SEEK_CUR)
 
 
-class FolderLockError(RuntimeError):
+class FolderLockError(RegionSpotError, RuntimeError):
     """Another live process is writing the same folder."""
 
 
