@@ -1,7 +1,10 @@
 """Offline extraction: frozen SAM + CLIP features of a dataset into WebDataset shards.
 
-    python -m regionspot_pl.extract --images DIR --annotations FILE --out DIR \
-        --sam-type vit_b --sam-checkpoint sam_vit_b_01ec64.pth --clip-model DIR
+    python -m regionspot_pl.extract --config configs/data/o365.yaml   # settings from YAML
+    python -m regionspot_pl.extract --images DIR --annotations FILE --out DIR --sam-type vit_b
+        --sam-checkpoint sam_vit_b_01ec64.pth --clip-model DIR            # or as flags
+
+Flags override the YAML; --print-config shows the resolved settings as YAML.
 
 Each rank takes every ``world_size``-th image (sorted by id) and groups its images into shards
 of ``--shard-size``, in order. A shard's content is therefore a pure function of the inputs:
@@ -12,22 +15,22 @@ duplicates a sample.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
-import json
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -41,59 +44,94 @@ from .backbones.image import (
     resolve_image_path,
     scale_boxes,
 )
-from .backbones.sam import (
-    OFFICIAL_SAM_CHECKPOINTS,
-    SAM_TYPES,
-    SamRegionEncoder,
-    SamTransform,
-    build_sam,
-)
-from .config import load_yaml
+from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, SamTransform, build_sam
+from .cli import Command, ConfigError, from_dict, option, run_command
 from .data.annotations import AnnotationError, ImageRecord, ReadStats, Vocabulary, load_coco
+from .data.cache import MANIFEST, ClipBackbone, Manifest, SamBackbone
 from .data.shards import (
-    FORMAT_VERSION,
-    MANIFEST,
-    PROTOCOL,
     AtomicShardWriter,
     FolderLock,
-    FolderLockError,
+    ShardFormatError,
     encode_sample,
     read_sidecar,
     shard_counts,
     shard_name,
-    write_json_atomic,
 )
-from .stopping import Stopped, stop_on_signals
+from .errors import RegionSpotError
+from .io import masks_to_rle
 
 log = logging.getLogger("regionspot_pl.extract")
 DEFAULT_TEXT_CACHE = "cache/text_embeddings.h5"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PROG = "python -m regionspot_pl.extract"
+STOP_HINT = "the finished shards are kept; run the same command again to continue"
+LOCK = ".extract-r{rank:03d}.lock"
+PREFLIGHT_IMAGES = 16  # the first images of the plan looked up before the backbones are loaded
+REQUIRED = ("images", "annotations", "out", "sam_checkpoint", "clip_model")
+
+
+class ExtractError(RegionSpotError, ValueError):
+    """An extraction is misconfigured, found nothing usable, or its folder is taken."""
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} is {value!r}, not an integer (torchrun sets it; unset it or fix it)") from None
 
 
 @dataclass
 class ExtractConfig:
-    """Everything an extraction run depends on (stored in the manifest)."""
+    """Everything an extraction run depends on (stored in the manifest): the schema of the
+    command's flags and of its ``--config`` YAML (``configs/data/*.yaml``)."""
 
-    images: str
-    annotations: str
-    out: str
-    sam_checkpoint: str
-    clip_model: str
-    sam_type: str = "vit_b"
-    clip_size: int | None = None
-    boxes: str | None = None
-    dataset: str | None = None
-    shard_size: int = 1000
-    device: str = "cpu"
-    batch_size: int = 8
-    workers: int = 2
-    rank: int = 0
-    world_size: int = 1
-    masks: bool = True
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
-    compile: bool = False  # torch.compile the decoder and encoders (one-off compile time, then faster)
-    text_cache: str = DEFAULT_TEXT_CACHE
-    limit: int | None = None  # first N images only (smoke runs)
-    read_timeout: float = 600.0  # seconds without a decoded batch from the image readers: an error
+    images: str | None = option(None, "folder the annotation file_names are relative to (required)")
+    annotations: str | None = option(None, "COCO-format JSON: categories, images, annotations (required)")
+    out: str | None = option(None, "output folder for the shards and manifest.json (required)")
+    sam_type: str = option("vit_b", "the SAM variant of --sam-checkpoint", choices=SAM_TYPES)
+    sam_checkpoint: str | None = option(None, f"SAM .pth, e.g. {OFFICIAL_SAM_CHECKPOINTS['vit_b']} (required)")
+    clip_model: str | None = option(None, "local Hugging Face CLIP folder, save_pretrained layout (required)")
+    clip_size: int | None = option(
+        None, "CLIP input size; must match the model (default: the model's own)", choices=(224, 336)
+    )
+    boxes: str | None = option(
+        None, "proposals to use instead of the ground-truth boxes: COCO results (image_id, bbox xywh, score)"
+    )
+    dataset: str | None = option(
+        None, "dataset name stored with each sample and in the shard names (default: the annotation file's stem)"
+    )
+    shard_size: int = option(1000, "images per shard", minimum=1)
+    device: str = option("cpu", "cpu, cuda or cuda:N; under torchrun, cuda means cuda:$LOCAL_RANK")
+    batch_size: int = option(8, "images per encoder batch", minimum=1)
+    workers: int = option(2, "image decoding processes (0: decode in the main process)", minimum=0)
+    rank: int | None = option(None, "this process's rank (default: $RANK from torchrun, else 0)", minimum=0)
+    world_size: int | None = option(None, "number of ranks (default: $WORLD_SIZE from torchrun, else 1)", minimum=1)
+    masks: bool = option(
+        True, "store the box-prompted SAM masks: evaluation splits need them for mask AP, training sets do not"
+    )
+    precision: str = option(
+        "auto",
+        "backbone precision; auto: bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU",
+        choices=PRECISIONS,
+    )
+    compile: bool = option(
+        False,
+        "torch.compile SAM's mask decoder and both image encoders: a one-off compile at the start, then each "
+        "batch runs fused kernels (speeds in docs/benchmarks.md)",
+    )
+    text_cache: str = option(DEFAULT_TEXT_CACHE, "HDF5 cache of the vocabulary's CLIP text embeddings (rank 0 writes)")
+    limit: int | None = option(None, "only the first N images by id (smoke runs)", minimum=1)
+    read_timeout: float = option(
+        600.0, "seconds without a decoded batch from the image readers before the run fails", minimum=1
+    )
 
     # Fields that decide the content of the shards: a rerun into the same --out must agree.
     # (The precision actually used, the backbones' content and the input files' content are
@@ -110,47 +148,35 @@ class ExtractConfig:
         "limit",
     )
 
+    def __post_init__(self) -> None:
+        """torchrun's environment: $RANK and $WORLD_SIZE where no rank is given, one GPU per process."""
+        if self.rank is None:
+            self.rank = _env_int("RANK", 0)
+        if self.world_size is None:
+            self.world_size = _env_int("WORLD_SIZE", 1)
+        if self.device == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = f"cuda:{_env_int('LOCAL_RANK', 0)}"
+
     def check(self) -> None:
-        """Numeric and choice flags, before any work: a clear error instead of a hang or a traceback."""
-
-        def need(ok: bool, flag: str, value: object, rule: str) -> None:
-            if not ok:
-                raise ExtractError(f"--{flag} {value} is invalid: it must be {rule}")
-
-        for flag in ("shard_size", "batch_size", "world_size"):
-            value = getattr(self, flag)
-            need(isinstance(value, int) and value >= 1, flag.replace("_", "-"), value, "an integer >= 1")
-        need(isinstance(self.workers, int) and self.workers >= 0, "workers", self.workers, "an integer >= 0")
-        need(
-            isinstance(self.rank, int) and 0 <= self.rank < self.world_size,
-            "rank",
-            self.rank,
-            f"in 0..{self.world_size - 1} (--world-size {self.world_size})",
-        )
-        need(
-            self.limit is None or (isinstance(self.limit, int) and self.limit >= 1),
-            "limit",
-            self.limit,
-            "an integer >= 1",
-        )
-        need(
-            isinstance(self.read_timeout, (int, float)) and 0 < self.read_timeout < float("inf"),
-            "read-timeout",
-            self.read_timeout,
-            "a number of seconds > 0",
-        )
-        need(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        need(self.clip_size in (None, 224, 336), "clip-size", self.clip_size, "224 or 336")
-        need(self.sam_type in SAM_TYPES, "sam-type", self.sam_type, f"one of {', '.join(SAM_TYPES)}")
+        """The rules between fields (every value's own type, choices and minimum are checked by
+        :func:`regionspot_pl.cli.from_dict`, here too for a config built in code)."""
+        from_dict(type(self), asdict(self), "ExtractConfig")
+        missing = [_flag(key) for key in REQUIRED if not getattr(self, key)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)}: pass them as flags or as keys of a --config file")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(
+                f"--rank {self.rank} is outside --world-size {self.world_size}: ranks are 0..{self.world_size - 1}"
+            )
+        if not math.isfinite(self.read_timeout):
+            raise ConfigError(f"--read-timeout {self.read_timeout} must be a finite number of seconds")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {self.device!r} is not a device: pass cpu, cuda or cuda:N") from None
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-LOCK = ".extract-r{rank:03d}.lock"
-PREFLIGHT_IMAGES = 16  # the first images of the plan looked up before the backbones are loaded
-
-
-class ExtractError(ValueError):
-    """An extraction is misconfigured, found nothing usable, or its folder is taken."""
+COMMAND = Command(ExtractConfig, PROG, __doc__)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -225,15 +251,6 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
 
 
-def masks_to_rle(masks: torch.Tensor) -> list[dict]:
-    """[N, H, W] bool -> N COCO RLEs with str counts (JSON-safe)."""
-    if len(masks) == 0:
-        return []
-    fortran = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    rles = mask_utils.encode(fortran)
-    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
-
-
 def plan_shards(records: list[ImageRecord], rank: int, world_size: int, shard_size: int) -> list[list[ImageRecord]]:
     """This rank's images (every world_size-th by id), grouped into shards in order."""
     mine = sorted(records, key=lambda r: r.image_id)[rank::world_size]
@@ -251,7 +268,7 @@ class FeatureExtractor:
         clip_model, tokenizer = load_clip(cfg.clip_model)
         self.clip = ClipEncoder(clip_model, tokenizer).to(self.device)
         if cfg.clip_size is not None and cfg.clip_size != self.clip.image_size:
-            raise ValueError(
+            raise ExtractError(
                 f"--clip-size {cfg.clip_size} does not match the CLIP model in {cfg.clip_model}, "
                 f"which takes {self.clip.image_size}x{self.clip.image_size} input; pass --clip-size "
                 f"{self.clip.image_size} or a CLIP model of that size"
@@ -261,10 +278,11 @@ class FeatureExtractor:
 
     def _compile(self) -> None:
         """torch.compile SAM's mask decoder (dynamic shapes: the box count varies per image) and
-        both image encoders. Fuses the decoder's per-box elementwise work: 1.5x end to end on a
-        CPU in fp32, 1.6-1.8x on top of bf16 (docs/benchmarks.md); outputs equal eager up to float
-        rounding. The modules are replaced in place, so SAM's own code (and the region-token
-        hook on the decoder's transformer) runs unchanged inside the compiled graph."""
+        both image encoders. The decoder runs once per box, and most of its time goes to small
+        elementwise operations (adds, copies, softmax, LayerNorm) that compiling fuses; outputs
+        equal eager up to float rounding (tests/test_extract.py). The modules are replaced in
+        place, so SAM's own code (and the region-token hook on the decoder's transformer) runs
+        unchanged inside the compiled graph."""
         sam = self.sam.sam
         sam.mask_decoder = torch.compile(sam.mask_decoder, dynamic=True)
         sam.image_encoder = torch.compile(sam.image_encoder)
@@ -280,8 +298,9 @@ class FeatureExtractor:
         )
         out = []
         with autocast_for(self.device, self.precision):
-            # On a CPU a batch only adds memory traffic to SAM's ViT (batch 8 ran at 0.53x the
-            # per-image speed, docs/benchmarks.md); on a GPU the batch is what fills the device.
+            # On a CPU a batch only adds memory traffic to SAM's ViT, whose matmuls already use
+            # every core one image at a time; on a GPU the batch is what fills the device
+            # (docs/benchmarks.md).
             per_call = 1 if self.device.type == "cpu" else len(sam_in)
             embeddings = torch.cat([self.sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
             clip_tokens = self.clip.feature_map(clip_in).half().cpu().numpy()
@@ -321,81 +340,82 @@ class FeatureExtractor:
         return samples
 
 
-def _manifest(cfg: ExtractConfig, vocab: Vocabulary, extractor: FeatureExtractor, read_stats: ReadStats) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "protocol": PROTOCOL,
-        "precision": resolved_precision(extractor.device, cfg.precision),
-        "dataset": cfg.dataset,
-        "vocabulary": vocab.to_dict(),
-        "backbones": {
-            "sam": {
-                "type": cfg.sam_type,
-                "checkpoint": str(Path(cfg.sam_checkpoint).resolve()),
-                "sha256_16": file_digest(cfg.sam_checkpoint),
-                "image_size": extractor.sam.img_size,
-            },
-            "clip": {
-                "model": str(Path(cfg.clip_model).resolve()),
-                "id": model_identity(cfg.clip_model),
-                "image_size": extractor.clip.image_size,
-                "tokens": extractor.clip.num_tokens,
-                "vision_dim": extractor.clip.vision_dim,
-                "text_dim": extractor.clip.text_dim,
-            },
-        },
-        "text_cache": str(Path(cfg.text_cache).resolve()),
-        "annotations": {
-            "sha256_16": file_digest(cfg.annotations),
-            "boxes_sha256_16": file_digest(cfg.boxes) if cfg.boxes else None,
-            **read_stats.to_dict(),
-        },
-        "config": {k: v for k, v in asdict(cfg).items()},
-    }
+# --------------------------------------------------------------------------------------------
+# Check the inputs: everything here runs before the backbones load, so a bad flag, path,
+# annotation file or image folder fails in seconds, naming the file and the fix.
+# --------------------------------------------------------------------------------------------
+
+# (field, "file" or "folder") of every input path
+_INPUT_PATHS = (
+    ("images", "folder"),
+    ("annotations", "file"),
+    ("boxes", "file"),
+    ("sam_checkpoint", "file"),
+    ("clip_model", "folder"),
+)
 
 
-def _check_same_run(out: Path, manifest: dict) -> None:
-    """Refuse to resume into a folder that holds a different extraction."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExtractError(f"{path} is not valid JSON ({err}): delete {out} to start over") from err
-    diffs = [k for k in ExtractConfig.CONTENT_FIELDS if old.get("config", {}).get(k) != manifest["config"].get(k)]
-    if old.get("protocol") != manifest["protocol"]:
-        diffs.append(f"feature protocol ({old.get('protocol') or 'unrecorded'} -> {manifest['protocol']})")
-    old_precision = old.get("precision") or old.get("config", {}).get("precision")
-    if old_precision not in (None, "auto") and old_precision != manifest["precision"]:
-        diffs.append(
-            f"precision ({old_precision} -> {manifest['precision']}; pass --precision {old_precision} to continue it)"
-        )
-    for b in ("sam", "clip"):
-        key = "sha256_16" if b == "sam" else "id"
-        if old.get("backbones", {}).get(b, {}).get(key) != manifest["backbones"][b][key]:
-            diffs.append(f"{b} weights")
-    for key, what in (("sha256_16", "annotation file content"), ("boxes_sha256_16", "proposals file content")):
-        if old.get("annotations", {}).get(key) != manifest["annotations"][key]:
-            diffs.append(what)
-    if diffs:
+def _check_paths(cfg: ExtractConfig) -> None:
+    """Every input path exists and is of its kind; ``--out`` and ``--text-cache`` can be written."""
+    for key, kind in _INPUT_PATHS:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        path = Path(value)
+        if path.is_dir() if kind == "folder" else path.is_file():
+            continue
+        problem = f"is not a {kind}" if path.exists() else "not found"
+        if key == "sam_checkpoint":
+            problem += f" (--sam-type {cfg.sam_type} takes the official {OFFICIAL_SAM_CHECKPOINTS[cfg.sam_type]})"
         raise ExtractError(
-            f"{out} already holds shards of a different extraction (differs in: {', '.join(diffs)}). "
-            "Use another --out, or delete the folder to start over."
+            f"{_flag(key)} {value}: {problem}; pass the right path, or edit `{key}:` in the --config file"
         )
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ExtractError(f"--out {cfg.out} is a file, not a folder: pass another --out")
+    cache = Path(cfg.text_cache)
+    if cache.exists() and not (cache.is_file() and h5py.is_hdf5(cache)):
+        raise ExtractError(f"--text-cache {cache} is not an HDF5 file: pass another --text-cache, or delete it")
+
+
+def _check_device(cfg: ExtractConfig) -> None:
+    """A CUDA device that this machine has."""
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        have = "no CUDA device is available" if count == 0 else f"this machine has cuda:0..cuda:{count - 1}"
+        raise ExtractError(f"--device {cfg.device}: {have}; pass --device cpu or one of its GPUs")
+
+
+def _previous_manifest(out: Path) -> Manifest | None:
+    """The manifest of an extraction already in ``out`` (None when there is none); one this
+    version cannot continue (another cache format or feature protocol, unreadable) is an error."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        return Manifest.read(out)
+    except ShardFormatError as err:
+        raise ExtractError(
+            f"--out {out} holds an extraction this run cannot continue ({err}). "
+            "Use another --out, or delete the folder to start over."
+        ) from err
+
+
+def _read_annotations(cfg: ExtractConfig) -> tuple[list[ImageRecord], Vocabulary, ReadStats]:
+    """``load_coco`` of --annotations and --boxes; its errors (they name the file and the record)
+    as ExtractError where the annotation module does not make them a RegionSpotError itself."""
+    try:
+        return load_coco(cfg.annotations, cfg.boxes)
+    except AnnotationError as err:
+        if isinstance(err, RegionSpotError):
+            raise
+        raise ExtractError(str(err)) from err
 
 
 def _plan(cfg: ExtractConfig) -> tuple[list[list[ImageRecord]], Vocabulary, ReadStats]:
-    """Check the inputs and plan this rank's shards; returns (shards, vocabulary, read stats).
-
-    Everything here runs before the backbones load: a bad flag, annotation file or image folder
-    fails in seconds, naming the file, the record and the fix.
-    """
-    cfg.check()
-    cfg.dataset = cfg.dataset or Path(cfg.annotations).stem
-    if not Path(cfg.images).is_dir():
-        raise FileNotFoundError(f"image folder not found: {cfg.images} (pass --images DIR)")
-    records, vocab, read_stats = load_coco(cfg.annotations, cfg.boxes)
+    """Read the annotations and plan this rank's shards; returns (shards, vocabulary, read stats)."""
+    records, vocab, read_stats = _read_annotations(cfg)
     if read_stats.images_outside:
         log.warning(
             "%d images dropped: their file_name leads outside --images (e.g. %s)",
@@ -435,6 +455,82 @@ def _preflight_images(cfg: ExtractConfig, first: list[ImageRecord]) -> None:
         )
 
 
+def _checked(cfg: ExtractConfig) -> tuple[ExtractConfig, list[list[ImageRecord]], Vocabulary, ReadStats]:
+    """The settings (with their dataset name) and the plan, every input checked."""
+    cfg.check()
+    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or Path(cfg.annotations).stem)
+    _check_paths(cfg)
+    _check_device(cfg)
+    _previous_manifest(Path(cfg.out))
+    shards, vocab, read_stats = _plan(cfg)
+    return cfg, shards, vocab, read_stats
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest, and resuming into a folder
+# --------------------------------------------------------------------------------------------
+
+
+def _manifest(cfg: ExtractConfig, vocab: Vocabulary, extractor: FeatureExtractor, read_stats: ReadStats) -> Manifest:
+    clip = extractor.clip
+    return Manifest(
+        vocabulary=vocab,
+        sam=SamBackbone(
+            type=cfg.sam_type,
+            checkpoint=str(Path(cfg.sam_checkpoint).resolve()),
+            sha256_16=file_digest(cfg.sam_checkpoint),
+            image_size=extractor.sam.img_size,
+        ),
+        clip=ClipBackbone(
+            model=str(Path(cfg.clip_model).resolve()),
+            id=model_identity(cfg.clip_model),
+            image_size=clip.image_size,
+            tokens=clip.num_tokens,
+            vision_dim=clip.vision_dim,
+            text_dim=clip.text_dim,
+        ),
+        text_cache=str(Path(cfg.text_cache).resolve()),
+        precision=resolved_precision(extractor.device, cfg.precision),
+        dataset=cfg.dataset,
+        annotations={
+            "sha256_16": file_digest(cfg.annotations),
+            "boxes_sha256_16": file_digest(cfg.boxes) if cfg.boxes else None,
+            **read_stats.to_dict(),
+        },
+        config=asdict(cfg),
+    )
+
+
+def _check_same_run(out: Path, manifest: Manifest) -> None:
+    """Refuse to resume into a folder that holds a different extraction."""
+    old = _previous_manifest(out)
+    if old is None:
+        return
+    diffs = [k for k in ExtractConfig.CONTENT_FIELDS if old.config.get(k) != manifest.config.get(k)]
+    old_precision = old.precision if old.precision != "auto" else None
+    if old_precision is not None and old_precision != manifest.precision:
+        diffs.append(
+            f"precision ({old_precision} -> {manifest.precision}; pass --precision {old_precision} to continue it)"
+        )
+    if old.sam.sha256_16 != manifest.sam.sha256_16:
+        diffs.append("sam weights")
+    if old.clip.id != manifest.clip.id:
+        diffs.append("clip weights")
+    for key, what in (("sha256_16", "annotation file content"), ("boxes_sha256_16", "proposals file content")):
+        if old.annotations.get(key) != manifest.annotations[key]:
+            diffs.append(what)
+    if diffs:
+        raise ExtractError(
+            f"{out} already holds shards of a different extraction (differs in: {', '.join(diffs)}). "
+            "Use another --out, or delete the folder to start over."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Run: the backbones over this rank's pending shards
+# --------------------------------------------------------------------------------------------
+
+
 def run_extraction(cfg: ExtractConfig) -> dict:
     """Extract features for this rank's images; returns the run summary.
 
@@ -442,7 +538,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     and host): a second extraction of the same rank into the same folder is refused.
     """
     start = time.time()
-    shards, vocab, read_stats = _plan(cfg)
+    cfg, shards, vocab, read_stats = _checked(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out / LOCK.format(rank=cfg.rank), f"extraction folder {out} (rank {cfg.rank})"):
@@ -451,13 +547,13 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         extractor = FeatureExtractor(cfg)
         manifest = _manifest(cfg, vocab, extractor, read_stats)
         _check_same_run(out, manifest)
-        write_json_atomic(out / MANIFEST, manifest)
+        manifest.write(out)
         summary = _extract_pending(cfg, shards, extractor, out, len(vocab))
-        manifest["counts"] = shard_counts(out)
-        write_json_atomic(out / MANIFEST, manifest)
+        manifest.counts = shard_counts(out)
+        manifest.write(out)
         _check_extracted(cfg, len(shards), out)
         if cfg.rank == 0:
-            text_embeddings(extractor.clip, list(vocab.names), cfg.text_cache, manifest["backbones"]["clip"]["id"])
+            text_embeddings(extractor.clip, list(vocab.names), cfg.text_cache, manifest.clip.id)
     summary["dropped"] = read_stats.dropped()
     summary["seconds"] = round(time.time() - start, 2)
     summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
@@ -534,17 +630,14 @@ def _loader_batches(loader: DataLoader, cfg: ExtractConfig) -> Iterator[list[dic
         yield items
 
 
-def _extract_pending(
-    cfg: ExtractConfig, shards: list[list[ImageRecord]], extractor: FeatureExtractor, out: Path, num_classes: int
-) -> dict:
-    """Encode the images of the shards not yet in ``out`` and write those shards."""
-    pending = [
-        (j, rec)
-        for j, shard in enumerate(shards)
-        if not (out / shard_name(cfg.dataset, cfg.rank, j)).exists()
-        for rec in shard
-    ]
-    loader = DataLoader(
+def _pending(cfg: ExtractConfig, shards: list[list[ImageRecord]], out: Path) -> list[tuple[int, ImageRecord]]:
+    """(shard index, image) of the shards not yet in ``out``."""
+    done = {j for j in range(len(shards)) if (out / shard_name(cfg.dataset, cfg.rank, j)).exists()}
+    return [(j, rec) for j, shard in enumerate(shards) if j not in done for rec in shard]
+
+
+def _loader(cfg: ExtractConfig, pending: list[tuple[int, ImageRecord]], extractor: FeatureExtractor) -> DataLoader:
+    return DataLoader(
         ImageFeaturesInput(pending, cfg.images, extractor.sam.transform),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
@@ -553,6 +646,13 @@ def _extract_pending(
         persistent_workers=False,
         timeout=cfg.read_timeout if cfg.workers > 0 else 0,
     )
+
+
+def _extract_pending(
+    cfg: ExtractConfig, shards: list[list[ImageRecord]], extractor: FeatureExtractor, out: Path, num_classes: int
+) -> dict:
+    """Encode the images of the shards not yet in ``out`` and write those shards."""
+    pending = _pending(cfg, shards, out)
     output = _ShardOutput(out, cfg, shards, pending, num_classes)
     progress = tqdm(
         total=len(pending), desc=f"extract {cfg.dataset} r{cfg.rank}", unit="img", disable=None, dynamic_ncols=True
@@ -568,7 +668,7 @@ def _extract_pending(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     in_flight: Future | None = None
     try:
-        for items in _loader_batches(loader, cfg):
+        for items in _loader_batches(_loader(cfg, pending, extractor), cfg):
             good = [it for it in items if "error" not in it]
             encoded = extractor.encode(good) if good else []
             if in_flight is not None:
@@ -612,73 +712,9 @@ def _check_extracted(cfg: ExtractConfig, num_shards: int, out: Path) -> None:
         )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m regionspot_pl.extract",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--config", help="YAML file whose keys are these flags (e.g. configs/data/o365.yaml); flags override it"
-    )
-    p.add_argument("--images", help="folder the annotation file_names are relative to")
-    p.add_argument("--annotations", help="COCO-format JSON (categories, images, annotations)")
-    p.add_argument("--out", help="output folder for the shards and manifest.json")
-    p.add_argument("--sam-type", choices=SAM_TYPES)
-    p.add_argument("--sam-checkpoint", help="SAM .pth, e.g. " + OFFICIAL_SAM_CHECKPOINTS["vit_b"])
-    p.add_argument("--clip-model", help="local Hugging Face CLIP folder (save_pretrained layout)")
-    p.add_argument("--clip-size", type=int, choices=(224, 336), help="CLIP input size; must match the model")
-    p.add_argument("--boxes", help="proposals in COCO results format (image_id, bbox xywh, score) instead of GT boxes")
-    p.add_argument("--dataset", help="dataset name stored with each sample (default: annotation file stem)")
-    p.add_argument("--shard-size", type=int, help="images per shard (default 1000)")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--batch-size", type=int, help="images per encoder batch (default 8)")
-    p.add_argument("--workers", type=int, help="image decoding workers (default 2)")
-    p.add_argument("--rank", type=int, help="this process's rank (default: $RANK from torchrun, else 0)")
-    p.add_argument("--world-size", type=int, help="number of ranks (default: $WORLD_SIZE, else 1)")
-    p.add_argument("--no-masks", dest="masks", action="store_false", default=None, help="do not store SAM masks")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="torch.compile SAM's decoder and the encoders: ~10-30 s to compile, then 1.5x (CPU, fp32)",
-    )
-    p.add_argument("--text-cache", help=f"HDF5 text-embedding cache (default {DEFAULT_TEXT_CACHE})")
-    p.add_argument("--limit", type=int, help="only the first N images by id (smoke runs)")
-    p.add_argument(
-        "--read-timeout",
-        type=float,
-        help="seconds without a decoded batch from the image readers before the run fails (default 600)",
-    )
-    return p
-
-
-def config_from_args(argv: list[str] | None = None) -> ExtractConfig:
-    args = _parser().parse_args(argv)
-    values: dict = load_yaml(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    values.setdefault("rank", int(os.environ.get("RANK", 0)))
-    values.setdefault("world_size", int(os.environ.get("WORLD_SIZE", 1)))
-    if values.get("device") == "cuda" and "LOCAL_RANK" in os.environ:
-        values["device"] = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process
-    known = {f.name for f in fields(ExtractConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"error: unknown config keys {unknown} in {args.config}")
-    missing = [k for k in ("images", "annotations", "out", "sam_checkpoint", "clip_model") if not values.get(k)]
-    if missing:
-        raise SystemExit("error: missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    if args.config:  # a shipped config holds placeholder paths: say which to edit
-        for key in ("images", "annotations", "sam_checkpoint", "clip_model"):
-            if not Path(values[key]).exists():
-                raise SystemExit(
-                    f"error: {key.replace('_', '-')} path {values[key]} (from {args.config}) does not exist; "
-                    f"edit it in {args.config} or pass --{key.replace('_', '-')}"
-                )
-    if not 0 <= values["rank"] < values["world_size"]:
-        raise SystemExit(f"error: rank {values['rank']} is outside world size {values['world_size']}")
-    return ExtractConfig(**values)
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
 
 
 def format_summary(summary: dict) -> str:
@@ -695,28 +731,16 @@ def format_summary(summary: dict) -> str:
     return "extraction done: " + ", ".join(parts)
 
 
+def _run(cfg: ExtractConfig) -> int:
+    print(format_summary(run_extraction(cfg)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI: bad input is one ``error:`` line and exit 2; SIGTERM/SIGINT stop it with the
     finished shards kept (exit 128 + the signal number)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(argv)
-    except SystemExit as err:
-        if isinstance(err.code, str):  # "error: ..." from the flag checks
-            print(err.code, file=sys.stderr)
-            return 2
-        raise
-    try:
-        with stop_on_signals():
-            summary = run_extraction(cfg)
-    except Stopped as stop:
-        print(f"{stop}: the finished shards are kept; run the same command again to continue", file=sys.stderr)
-        return stop.exit_code
-    except (FileNotFoundError, AnnotationError, FolderLockError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return run_command(COMMAND, argv, _run, stop_hint=STOP_HINT)
 
 
 if __name__ == "__main__":
