@@ -17,7 +17,8 @@ from segment_anything import SamAutomaticMaskGenerator
 from regionspot_pl.backbones.sam import build_sam
 from regionspot_pl.everything import GeneratorSettings, label_images, mask_box, name_everything
 from regionspot_pl.model import RegionSpotHead, save_head
-from regionspot_pl.predict import Predictor, main
+from regionspot_pl.predict import main
+from regionspot_pl.predictor import Predictor
 
 VOCAB = ["red circle", "blue square", "green triangle", "background"]
 # small and fast on the tiny random SAM: its masks are noise-like and its predicted IoUs and
@@ -172,9 +173,9 @@ def test_cli_everything_bad_input(setup, tmp_path, capsys):
         (["--images", str(empty), "--json", js], "no images (.jpg"),
         (["--images", str(tmp_path / "nope"), "--json", js], "image folder not found"),
         (["--image", image, "--out", "o.png", "--json", js, "--pred-iou-thresh", "2"],
-         "pred_iou_thresh must be in [0, 1], got 2.0"),
+         "--pred-iou-thresh must be in [0, 1], got 2.0"),
         (["--image", image, "--out", "o.png", "--json", js, "--score-thresh", "-1"],
-         "--score-thresh must be in [0, 1]"),
+         "--score-thresh (score_thresh) is -1.0; it must be >= 0"),
         (["--image", str(tmp_path / "missing.png"), "--out", "o.png", "--json", js],
          "image file not found"),
     ]  # fmt: skip

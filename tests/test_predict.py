@@ -13,11 +13,14 @@ from PIL import Image
 from regionspot_pl import viz
 from regionspot_pl.backbones.clip import ClipEncoder, text_embeddings
 from regionspot_pl.backbones.sam import SamRegionEncoder
-from regionspot_pl.data.shards import iter_samples, list_shards, read_manifest
+from regionspot_pl.data.cache import read_manifest
+from regionspot_pl.data.shards import iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.extract import ExtractConfig, run_extraction
 from regionspot_pl.model import RegionSpotHead, region_logits, save_head
-from regionspot_pl.predict import Predictor, main
+from regionspot_pl.model.head import HeadMismatchError
+from regionspot_pl.predict import main
+from regionspot_pl.predictor import Predictor
 
 NUM_IMAGES = 3
 
@@ -49,8 +52,8 @@ def setup(tiny_backbones, tmp_path_factory) -> dict:
         "head": head_path,
         "text_cache": text_cache,
         "shards": list_shards(root / "shards"),
-        "names": manifest["vocabulary"]["names"],
-        "clip_id": manifest["backbones"]["clip"]["id"],
+        "names": list(manifest.vocabulary.names),
+        "clip_id": manifest.clip.id,
         "predictor": predictor,
         "backbones": tiny_backbones,
     }
@@ -163,7 +166,9 @@ def test_vocabulary_file(setup):
 
 def test_head_clip_dim_mismatch(setup, tmp_path):
     wrong = save_head(RegionSpotHead(clip_dim=96, text_dim=64, ffn_dim=256, num_heads=4), tmp_path / "h.pt")
-    with pytest.raises(ValueError, match=r"clip_dim 96, text_dim 64.*vision width 128, text dim 64"):
+    with pytest.raises(
+        HeadMismatchError, match=r"h.pt expects CLIP features of width 96 and text dim 64.*gives width 128"
+    ):
         Predictor.from_pretrained(
             head=wrong, sam_type="tiny", sam_checkpoint=setup["backbones"]["sam_checkpoint"],
             clip_model=setup["backbones"]["clip_dir"],

@@ -19,67 +19,58 @@ stability_score). ``pycocotools.coco.COCO`` loads it as a labelled data set; its
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from .predict import ImageLike, Predictor, VocabularyLike, load_image, read_vocabulary
+from .backbones.image import ImageReadError
+from .cli import ConfigError, option
+from .errors import RegionSpotError
+from .io import masks_to_rle
+from .predictor import ImageLike, Predictor, VocabularyLike, load_image, read_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-_HELP = {
-    "points_per_side": "a grid of N x N point prompts over the image",
-    "points_per_batch": "point prompts per decoder call (memory)",
-    "pred_iou_thresh": "keep masks whose SAM-predicted IoU is at least this",
-    "stability_score_thresh": "keep masks whose stability score is at least this",
-    "stability_score_offset": "logit offset the stability score binarizes at",
-    "box_nms_thresh": "box IoU above which a duplicate mask is dropped (1: keep all)",
-    "crop_n_layers": "also run on 2^i x 2^i image crops, i = 1..N",
-    "crop_nms_thresh": "box IoU above which a duplicate mask of another crop is dropped",
-    "crop_overlap_ratio": "overlap of neighbouring crops, as a fraction of the image side",
-    "crop_n_points_downscale_factor": "the grid side shrinks by this per crop layer",
-    "min_mask_region_area": "remove islands and fill holes under this many pixels (opencv)",
-}
+
+class ImageFolderError(RegionSpotError, FileNotFoundError):
+    """An image folder is missing or holds no images."""
 
 
 @dataclass(frozen=True)
 class GeneratorSettings:
     """``SamAutomaticMaskGenerator``'s parameters, with its defaults (see its docstring)."""
 
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
+    points_per_side: int = option(32, "a grid of N x N point prompts over the image", minimum=1)
+    points_per_batch: int = option(64, "point prompts per decoder call (memory)", minimum=1)
+    pred_iou_thresh: float = option(0.88, "keep masks whose SAM-predicted IoU is at least this", minimum=0)
+    stability_score_thresh: float = option(0.95, "keep masks whose stability score is at least this", minimum=0)
+    stability_score_offset: float = option(1.0, "logit offset the stability score binarizes at")
+    box_nms_thresh: float = option(0.7, "box IoU above which a duplicate mask is dropped (1: keep all)", minimum=0)
+    crop_n_layers: int = option(0, "also run on 2^i x 2^i image crops, i = 1..N", minimum=0)
+    crop_nms_thresh: float = option(0.7, "box IoU above which a duplicate mask of another crop is dropped", minimum=0)
+    crop_overlap_ratio: float = option(
+        512 / 1500, "overlap of neighbouring crops, as a fraction of the image side", minimum=0
+    )
+    crop_n_points_downscale_factor: int = option(1, "the grid side shrinks by this per crop layer", minimum=1)
+    min_mask_region_area: int = option(0, "remove islands and fill holes under this many pixels (opencv)", minimum=0)
 
     def check(self) -> None:
-        """ValueError naming the first setting out of its range."""
-        positive = ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("crop_n_layers", "min_mask_region_area"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh")
-        for name in (*unit, "crop_overlap_ratio"):
+        """ConfigError naming the first setting out of its range (the minimums are checked where
+        the settings are parsed; this checks them again for settings made in Python)."""
+        for name, value in asdict(self).items():
+            minimum = self.__dataclass_fields__[name].metadata.get("minimum")
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum:g}, got {value}")
+        unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio")
+        for name in unit:
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
     def build(self, sam: Sam) -> SamAutomaticMaskGenerator:
         """The generator on ``sam``, giving binary masks."""
@@ -136,10 +127,9 @@ def coco_annotations(
     regions: list[dict[str, Any]], image_id: int, names: list[str], first_id: int = 1
 ) -> list[dict[str, Any]]:
     """Regions of one image -> COCO annotations (ids from ``first_id``; category ids 1..C)."""
+    rles = masks_to_rle(np.stack([r["mask"] for r in regions])) if regions else []
     annotations = []
-    for i, region in enumerate(regions):
-        rle = mask_utils.encode(np.asfortranarray(region["mask"].astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
+    for i, (region, rle) in enumerate(zip(regions, rles)):
         x1, y1, x2, y2 = region["box"]
         annotations.append({
             "id": first_id + i, "image_id": image_id,
@@ -155,10 +145,10 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder`` (not its subfolders), sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise ImageFolderError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise ImageFolderError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
 
 
@@ -192,7 +182,7 @@ def label_images(
     for image_id, path in enumerate(bar, start=1):
         try:
             pixels = load_image(path)
-        except (ValueError, OSError) as err:
+        except ImageReadError as err:
             tqdm.write(f"warning: skipped {path}: {err}", file=sys.stderr)
             data["skipped"].append({"file_name": path.name, "error": str(err)})
             continue
@@ -209,66 +199,7 @@ def label_images(
     return data
 
 
-def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``data`` to ``path`` (parent folders created), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_everything_arguments(parser: argparse.ArgumentParser) -> None:
-    """--everything, --json, --score-thresh and the generator's parameters."""
-    g = parser.add_argument_group(
-        "name everything (--everything)",
-        "SAM's automatic mask generator finds the regions (its parameters below, with SAM's "
-        "defaults; on small SAMs lower --pred-iou-thresh and --stability-score-thresh)",
-    )
-    g.add_argument("--everything", action="store_true", help="name every region SAM finds")
-    g.add_argument("--json", help="COCO-layout JSON to write (images, categories, annotations)")
-    g.add_argument(
-        "--score-thresh", type=float, default=0.0,
-        help="drop regions whose top probability is below this (default 0: keep all; the top "
-        "probability is at least 1 / vocabulary size)",
-    )  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="no progress bar with --images")
-    for f in fields(GeneratorSettings):
-        flag = "--" + f.name.replace("_", "-")
-        g.add_argument(flag, type=type(f.default), default=f.default,
-                       help=f"{_HELP[f.name]} (default {f.default:g})")  # fmt: skip
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    """--everything with --image (picture at --out) or --images (pictures in --out, if given)."""
-    from .predict import parse_vocab
-
-    settings = GeneratorSettings(**{f.name: getattr(args, f.name) for f in fields(GeneratorSettings)})
-    settings.check()
-    if not 0.0 <= args.score_thresh <= 1.0:
-        raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
-    vocab = read_vocabulary(parse_vocab(args.vocab))
-    if args.image:
-        files = [Path(args.image)]
-        load_image(files[0])  # a bad image fails before any model is loaded
-        pictures = {files[0]: Path(args.out)}
-    else:
-        files = list_images(args.images)
-        pictures = _picture_paths(files, Path(args.out)) if args.out else None
-    predictor = Predictor.from_pretrained(
-        args.head, args.sam_type, args.sam_checkpoint, args.clip_model,
-        device=args.device, text_cache=args.text_cache,
-    )  # fmt: skip
-    data = label_images(predictor, files, vocab, settings, args.score_thresh, pictures,
-                        progress=bool(args.images) and not args.no_progress)  # fmt: skip
-    data["info"]["head"] = str(args.head)
-    path = write_json(data, args.json)
-    print(f"named {len(data['annotations'])} regions in {len(data['images'])} images -> {path}")
-
-
-def _picture_paths(files: list[Path], folder: Path) -> dict[Path, Path]:
+def picture_paths(files: list[Path], folder: Path) -> dict[Path, Path]:
     """One PNG per image, named after it (a.jpg -> a.png; a.jpg.png when two share a stem)."""
     stems = [f.stem for f in files]
     unique = len(set(stems)) == len(stems)

@@ -40,7 +40,7 @@ def _upscale_factor(size: tuple[int, int], min_size: int) -> int:
 
 
 def _font(image_width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    # ~1/36 of the width, at least 13 px: readable on 512 px pictures and on 1024 px photos.
+    # a fixed fraction of the width, never below 13 px: readable on small pictures and on photos
     return ImageFont.load_default(size=max(13, image_width // 36))
 
 
@@ -116,30 +116,14 @@ def draw_detections(
     """
     base = _to_pil(image)
     n = len(boxes)
-    if not (len(labels) == len(scores) == n):
-        raise ValueError(f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box")
-    if gt_labels is not None and len(gt_labels) != n:
-        raise ValueError(f"gt_labels has {len(gt_labels)} entries for {n} boxes")
-    if masks is not None and len(masks) != n:
-        raise ValueError(f"masks has {len(masks)} entries for {n} boxes")
-    if points is not None and len(points) != n:
-        raise ValueError(f"points has {len(points)} entries for {n} boxes")
+    _check_entries(n, labels, scores, gt_labels=gt_labels, masks=masks, points=points)
     colours = palette(n)
-
-    canvas = np.asarray(base).astype(np.float32)
-    if masks is not None:
-        for mask, colour in zip(masks, colours):
-            m = np.asarray(mask, dtype=bool)
-            if m.shape != canvas.shape[:2]:
-                raise ValueError(f"mask shape {m.shape} does not match the image {canvas.shape[:2]}")
-            canvas[m] = (1 - _MASK_ALPHA) * canvas[m] + _MASK_ALPHA * np.asarray(colour, np.float32)
-    picture = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
+    picture = _with_masks(base, masks, colours)
     scale = _upscale_factor(picture.size, min_size)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
 
     draw = ImageDraw.Draw(picture)
-    font = _font(picture.width)
     line = max(2, picture.width // 250)
     # boxes first, then all captions, so that no box line crosses a caption
     for box, colour in zip(boxes, colours):
@@ -149,20 +133,49 @@ def draw_detections(
     for prompt, colour in zip(points or [], colours):
         if prompt is not None:
             _draw_points(draw, prompt, colour, scale, radius=max(4, picture.width // 90))
-    taken: list[tuple[float, float, float, float]] = []
-    for i, (box, colour) in enumerate(zip(boxes, colours)):
-        if box is None:
-            box = _corner(masks[i] if masks is not None else None, points[i] if points else None)
-        text = f"{labels[i]} {float(scores[i]):.2f}"
-        outline = None
-        if gt_labels is not None:
-            correct = labels[i] == gt_labels[i]
-            outline = CORRECT if correct else WRONG
-            if not correct:
-                text += f" (gt: {gt_labels[i]})"
-        _caption(draw, text, (float(box[0]) * scale, float(box[1]) * scale), colour, font,
+    corners = [
+        box if box is not None else _corner(masks[i] if masks is not None else None, points[i] if points else None)
+        for i, box in enumerate(boxes)
+    ]
+    font, taken = _font(picture.width), []
+    for i, (corner, colour) in enumerate(zip(corners, colours)):
+        text, outline = _detection_caption(labels[i], scores[i], gt_labels[i] if gt_labels is not None else None)
+        _caption(draw, text, (float(corner[0]) * scale, float(corner[1]) * scale), colour, font,
                  picture.size, outline, taken)  # fmt: skip
     return picture
+
+
+def _check_entries(n: int, labels: Sequence, scores: Sequence, **per_box: Sequence | None) -> None:
+    """ValueError unless labels, scores and each given per-box sequence have ``n`` entries."""
+    if not (len(labels) == len(scores) == n):
+        raise ValueError(f"boxes ({n}), labels ({len(labels)}) and scores ({len(scores)}) must have one entry per box")
+    for name, values in per_box.items():
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries for {n} boxes")
+
+
+def _with_masks(base: Image.Image, masks, colours: list[tuple[int, int, int]]) -> Image.Image:
+    """``base`` with each mask blended in its colour (at the image's own size)."""
+    if masks is None:
+        return base.copy()
+    canvas = np.asarray(base).astype(np.float32)
+    for mask, colour in zip(masks, colours):
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != canvas.shape[:2]:
+            raise ValueError(f"mask shape {m.shape} does not match the image {canvas.shape[:2]}")
+        canvas[m] = (1 - _MASK_ALPHA) * canvas[m] + _MASK_ALPHA * np.asarray(colour, np.float32)
+    return Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
+
+
+def _detection_caption(label: str, score: float, gt_label: str | None) -> tuple[str, tuple[int, int, int] | None]:
+    """(caption text, outline colour): green outline when ``label`` is the true one, red (and
+    the true name) when not, none without a true label."""
+    text = f"{label} {float(score):.2f}"
+    if gt_label is None:
+        return text, None
+    if label == gt_label:
+        return text, CORRECT
+    return f"{text} (gt: {gt_label})", WRONG
 
 
 def _corner(mask: np.ndarray | None, points) -> tuple[float, float]:
@@ -296,25 +309,32 @@ def draw_attention(
     # caption always gives the map's true range.
     lo, hi = value_range if value_range is not None else (low, peak)
     normalized = np.clip((patches - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(patches)
-
     scale = _upscale_factor(base.size, min_size)
-    size = (base.width * scale, base.height * scale)
-    picture = base.resize(size, Image.Resampling.BICUBIC) if scale > 1 else base
-    # upsample the [0, 1] map as an 8-bit image (bilinear), then colour it
-    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
-    coloured = colormaps[cmap](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3] * 255
-    blended = (1 - _HEAT_ALPHA) * np.asarray(picture, np.float32) + _HEAT_ALPHA * coloured
-    picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    picture = _heat_overlay(base, normalized, scale, cmap)
 
     draw = ImageDraw.Draw(picture)
     line = max(2, picture.width // 200)
     x1, y1, x2, y2 = (float(v) * scale for v in box)
     draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 255), width=line + 2)
     draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=max(1, line - 1))
-
-    # caption band below the picture, so it never hides the heat map
-    font = _font(picture.width)
     lines = ([title] if title else []) + [f"class token {cls_weight:.3f} | patches {low:.4f}-{peak:.4f}"]
+    return _with_caption_band(picture, lines)
+
+
+def _heat_overlay(base: Image.Image, normalized: np.ndarray, scale: int, cmap: str) -> Image.Image:
+    """``base`` enlarged ``scale`` times with the [0, 1] patch map blended over it in ``cmap``."""
+    size = (base.width * scale, base.height * scale)
+    picture = base.resize(size, Image.Resampling.BICUBIC) if scale > 1 else base
+    # upsample the [0, 1] map as an 8-bit image (bilinear), then colour it
+    heat = Image.fromarray((normalized * 255).round().astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    coloured = colormaps[cmap](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3] * 255
+    blended = (1 - _HEAT_ALPHA) * np.asarray(picture, np.float32) + _HEAT_ALPHA * coloured
+    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
+def _with_caption_band(picture: Image.Image, lines: list[str]) -> Image.Image:
+    """``picture`` with ``lines`` written in a white band below it, so they never hide it."""
+    font = _font(picture.width)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     heights = [measure.textbbox((0, 0), t, font=font) for t in lines]
     line_h = max(b[3] - b[1] for b in heights) + 6
@@ -323,12 +343,7 @@ def draw_attention(
     out.paste(picture, (0, 0))
     draw = ImageDraw.Draw(out)
     for i, (text, bbox) in enumerate(zip(lines, heights)):
-        draw.text(
-            (6 - bbox[0], picture.height + 4 + i * line_h - bbox[1]),
-            text,
-            fill=(0, 0, 0),
-            font=font,
-        )
+        draw.text((6 - bbox[0], picture.height + 4 + i * line_h - bbox[1]), text, fill=(0, 0, 0), font=font)
     return out
 
 

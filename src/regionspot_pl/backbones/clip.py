@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 from transformers import AutoTokenizer, CLIPModel
 
+from .common import BackboneError, BackboneNotFoundError
 from .templates import TEMPLATES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,7 +45,7 @@ def load_clip(model_dir: str | Path) -> tuple[CLIPModel, transformers.PreTrained
     """
     path = Path(model_dir)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise BackboneNotFoundError(
             f"CLIP directory {str(path)!r} not found; pass a local directory holding a Hugging "
             "Face CLIP snapshot (config.json, model.safetensors, tokenizer files), e.g. one "
             "saved by CLIPModel.save_pretrained or written by `python -m regionspot_pl.tiny DIR`"
@@ -52,18 +53,24 @@ def load_clip(model_dir: str | Path) -> tuple[CLIPModel, transformers.PreTrained
     config_file = path / "config.json"
     model_type = None
     if config_file.is_file():
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise BackboneError(f"{config_file} is not a CLIP config (a JSON object): {err}") from err
     if model_type != "clip":
-        raise ValueError(
+        raise BackboneError(
             f"{str(path)!r} is not a CLIP directory: config.json "
             f"{'missing' if model_type is None else f'has model_type {model_type!r}'}; expected "
             "a Hugging Face snapshot of e.g. openai/clip-vit-base-patch16 (model_type 'clip')"
         )
-    model = CLIPModel.from_pretrained(path, local_files_only=True)
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:  # missing or truncated weights, bad config
+        raise BackboneError(f"the CLIP model in {str(path)!r} could not be loaded: {err}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise BackboneError(
             f"{str(path)!r} holds no loadable tokenizer ({err}); save one next to the model "
             "with tokenizer.save_pretrained(dir)"
         ) from err
@@ -200,7 +207,7 @@ class LazyTextEncoder:
     def encode_texts(self, *args, **kwargs) -> torch.Tensor:
         if self._encoder is None:
             if not self.model_dir.is_dir():
-                raise FileNotFoundError(
+                raise BackboneNotFoundError(
                     f"this vocabulary is not in the text cache, and the CLIP folder {self.model_dir} that would "
                     "compute it is missing: pass --clip-model DIR"
                 )
@@ -213,7 +220,7 @@ def model_identity(model_dir: str | Path) -> str:
     path = Path(model_dir)
     files = sorted({f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern)})
     if not files:
-        raise FileNotFoundError(
+        raise BackboneNotFoundError(
             f"no weight files ({', '.join(_WEIGHT_PATTERNS)}) in {str(path)!r}; "
             "is it a CLIP snapshot saved with save_pretrained?"
         )

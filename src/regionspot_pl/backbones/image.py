@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..errors import RegionSpotError
+
 # detectron2's test-time ResizeShortestEdge of the reference's configs.
 SHORT_EDGE = 800
 MAX_SIZE = 1333
@@ -30,8 +32,12 @@ MAX_SIZE = 1333
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(RegionSpotError, ValueError):
     """An image file is missing, unreadable, outside its folder, or not the size its record says."""
+
+
+class ImageNotFoundError(ImageReadError, FileNotFoundError):
+    """An image file does not exist."""
 
 
 class ImageSizeError(ImageReadError):
@@ -90,7 +96,7 @@ def read_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"image file not found: {path}")
+        raise ImageNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as stored:
             stored.load()

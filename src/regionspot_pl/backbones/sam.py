@@ -26,6 +26,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from torch.nn import functional as F
 
+from .common import BackboneError, BackboneNotFoundError
+
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
 
 OFFICIAL_SAM_CHECKPOINTS = {
@@ -119,7 +121,7 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
         the ``Sam`` in eval mode with ``requires_grad`` False on every parameter.
     """
     if sam_type not in SAM_TYPES:
-        raise ValueError(f"unknown --sam-type {sam_type!r}; choose one of {', '.join(SAM_TYPES)}")
+        raise BackboneError(f"unknown --sam-type {sam_type!r}; choose one of {', '.join(SAM_TYPES)}")
     state = None
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -130,14 +132,14 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
                 if sam_type == "tiny"
                 else "download it from the segment-anything release"
             )
-            raise FileNotFoundError(
+            raise BackboneNotFoundError(
                 f"SAM checkpoint {str(path)!r} not found; --sam-type {sam_type} expects the "
                 f"official file {official} ({hint}) and its path in --sam-checkpoint"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors, truncated files, ...
-            raise ValueError(
+            raise BackboneError(
                 f"checkpoint {str(path)!r} could not be read as a SAM state dict "
                 f"(expected the official {official}): {err}"
             ) from err
@@ -145,14 +147,14 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
             state = state["model"]  # a training checkpoint wrapping the state dict
         sig = _signature(state) if isinstance(state, dict) else None
         if sig is None:
-            raise ValueError(
+            raise BackboneError(
                 f"checkpoint {str(path)!r} does not fit --sam-type {sam_type}: it is not a SAM "
                 f"state dict (no 'image_encoder.pos_embed'); expected the official {official}"
             )
         if sig != _SIGNATURES[sam_type]:
             found = [t for t, s in _SIGNATURES.items() if s == sig]
             guess = f"it looks like --sam-type {found[0]}" if found else "it matches no known type"
-            raise ValueError(
+            raise BackboneError(
                 f"checkpoint {str(path)!r} does not fit --sam-type {sam_type}: image encoder "
                 f"width/depth/grid {sig}, expected {_SIGNATURES[sam_type]}; {guess}"
             )
@@ -162,7 +164,7 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
         try:
             sam.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --sam-type {sam_type}: {err}") from err
+            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit --sam-type {sam_type}: {err}") from err
     sam.eval()
     sam.requires_grad_(False)
     return sam

@@ -1,0 +1,41 @@
+"""What every user of the frozen backbones shares: their errors, the autocast precision they run
+at, and where text embeddings are cached by default. Extraction, ``test`` and the predictor
+import these from here, so no command imports another command's module."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from ..errors import RegionSpotError
+
+# The HDF5 file of CLIP text embeddings that extraction writes and the predictor reads.
+DEFAULT_TEXT_CACHE = "cache/text_embeddings.h5"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class BackboneError(RegionSpotError, ValueError):
+    """A SAM checkpoint or a CLIP folder is not the one asked for (wrong type, unreadable)."""
+
+
+class BackboneNotFoundError(BackboneError, FileNotFoundError):
+    """A SAM checkpoint or a CLIP folder does not exist."""
+
+
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """The precision ``auto`` stands for on this device: bf16 where the card has it, fp16 on
+    others (V100), fp32 on CPU. Recorded in the manifest: shards of one folder share it."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """Autocast at ``resolved_precision(device, precision)``; no autocast for fp32."""
+    precision = resolved_precision(device, precision)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
