@@ -259,14 +259,14 @@ def test_ignore_flags_go_to_the_lvis_api_with_a_warning() -> None:
 
 def test_fit_takes_the_backend_and_rejects_an_unknown_one(tmp_path) -> None:
     from regionspot_pl import fit
+    from regionspot_pl.cli import ConfigError
     from regionspot_pl.module import RegionSpotModule
 
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "fit" / "demo.yaml")
-    args = fit._parser().parse_args(["--config", demo, "--metric-backend", "lvis"])
-    assert fit.build_config(args)["metric_backend"] == "lvis"
-    assert fit.build_config(fit._parser().parse_args(["--config", demo])).get("metric_backend") is None
-    with pytest.raises(fit.FitError, match="unknown metric backend 'pycoco'"):
-        fit.run({"data": {}, "out": str(tmp_path), "metric_backend": "pycoco"})
+    assert fit.COMMAND.parse(["--config", demo, "--metric-backend", "lvis"])[0].metric_backend == "lvis"
+    assert fit.COMMAND.parse(["--config", demo])[0].metric_backend == "hotcoco"
+    with pytest.raises(ConfigError, match="--metric-backend .*'pycoco'; expected one of: hotcoco, lvis"):
+        fit.run({"out": str(tmp_path), "metric_backend": "pycoco"})
     head = {"clip_dim": 32, "text_dim": 16, "ffn_dim": 32, "num_heads": 2}
     assert RegionSpotModule(head=head).hparams.metric_backend == "hotcoco"
     assert RegionSpotModule(head=head, metric_backend="lvis").hparams.metric_backend == "lvis"

@@ -116,7 +116,7 @@ def test_missing_or_broken_folders(tmp_path):
         load_head(folder)
     broken = save_pretrained(_head(), tmp_path / "broken")
     (broken / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json could not be read as JSON"):
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_head(broken)
     garbage = save_pretrained(_head(), tmp_path / "garbage")
     (garbage / "model.safetensors").write_bytes(b"\x00" * 20)
@@ -170,7 +170,7 @@ def test_fit_exports_the_head_folder_beside_head_pt(demo_shards, tmp_path):
         "data": {"train_shards": [str(demo_shards["train"])], "batch_size": 4, "workers": 0,
                  "shuffle_buffer": 8},
         "optim": {"lr": 1e-3, "warmup_iters": 1},
-        "trainer": {"max_steps": 2, "val_check_interval": 2, "accelerator": "cpu", "devices": 1,
+        "trainer": {"max_steps": 2, "val_every": 2, "accelerator": "cpu", "devices": 1,
                     "precision": "32-true", "enable_progress_bar": False},
     }  # fmt: skip
     result = run(cfg)

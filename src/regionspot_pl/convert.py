@@ -3,30 +3,60 @@
 DST ending in .pt or .pth: a head file (our torch format). Any other DST: a model folder with
 config.json, model.safetensors and a README.md model card, loadable by path or, once uploaded,
 by Hugging Face Hub id. Every --head flag (predict, test, fit --init-from) takes either.
+SRC and DST may also be given as --src and --dst (or in --config).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
+from .cli import Command, ConfigError, option, run_command
 from .model.checkpoint import CheckpointError, convert_official
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m regionspot_pl.convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+@dataclass
+class ConvertConfig:
+    """The settings of ``python -m regionspot_pl.convert``."""
+
+    src: str | None = option(None, "official RegionSpot checkpoint (.pth with key 'model'); also the first positional")
+    dst: str | None = option(
+        None,
+        "head file to write (DST.pt / DST.pth) or model folder to write (any other DST); also the second positional",
     )
-    parser.add_argument("src", help="official RegionSpot checkpoint (.pth with key 'model')")
-    parser.add_argument("dst", help="head file to write (DST.pt / DST.pth) or model folder to write (any other DST)")
-    args = parser.parse_args(argv)
+
+    def check(self) -> None:
+        if self.src is None or self.dst is None:
+            raise ConfigError("give the checkpoint to convert and where to write it: SRC.pth DST (or --src and --dst)")
+
+
+@dataclass
+class _Command(Command):
+    """The command with SRC and DST also accepted as positionals, as documented."""
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = super().parser()
+        p.add_argument("src", nargs="?", default=argparse.SUPPRESS, metavar="SRC", help="= --src")
+        p.add_argument("dst", nargs="?", default=argparse.SUPPRESS, metavar="DST", help="= --dst")
+        return p
+
+
+COMMAND = _Command(ConvertConfig, "python -m regionspot_pl.convert", __doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(COMMAND, argv, run)
+
+
+def run(config: ConvertConfig) -> int:
+    """Convert SRC into DST; 0 on success."""
     try:
-        variant, path = convert_official(args.src, args.dst)
-    except (CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        variant, path = convert_official(config.src, config.dst)
+    except OSError as err:  # DST not writable, SRC not readable; the message names the file
+        if isinstance(err, CheckpointError):  # a missing SRC: already a RegionSpotError
+            raise
+        raise CheckpointError(f"cannot convert {config.src} to {config.dst}: {err}") from None
     print(f"wrote {variant} head to {path}")
     return 0
 

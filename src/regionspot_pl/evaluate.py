@@ -1,10 +1,11 @@
 """python -m regionspot_pl.evaluate GT.json RESULTS.json: box / mask AP of a results file.
 
 LVIS ground truth (categories with 'frequency') is scored with the LVIS protocol, anything else
-with COCO's; by hotcoco (default, seconds on LVIS val) or, with --metric-backend lvis, by the
-official libraries (the LVIS API, pycocotools), the reference. Prints a table in percent.
---out DIR writes DIR/metrics.json ({"<iou_type>": {metric: fraction}}, null for metrics with
-nothing to score) and the report: DIR/report.md, DIR/ap_per_class.png, DIR/ap_per_class.csv.
+with COCO's; by hotcoco (default, much faster on LVIS val: docs/benchmarks.md) or, with
+--metric-backend lvis, by the official libraries (the LVIS API, pycocotools), the reference.
+Prints a table in percent. --out DIR writes DIR/metrics.json ({"<iou_type>": {metric: fraction}},
+null for metrics with nothing to score) and the report: DIR/report.md, DIR/ap_per_class.png,
+DIR/ap_per_class.csv. GT and RESULTS may also be given as --gt and --results (or in --config).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import Command, ConfigError, option, run_command
+from .errors import RegionSpotError
 from .evaluation.metrics import (
     BACKENDS,
     DEFAULT_BACKEND,
     IOU_TYPES,
     KINDS,
-    EvaluationInputError,
     evaluate_results,
     format_metrics_table,
     load_ground_truth,
@@ -30,37 +33,52 @@ from .evaluation.metrics import (
 from .evaluation.report import write_report
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m regionspot_pl.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+class OutputError(RegionSpotError):
+    """A file cannot be read or written for a reason other than its content (permissions, a full disk)."""
+
+
+@dataclass
+class EvaluateConfig:
+    """The settings of ``python -m regionspot_pl.evaluate``."""
+
+    gt: str | None = option(None, "COCO/LVIS annotation JSON (e.g. lvis_v1_val.json); also the first positional")
+    results: str | None = option(None, "detections JSON list in COCO/LVIS results format; also the second positional")
+    iou_type: list[str] = option(["bbox"], "bbox, segm, or both (segm needs 'segmentation' RLE in the results)")
+    kind: str = option(
+        "auto", "evaluator: auto (LVIS when the categories carry 'frequency'), lvis or coco", choices=KINDS
     )
-    parser.add_argument("gt", help="COCO/LVIS annotation JSON (e.g. lvis_v1_val.json)")
-    parser.add_argument("results", help="detections JSON list in COCO/LVIS results format")
-    parser.add_argument(
-        "--iou-type",
-        nargs="+",
-        choices=IOU_TYPES,
-        default=["bbox"],
-        help="bbox, segm, or both (segm needs 'segmentation' RLE in the results)",
+    max_dets: int = option(300, "LVIS: detections kept per image (official 300); COCO: per image and class", minimum=1)
+    metric_backend: str = option(
+        DEFAULT_BACKEND, "hotcoco (fast) or lvis (the official LVIS API / pycocotools, the reference)", choices=BACKENDS
     )
-    parser.add_argument("--kind", choices=KINDS, default="auto", help="evaluator (default: auto)")
-    parser.add_argument(
-        "--max-dets",
-        type=int,
-        default=300,
-        help="LVIS: detections kept per image (official 300); COCO: per image and class",
-    )
-    parser.add_argument(
-        "--metric-backend",
-        choices=BACKENDS,
-        default=DEFAULT_BACKEND,
-        help="hotcoco (default, fast) or lvis (the official LVIS API / pycocotools, the reference)",
-    )
-    parser.add_argument("--out", type=Path, help="output folder: metrics.json, report.md, ap_per_class.png and .csv")
-    parser.add_argument("--verbose", action="store_true", help="show the libraries' own output")
-    return parser
+    out: str | None = option(None, "output folder: metrics.json, report.md, ap_per_class.png and .csv")
+    verbose: bool = option(False, "show the libraries' own output")
+
+    def check(self) -> None:
+        if self.gt is None or self.results is None:
+            raise ConfigError("give the ground truth and the results: GT.json RESULTS.json (or --gt and --results)")
+        bad = [t for t in self.iou_type if t not in IOU_TYPES]
+        if bad:
+            raise ConfigError(f"--iou-type {bad[0]!r} is not one of: {', '.join(IOU_TYPES)}")
+        if self.out is not None and Path(self.out).suffix == ".json":
+            raise ConfigError(
+                f"--out is an output folder (it receives metrics.json and the report), got the "
+                f"file name {self.out}: pass a folder, e.g. --out {Path(self.out).with_suffix('')}"
+            )
+
+
+@dataclass
+class _Command(Command):
+    """The command with GT and RESULTS also accepted as positionals, as documented."""
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = super().parser()
+        p.add_argument("gt", nargs="?", default=argparse.SUPPRESS, metavar="GT", help="= --gt")
+        p.add_argument("results", nargs="?", default=argparse.SUPPRESS, metavar="RESULTS", help="= --results")
+        return p
+
+
+COMMAND = _Command(EvaluateConfig, "python -m regionspot_pl.evaluate", __doc__)
 
 
 def run_evaluate(
@@ -90,7 +108,7 @@ def run_evaluate(
     types = list(dict.fromkeys(iou_types))  # de-duplicated, order kept
     for t in types:
         # The last evaluation may let the official libraries write into the loaded dicts
-        # rather than into copies: 1.4 GB less at LVIS val size.
+        # rather than into copies, which saves memory at LVIS val size (docs/benchmarks.md).
         evaluations[t] = evaluate_results(
             gt_dict,
             dets,
@@ -119,25 +137,19 @@ def run_evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.max_dets < 1:
-        parser.error(f"--max-dets must be >= 1, got {args.max_dets}")  # exits with code 2
-    if args.out is not None and args.out.suffix == ".json":
-        parser.error(
-            f"--out is an output folder (it receives metrics.json and the report), got the "
-            f"file name {args.out}: pass a folder, e.g. --out {args.out.with_suffix('')}"
-        )
+    return run_command(COMMAND, argv, run)
+
+
+def run(config: EvaluateConfig) -> int:
+    """Score the results, print the table and the files written; 0 on success."""
+    out = Path(config.out) if config.out is not None else None
     try:
         result = run_evaluate(
-            args.gt, args.results, args.iou_type, args.kind, args.max_dets, args.metric_backend, args.out, args.verbose
-        )
-    except EvaluationInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. --out not writable; the message names the file
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            config.gt, config.results, config.iou_type, config.kind, config.max_dets, config.metric_backend, out,
+            config.verbose,
+        )  # fmt: skip
+    except OSError as err:  # e.g. --out not writable, a file not readable; the message names it
+        raise OutputError(str(err)) from None
     print(format_metrics_table({t: e.metrics for t, e in result["evaluations"].items()}))
     for name, path in result["files"].items():
         print(f"{name}: {path}")

@@ -47,6 +47,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from ..cli import Command, ConfigError, option, run_command
+from ..errors import RegionSpotError
+from ..io import write_json_atomic
+
 # Bump when the drawing or sampling changes, so that stale generated sets are redrawn.
 GENERATOR_VERSION = 1
 VAL_ID_OFFSET = 1_000_000
@@ -56,6 +60,11 @@ _JPEG_QUALITY = 92
 # Object radius range as a fraction of the image side: the smallest objects still span about 1/5
 # of the side, several 16-pixel CLIP patches once the image is resized to 224.
 _RADIUS_RANGE = (0.1, 0.21)
+
+
+class DemoDataError(RegionSpotError, ValueError):
+    """Demo set sizes that cannot hold every class, or images too small to draw on."""
+
 
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross",
@@ -482,7 +491,7 @@ def _paths(out_dir: Path) -> dict[str, Path]:
 
 
 def _dump(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
+    write_json_atomic(path, obj, indent=None)
 
 
 def generate_demo_dataset(
@@ -511,13 +520,7 @@ def generate_demo_dataset(
     if not force and _is_complete(paths, params):
         return paths
     cats = {c.id: c for c in demo_categories()}
-    if num_train < 1 or num_val * _MIN_OBJECTS < len(cats):
-        raise ValueError(
-            f"need num_train >= 1 and num_val >= {math.ceil(len(cats) / _MIN_OBJECTS)} "
-            f"(so every one of the {len(cats)} classes is in val); got {num_train}, {num_val}"
-        )
-    if image_size < 64:
-        raise ValueError(f"image_size must be >= 64, got {image_size}")
+    _check_sizes(num_train, num_val, image_size, len(cats))
     paths["params"].unlink(missing_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
 
@@ -534,17 +537,22 @@ def generate_demo_dataset(
         "params": params,
     }
     for split, images, anns in (("train", train_images, train_anns), ("val", val_images, val_anns)):
-        dataset = {
-            "info": info,
-            "licenses": [],
-            "images": images,
-            "annotations": anns,
-            "categories": categories,
-        }
+        dataset = {"info": info, "licenses": [], "images": images, "annotations": anns, "categories": categories}
         _dump(dataset, paths[f"{split}_json"])
     paths["vocabulary"].write_text("".join(c["name"] + "\n" for c in categories))
     _dump(params, paths["params"])
     return paths
+
+
+def _check_sizes(num_train: int, num_val: int, image_size: int, num_classes: int) -> None:
+    """DemoDataError unless the set can hold every class in val and its images are large enough."""
+    if num_train < 1 or num_val * _MIN_OBJECTS < num_classes:
+        raise DemoDataError(
+            f"need --num-train >= 1 and --num-val >= {math.ceil(num_classes / _MIN_OBJECTS)} "
+            f"(so every one of the {num_classes} classes is in val); got {num_train}, {num_val}"
+        )
+    if image_size < 64:
+        raise DemoDataError(f"--image-size must be >= 64, got {image_size}")
 
 
 def _is_complete(paths: dict[str, Path], params: dict[str, Any]) -> bool:
@@ -605,24 +613,52 @@ def render_preview(out_dir: str | Path, n: int = 8, split: str = "train", cols: 
     return path
 
 
+@dataclass
+class DemoConfig:
+    """The settings of ``python -m regionspot_pl.demo.scenes``."""
+
+    out_dir: str | None = option(None, "folder to write the scene set into; also the positional OUT_DIR")
+    num_train: int = option(600, "training images", minimum=1)
+    num_val: int = option(120, "validation images (enough that every class is in val)", minimum=1)
+    image_size: int = option(256, "side of the square images, in pixels", minimum=64)
+    seed: int = option(0, "seed of the scenes")
+    force: bool = option(False, "redraw even if already generated")
+    preview: bool = option(False, "also write OUT_DIR/preview.png")
+
+    def check(self) -> None:
+        if self.out_dir is None:
+            raise ConfigError("give the folder to write: OUT_DIR (or --out-dir)")
+
+
+@dataclass
+class _Command(Command):
+    """The command with OUT_DIR also accepted as a positional, as documented."""
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = super().parser()
+        p.add_argument("out_dir", nargs="?", default=argparse.SUPPRESS, metavar="OUT_DIR", help="= --out-dir")
+        return p
+
+
+COMMAND = _Command(DemoConfig, "python -m regionspot_pl.demo.scenes", __doc__.splitlines()[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m regionspot_pl.demo.scenes OUT_DIR [--num-train N ...] [--preview]``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--num-train", type=int, default=600)
-    p.add_argument("--num-val", type=int, default=120)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="redraw even if already generated")
-    p.add_argument("--preview", action="store_true", help="also write OUT_DIR/preview.png")
-    a = p.parse_args(argv)
-    paths = generate_demo_dataset(a.out_dir, a.num_train, a.num_val, a.image_size, a.seed, force=a.force)
-    if a.preview:
-        paths["preview"] = render_preview(a.out_dir)
+    return run_command(COMMAND, argv, run)
+
+
+def run(config: DemoConfig) -> int:
+    """Write the scene set (and the preview); print its paths as JSON."""
+    paths = generate_demo_dataset(
+        config.out_dir, config.num_train, config.num_val, config.image_size, config.seed, force=config.force
+    )
+    if config.preview:
+        paths["preview"] = render_preview(config.out_dir)
     json.dump({k: str(v) for k, v in paths.items()}, sys.stdout, indent=1)
     print()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

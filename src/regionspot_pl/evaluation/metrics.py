@@ -22,16 +22,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..errors import RegionSpotError
+from ..io import read_json
 
 # Keys of the dict returned by evaluate_detections, in table order.
 COCO_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -45,7 +47,7 @@ DEFAULT_BACKEND = "hotcoco"
 _SHOW = 10
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(RegionSpotError, ValueError):
     """Ground truth or results that the evaluators cannot score (base class)."""
 
 
@@ -88,12 +90,10 @@ def evaluate_detections(
     gt: str | Path | Mapping[str, Any],
     results: str | Path | Sequence[Mapping[str, Any]],
     iou_type: str = "bbox",
-    kind: str = "auto",
-    max_dets: int = 300,
-    verbose: bool = False,
-    backend: str = DEFAULT_BACKEND,
+    **options: Any,
 ) -> dict[str, float]:
-    """Score detections against ground truth; the summary metrics of :func:`evaluate_results`.
+    """Score detections against ground truth; the summary metrics of :func:`evaluate_results`
+    (``options``: its ``kind``, ``max_dets``, ``verbose`` and ``backend``).
 
     Args:
         gt: COCO/LVIS annotation JSON (path or the loaded dict). Not modified.
@@ -117,10 +117,11 @@ def evaluate_detections(
         present) is NaN, where the libraries return -1.
 
     Raises:
-        GroundTruthError, ResultsError (both ValueError): input the evaluators cannot score.
+        GroundTruthError, ResultsError (both RegionSpotError and ValueError): input the evaluators
+        cannot score.
         ValueError: a bad ``iou_type``, ``kind``, ``max_dets`` or ``backend``.
     """
-    return evaluate_results(gt, results, iou_type, kind, max_dets, verbose, backend).metrics
+    return evaluate_results(gt, results, iou_type, **options).metrics
 
 
 def evaluate_results(
@@ -226,7 +227,7 @@ def load_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list[Mapp
 
     Raises ResultsError naming the file and what is wrong with it.
     """
-    with _gc_paused():  # json.load of LVIS-sized results: 1.4-2x faster without collections
+    with _gc_paused():  # json.load of LVIS-sized results is faster without collections (docs/benchmarks.md)
         return _load_results(results)
 
 
@@ -547,19 +548,8 @@ def _fraction(value: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str | Path, what: str, error: type[EvaluationInputError]) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} file not found: {path}")
-    try:
-        with path.open() as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise error(f"{what} file {path} is not valid JSON: {err}") from None
-
-
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    data = _read_json(gt, "ground truth", GroundTruthError) if isinstance(gt, str | Path) else gt
+    data = read_json(gt, "ground truth file", GroundTruthError) if isinstance(gt, str | Path) else gt
     if not isinstance(data, Mapping):
         raise GroundTruthError(f"ground truth must be a COCO/LVIS annotation dict, got {type(data).__name__}")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
@@ -610,7 +600,7 @@ def _validate_gt(gt: Mapping[str, Any], iou_type: str, kind: str) -> None:
 
 def _load_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     if isinstance(results, str | Path):
-        data = _read_json(results, "results", ResultsError)
+        data = read_json(results, "results file", ResultsError)
     else:
         data = results
     if isinstance(data, Mapping):
@@ -628,39 +618,51 @@ def _load_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list[Map
     return data
 
 
-def _validate_results(results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou_type: str) -> None:
-    """Check every detection; report each kind of problem once, with counts and examples."""
-    required = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
+@dataclass
+class _Problems:
+    """What is wrong with a results list, by kind: indices of the offending entries (ids with
+    counts for unknown images and categories)."""
+
+    not_dicts: list[int] = field(default_factory=list)
+    missing: dict[str, list[int]] = field(default_factory=dict)
+    unknown_imgs: dict[Any, int] = field(default_factory=dict)
+    unknown_cats: dict[Any, int] = field(default_factory=dict)
+    bad_scores: list[int] = field(default_factory=list)
+    bad_boxes: list[int] = field(default_factory=list)
+    bad_masks: list[int] = field(default_factory=list)
+
+
+def _find_problems(results: list[Mapping[str, Any]], gt: Mapping[str, Any], required: tuple[str, ...]) -> _Problems:
+    """Every detection checked once; each problem recorded under its kind."""
     img_ids = {img["id"] for img in gt["images"]}
     cat_ids = {cat["id"] for cat in gt["categories"]}
-
-    not_dicts: list[int] = []
-    missing: dict[str, list[int]] = {}
-    unknown_imgs: dict[Any, int] = {}
-    unknown_cats: dict[Any, int] = {}
-    bad_scores: list[int] = []
-    bad_boxes: list[int] = []
-    bad_masks: list[int] = []
+    found = _Problems()
     for i, det in enumerate(results):
         if not isinstance(det, Mapping):
-            not_dicts.append(i)
+            found.not_dicts.append(i)
             continue
         absent = [k for k in required if k not in det]
         for key in absent:
-            missing.setdefault(key, []).append(i)
+            found.missing.setdefault(key, []).append(i)
         if absent:
             continue
         if det["image_id"] not in img_ids:
-            unknown_imgs[det["image_id"]] = unknown_imgs.get(det["image_id"], 0) + 1
+            found.unknown_imgs[det["image_id"]] = found.unknown_imgs.get(det["image_id"], 0) + 1
         if det["category_id"] not in cat_ids:
-            unknown_cats[det["category_id"]] = unknown_cats.get(det["category_id"], 0) + 1
+            found.unknown_cats[det["category_id"]] = found.unknown_cats.get(det["category_id"], 0) + 1
         if not _is_finite_number(det["score"]):
-            bad_scores.append(i)
+            found.bad_scores.append(i)
         if "bbox" in det and not _is_valid_box(det["bbox"]):
-            bad_boxes.append(i)
+            found.bad_boxes.append(i)
         if "segmentation" in det and not _is_rle(det["segmentation"]):
-            bad_masks.append(i)
+            found.bad_masks.append(i)
+    return found
 
+
+def _validate_results(results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou_type: str) -> None:
+    """Check every detection; report each kind of problem once, with counts and examples."""
+    required = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
+    found = _find_problems(results, gt, required)
     n = len(results)
     with_box = sum(1 for det in results if isinstance(det, Mapping) and "bbox" in det)
     if iou_type == "segm" and 0 < with_box < n:
@@ -668,45 +670,57 @@ def _validate_results(results: list[Mapping[str, Any]], gt: Mapping[str, Any], i
         raise ResultsError(
             f"{with_box} of {n} mask results carry a 'bbox' and the others do not; give it to all of them or to none"
         )
-    if not_dicts:
-        raise ResultsError(f"{len(not_dicts)} of {n} results are not dicts (indices {_head(not_dicts)})")
-    if missing:
-        parts = [f"{len(idx)} lack '{key}' (indices {_head(idx)})" for key, idx in missing.items()]
+    if found.not_dicts:
+        raise ResultsError(f"{len(found.not_dicts)} of {n} results are not dicts (indices {_head(found.not_dicts)})")
+    if found.missing:
+        parts = [f"{len(idx)} lack '{key}' (indices {_head(idx)})" for key, idx in found.missing.items()]
         hint = (
             " ('segm' evaluation needs each detection's mask as compressed RLE in 'segmentation')"
-            if "segmentation" in missing
+            if "segmentation" in found.missing
             else ""
         )
         raise ResultsError(f"results must carry {list(required)}; of {n} results " + ", ".join(parts) + hint)
-    if unknown_imgs:
+    _report_unknown_ids(found, n)
+    _report_bad_values(found, results)
+
+
+def _report_unknown_ids(found: _Problems, n: int) -> None:
+    """ResultsError for results whose image or category id the ground truth does not have."""
+    if found.unknown_imgs:
         raise ResultsError(
-            f"{sum(unknown_imgs.values())} of {n} results refer to {len(unknown_imgs)} image ids "
-            f"absent from the ground truth: {_head(sorted(unknown_imgs, key=str))}. Evaluate "
+            f"{sum(found.unknown_imgs.values())} of {n} results refer to {len(found.unknown_imgs)} image ids "
+            f"absent from the ground truth: {_head(sorted(found.unknown_imgs, key=str))}. Evaluate "
             "against the annotation file the detections were made for."
         )
-    if unknown_cats:
+    if found.unknown_cats:
         raise ResultsError(
-            f"{sum(unknown_cats.values())} of {n} results refer to {len(unknown_cats)} category "
-            f"ids absent from the ground truth: {_head(sorted(unknown_cats, key=str))}. "
+            f"{sum(found.unknown_cats.values())} of {n} results refer to {len(found.unknown_cats)} category "
+            f"ids absent from the ground truth: {_head(sorted(found.unknown_cats, key=str))}. "
             "'category_id' must be the dataset's category id, not a contiguous class index "
             "(detections_to_results maps one to the other)."
         )
-    if bad_scores:
+
+
+def _report_bad_values(found: _Problems, results: list[Mapping[str, Any]]) -> None:
+    """ResultsError for scores, boxes or masks that are not what the evaluators read."""
+    n = len(results)
+    if found.bad_scores:
         raise ResultsError(
-            f"{len(bad_scores)} of {n} results have a 'score' that is not a finite number (indices {_head(bad_scores)})"
+            f"{len(found.bad_scores)} of {n} results have a 'score' that is not a finite number "
+            f"(indices {_head(found.bad_scores)})"
         )
-    if bad_boxes:
-        first = results[bad_boxes[0]]["bbox"]
+    if found.bad_boxes:
+        first = results[found.bad_boxes[0]]["bbox"]
         raise ResultsError(
-            f"{len(bad_boxes)} of {n} results have an invalid 'bbox' (indices "
-            f"{_head(bad_boxes)}; first: {first!r}). A bbox is [x, y, width, height] of finite "
+            f"{len(found.bad_boxes)} of {n} results have an invalid 'bbox' (indices "
+            f"{_head(found.bad_boxes)}; first: {first!r}). A bbox is [x, y, width, height] of finite "
             "numbers with width > 0 and height > 0; convert [x1, y1, x2, y2] boxes and drop "
             "empty ones."
         )
-    if bad_masks:
+    if found.bad_masks:
         raise ResultsError(
-            f"{len(bad_masks)} of {n} results have a 'segmentation' that is not a compressed RLE "
-            f"dict {{'size': [h, w], 'counts': str}} (indices {_head(bad_masks)}); encode masks "
+            f"{len(found.bad_masks)} of {n} results have a 'segmentation' that is not a compressed RLE "
+            f"dict {{'size': [h, w], 'counts': str}} (indices {_head(found.bad_masks)}); encode masks "
             "with pycocotools.mask.encode"
         )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import RegionSpotError
 from .head import VARIANTS, HeadConfig, RegionSpotHead
 
 HEAD_FORMAT = "regionspot_pl.head"
@@ -20,14 +21,18 @@ HEAD_FORMAT_VERSION = 1
 HEAD_PREFIXES = ("to_clip.", "decoder.", "projector.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RegionSpotError, ValueError):
     """A file is not the checkpoint it was expected to be."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file or head folder does not exist (nor a Hugging Face Hub repository of that id)."""
 
 
 def _torch_load(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, pickle with code objects, not a torch file ...

@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, infer_variant
+from ..io import read_json
+from .checkpoint import CheckpointError, CheckpointNotFoundError, infer_variant
 from .head import HeadConfig, RegionSpotHead
 
 CONFIG_NAME = "config.json"
@@ -186,7 +187,7 @@ def load_pretrained(ref: str | Path, map_location: str | torch.device = "cpu") -
     """Load a head from a model folder or a Hugging Face Hub id; eval mode.
 
     Raises:
-        FileNotFoundError: no such folder (and not a hub id).
+        CheckpointNotFoundError (a FileNotFoundError): no such folder (and not a hub id).
         CheckpointError: a file is missing or unreadable, the config has unknown, missing or
             mistyped keys, or the weights do not have the shapes the config asks for.
     """
@@ -223,7 +224,7 @@ def resolve_folder(ref: str | Path) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file, not a head folder")
     if not is_hub_id(ref):
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"head folder not found: {path} (give a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, "
             "a head .pt file, or a Hugging Face Hub id owner/name)"
         )
@@ -237,7 +238,7 @@ def _download(repo_id: str) -> Path:
         config = hf_hub_download(repo_id, CONFIG_NAME)
         hf_hub_download(repo_id, WEIGHTS_NAME)
     except Exception as err:  # offline, no such repository, no access, ...
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{repo_id!r} is no local file or folder, and the Hugging Face Hub did not provide "
             f"it ({type(err).__name__}: {err}); check the path or the repository id"
         ) from err
@@ -247,10 +248,7 @@ def _download(repo_id: str) -> Path:
 def read_config(folder: str | Path) -> dict[str, Any]:
     """A folder's config.json, checked (see :func:`load_pretrained`)."""
     path = Path(folder) / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} could not be read as JSON ({err})") from err
+    config = read_json(path, "head config", CheckpointError)
     _check_config(config, path)
     return config
 
