@@ -1,4 +1,6 @@
-"""``python -m regionspot_pl.test``: end to end on tiny backbones, the scoring path, baselines, errors.
+"""``python -m regionspot_pl.test``: end to end on tiny backbones, the scoring path, baselines, configs.
+
+Bad input (exit 2, one ``error:`` line) is tested in tests/test_errors_test.py.
 
 One demo val split (20 images) is extracted once per module into GT-box shards and proposal
 shards; the runs below all read them.
@@ -6,8 +8,8 @@ shards; the runs below all read them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +17,11 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from regionspot_pl import extract
+from regionspot_pl import cli, extract
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.clip import CLIP_MEAN, CLIP_STD, text_embeddings
-from regionspot_pl.data.shards import (
-    AtomicShardWriter,
-    encode_sample,
-    iter_samples,
-    list_shards,
-    read_manifest,
-)
+from regionspot_pl.data.cache import read_manifest
+from regionspot_pl.data.shards import AtomicShardWriter, encode_sample, iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import LVIS_METRICS
 from regionspot_pl.evaluation.baselines import box_crops, crop_window
@@ -124,9 +121,8 @@ def gt_run(split) -> Path:
 def _head_probs(split: dict, shards: Path, image_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities [N, C] of one image computed directly from the head, and its boxes."""
     manifest = read_manifest(shards)
-    clip = manifest["backbones"]["clip"]
     # the run above filled the cache: no encoder is needed to read it back
-    texts = text_embeddings(None, manifest["vocabulary"]["names"], split["text_cache"], clip["id"])
+    texts = text_embeddings(None, manifest.vocabulary.names, split["text_cache"], manifest.clip.id)
     sample = next(s for s in iter_samples(list_shards(shards)) if s["meta"]["image_id"] == image_id)
     head = load_head(split["head"])
     with torch.no_grad():
@@ -166,7 +162,7 @@ def test_end_to_end_writes_three_files(split, gt_run, capsys):
     metrics = json.loads((gt_run / "metrics.json").read_text())
     assert set(metrics) == {"bbox", "segm"}
     for values in metrics.values():
-        assert list(values) == list(LVIS_METRICS)
+        assert sorted(values) == sorted(LVIS_METRICS)
         assert all(v is None or 0.0 <= v <= 1.0 for v in values.values())
     assert metrics["bbox"]["AP"] is not None and metrics["bbox"]["APr"] is not None
 
@@ -296,20 +292,39 @@ def test_split_config_and_flags_override(split, tmp_path, monkeypatch):
     assert (tmp_path / "from_yaml" / "metrics.json").is_file()
 
 
-def test_shipped_configs_have_the_documented_keys():
-    root = Path(test_cli.__file__).resolve().parents[2] / "configs" / "test"
-    import yaml
+SHIPPED = sorted((Path(test_cli.__file__).resolve().parents[2] / "configs" / "test").glob("*.yaml"))
 
-    lvis = yaml.safe_load((root / "lvis_val.yaml").read_text())
-    assert lvis == {
-        "shards": "cache/shards/lvis_val",
-        "annotations": "/data/lvis/lvis_v1_val.json",
-        "head": "runs/advanced/head.pt",
-        "method": "regionspot",
-        "topk": 300,
-        "out": "runs/test/lvis_val",
-    }
-    assert set(yaml.safe_load((root / "coco_style.yaml").read_text())) <= set(test_cli.KEYS)
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_load_against_the_schema(path):
+    config = cli.from_dict(test_cli.TestConfig, cli.load_yaml(path), str(path))
+    assert config.shards and config.annotations and config.out
+    assert config.method in test_cli.METHODS
+
+
+def test_lvis_val_preset_settings():
+    config, _ = test_cli.COMMAND.parse(["--split", "lvis_val"])
+    assert (config.shards, config.annotations, config.head) == (
+        "cache/shards/lvis_val",
+        "/data/lvis/lvis_v1_val.json",
+        "runs/advanced/head.pt",
+    )
+    assert (config.method, config.topk, config.out, config.batch_size) == (
+        "regionspot",
+        300,
+        "runs/test/lvis_val",
+        None,
+    )
+    assert config.batch() == test_cli.DEFAULT_BATCH["regionspot"]
+    assert dataclasses.replace(config, method="clip-box").batch() == test_cli.DEFAULT_BATCH["clip-box"]
+
+
+def test_split_without_out_writes_under_runs_test_split(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "test").mkdir(parents=True)
+    (tmp_path / "configs" / "test" / "mini.yaml").write_text("shards: s\nannotations: a.json\nhead: h.pt\n")
+    monkeypatch.chdir(tmp_path)
+    assert test_cli.COMMAND.parse(["--split", "mini"])[0].out == "runs/test/mini"
+    assert test_cli.COMMAND.parse(["--split", "mini", "--out", "elsewhere"])[0].out == "elsewhere"
 
 
 def test_vocab_file_renames_and_computes_missing_texts(split, tmp_path):
@@ -334,8 +349,8 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
             )
         writer.commit({})
     manifest = read_manifest(split["gt_shards"])
-    manifest["config"]["masks"] = False
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    manifest.config["masks"] = False
+    manifest.write(folder)
     out = tmp_path / "out"
     (out).mkdir()
     (out / "detections_segm.json").write_text("[]")  # stale file of an earlier run
@@ -343,103 +358,3 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
     assert "--no-masks" in capsys.readouterr().out
     assert set(json.loads((out / "metrics.json").read_text())) == {"bbox"}
     assert not (out / "detections_segm.json").exists()
-    assert (
-        test_cli.main(
-            ["--shards", str(folder), "--annotations", split["annotations"], "--method", "clip-mask", "--out", str(out)]
-        )
-        == 2
-    )
-    assert "--no-masks" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------
-# errors: message on stderr, exit code 2, no traceback
-# ---------------------------------------------------------------------------------------------
-
-
-def _error(capsys, code: int) -> str:
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in captured.err, captured.err
-    return errors[0]
-
-
-def test_text_dim_mismatch_names_both_dims(split, tmp_path, capsys):
-    head = _head(tmp_path / "bl_like.pt", text_dim=32)  # a head for another CLIP's text space
-    err = _error(capsys, _run(split, tmp_path / "out", head=head))
-    assert "64-d" in err and "text dim 32" in err and "--clip-model" in err
-
-
-def test_other_clip_text_dim_mismatch(split, tmp_path, capsys):
-    """--clip-model of another text width (as a BB CLIP for a BL head): refused before any encoding."""
-    other = tmp_path / "clip_other"
-    shutil.copytree(split["tiny"]["clip_dir"], other)
-    config = json.loads((other / "config.json").read_text())
-    config["projection_dim"] = 32
-    (other / "config.json").write_text(json.dumps(config))
-    err = _error(capsys, _run(split, tmp_path / "out", "--clip-model", str(other)))
-    assert "32-d" in err and "text dim 64" in err
-
-
-def test_clip_width_mismatch(split, tmp_path, capsys):
-    head = _head(tmp_path / "wide.pt", clip_dim=96)
-    err = _error(capsys, _run(split, tmp_path / "out", head=head))
-    assert "width 96" in err and "128-wide" in err
-
-
-def test_missing_inputs(split, tmp_path, capsys):
-    err = _error(capsys, _run(split, tmp_path / "o", shards=tmp_path / "nope"))
-    assert "shard folder not found" in err and "nope" in err
-    err = _error(capsys, _run(split, tmp_path / "o", head=tmp_path / "nohead.pt"))
-    assert "nohead.pt" in err
-    err = _error(
-        capsys,
-        test_cli.main(
-            [
-                "--shards",
-                str(split["gt_shards"]),
-                "--annotations",
-                str(tmp_path / "nogt.json"),
-                "--head",
-                str(split["head"]),
-            ]
-        ),
-    )
-    assert "annotation file not found" in err
-    err = _error(capsys, test_cli.main(["--annotations", split["annotations"], "--head", str(split["head"])]))
-    assert "--shards" in err
-    err = _error(capsys, test_cli.main(["--split", "no_such_split"]))
-    assert "configs/test/no_such_split.yaml" in err
-
-
-def test_vocab_count_mismatch(split, tmp_path, capsys):
-    (tmp_path / "v.txt").write_text("cat\ndog\n")
-    err = _error(capsys, _run(split, tmp_path / "o", "--vocab", str(tmp_path / "v.txt")))
-    assert "2 class names" in err and f"{len(split['gt']['categories'])} categories" in err
-
-
-def test_baseline_with_wrong_images_folder(split, tmp_path, capsys):
-    empty = tmp_path / "imgs"
-    empty.mkdir()
-    err = _error(
-        capsys,
-        test_cli.main(
-            [
-                "--shards",
-                str(split["gt_shards"]),
-                "--annotations",
-                split["annotations"],
-                "--method",
-                "clip-box",
-                "--images",
-                str(empty),
-                "--out",
-                str(tmp_path / "o"),
-                "--workers",
-                "0",
-            ]
-        ),
-    )
-    assert "image file not found" in err and "--images" in err
-    shutil.rmtree(empty)
