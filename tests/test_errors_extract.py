@@ -1,0 +1,250 @@
+"""Bad input to ``python -m regionspot_pl.extract`` ends in one ``error:`` line naming the flag or
+the file, and exit code 2: never a traceback. Every case runs ``main`` in process on the demo data
+and the tiny backbones of tests/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from regionspot_pl import cli
+from regionspot_pl.data.cache import MANIFEST
+from regionspot_pl.data.shards import FolderLock
+from regionspot_pl.extract import COMMAND, LOCK, ExtractConfig, main, run_extraction
+
+DATA_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml"))
+
+
+@pytest.fixture
+def ctx(demo_data, tiny_backbones, tmp_path, monkeypatch) -> SimpleNamespace:
+    """The flags of a good two-image extraction (``ctx.flags``, None drops a flag) and what a case needs."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    flags = {
+        "--images": demo_data["val_images"],
+        "--annotations": demo_data["val_json"],
+        "--out": tmp_path / "out",
+        "--sam-type": "tiny",
+        "--sam-checkpoint": tiny_backbones["sam_checkpoint"],
+        "--clip-model": tiny_backbones["clip_dir"],
+        "--workers": 0,
+        "--limit": 2,
+        "--text-cache": tmp_path / "text.h5",
+    }
+    return SimpleNamespace(flags=flags, tmp=tmp_path, monkeypatch=monkeypatch, demo_data=demo_data)
+
+
+def _argv(flags: dict) -> list[str]:
+    return [str(word) for flag, value in flags.items() if value is not None for word in (flag, value)]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _yaml(ctx, data: dict) -> Path:
+    return _write(ctx.tmp / "extract.yaml", yaml.safe_dump(data))
+
+
+# Bad flag values: (flags set, fragments of the error line); --limit 2 extracts two images.
+FLAG_CASES = {
+    "shard_size_zero": ({"--shard-size": 0}, ("--shard-size", ">= 1")),
+    "read_timeout_zero": ({"--read-timeout": 0}, ("--read-timeout",)),
+    "unknown_precision": ({"--precision": "fp8"}, ("--precision", "bf16")),
+    "clip_size_not_a_choice": ({"--clip-size": 300}, ("--clip-size", "224, 336")),
+    "rank_outside_world_size": ({"--rank": 2, "--world-size": 2}, ("--rank 2", "--world-size 2")),
+    "rank_with_no_image": ({"--rank": 2, "--world-size": 3}, ("rank 2 of 3 gets no image", "--world-size")),
+    "device_not_a_device": ({"--device": "gpu"}, ("--device 'gpu'",)),
+    "device_this_machine_lacks": ({"--device": "cuda:99"}, ("--device cuda:99",)),
+    "sam_type_of_another_checkpoint": ({"--sam-type": "vit_b"}, ("--sam-type vit_b", "sam_tiny.pth")),
+    "clip_size_of_another_model": ({"--clip-size": 336}, ("--clip-size 336 does not match", "224")),
+}
+
+
+# Each case edits ctx.flags (or the files they name) into one bad input and returns the
+# fragments the error line must hold.
+CASES: dict[str, Callable[[SimpleNamespace], tuple[str, ...]]] = {}
+
+
+def case(fn: Callable[[SimpleNamespace], tuple[str, ...]]) -> Callable:
+    CASES[fn.__name__] = fn
+    return fn
+
+
+@case
+def missing_required_flags(ctx):
+    ctx.flags["--images"] = ctx.flags["--clip-model"] = None
+    return ("missing --images, --clip-model",)
+
+
+@case
+def unknown_yaml_key(ctx):
+    ctx.flags["--config"] = _yaml(ctx, {"shard_sise": 4})
+    return ("unknown key 'shard_sise'", "extract.yaml", "shard_size")
+
+
+@case
+def wrong_yaml_type(ctx):
+    ctx.flags["--config"] = _yaml(ctx, {"shard_size": "big"})
+    return ("--shard-size", "extract.yaml", "must be an integer")
+
+
+@case
+def yaml_not_a_mapping(ctx):
+    ctx.flags["--config"] = _write(ctx.tmp / "extract.yaml", "- images\n- out\n")
+    return ("extract.yaml", "must hold a mapping")
+
+
+@case
+def rank_environment_not_a_number(ctx):
+    ctx.monkeypatch.setenv("RANK", "first")
+    return ("$RANK", "'first'")
+
+
+@case
+def annotation_file_missing(ctx):
+    ctx.flags["--annotations"] = ctx.tmp / "nope.json"
+    return ("--annotations", "nope.json", "not found")
+
+
+@case
+def annotation_file_not_json(ctx):
+    ctx.flags["--annotations"] = _write(ctx.tmp / "broken.json", '{"images": [')
+    return ("broken.json", "not valid JSON")
+
+
+@case
+def annotation_file_not_coco(ctx):
+    ctx.flags["--annotations"] = _write(ctx.tmp / "list.json", "[1, 2]")
+    return ("list.json", "not a COCO-format annotation file")
+
+
+@case
+def image_folder_missing(ctx):
+    ctx.flags["--images"] = ctx.tmp / "no_images"
+    return ("--images", "no_images", "not found")
+
+
+@case
+def image_folder_without_the_images(ctx):
+    (ctx.tmp / "empty").mkdir()
+    ctx.flags["--images"] = ctx.tmp / "empty"
+    return ("--images", "empty", "none of the first 2 images")
+
+
+@case
+def proposals_of_the_wrong_format(ctx):
+    ctx.flags["--boxes"] = _write(ctx.tmp / "props.json", json.dumps({"7": {"boxes": "none"}}))
+    return ("props.json", "entry '7'")
+
+
+@case
+def placeholder_paths_of_a_shipped_config(ctx):
+    for flag in ("--images", "--annotations", "--sam-type", "--sam-checkpoint", "--clip-model", "--out"):
+        ctx.flags[flag] = None
+    ctx.flags["--config"] = next(p for p in DATA_CONFIGS if p.stem == "o365")
+    return ("/data/objects365/train", "edit `images:`")
+
+
+@case
+def out_is_a_file(ctx):
+    ctx.flags["--out"] = _write(ctx.tmp / "out.txt", "")
+    return ("--out", "out.txt", "not a folder")
+
+
+@case
+def out_holds_another_format(ctx):
+    (ctx.tmp / "out").mkdir()
+    _write(ctx.tmp / "out" / MANIFEST, json.dumps({"format_version": 99, "protocol": "reference-v1"}))
+    return ("--out", "cache format 99", "another --out")
+
+
+@case
+def text_cache_not_hdf5(ctx):
+    ctx.flags["--text-cache"] = _write(ctx.tmp / "text.h5", "not hdf5")
+    return ("--text-cache", "text.h5", "not an HDF5 file")
+
+
+@case
+def sam_checkpoint_missing(ctx):
+    ctx.flags["--sam-checkpoint"] = ctx.tmp / "nope.pth"
+    return ("--sam-checkpoint", "nope.pth", "sam_tiny.pth")
+
+
+@case
+def sam_checkpoint_not_sam(ctx):
+    torch.save({"weight": torch.zeros(2)}, ctx.tmp / "other.pth")
+    ctx.flags["--sam-checkpoint"] = ctx.tmp / "other.pth"
+    return ("other.pth", "not a SAM state dict")
+
+
+@case
+def sam_checkpoint_not_a_checkpoint(ctx):
+    ctx.flags["--sam-checkpoint"] = _write(ctx.tmp / "text.pth", "hello")
+    return ("text.pth", "could not be read as a SAM state dict")
+
+
+@case
+def clip_folder_not_clip(ctx):
+    (ctx.tmp / "bert").mkdir()
+    _write(ctx.tmp / "bert" / "config.json", json.dumps({"model_type": "bert"}))
+    ctx.flags["--clip-model"] = ctx.tmp / "bert"
+    return ("bert", "is not a CLIP directory")
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_CASES))
+def test_bad_flag_value_is_one_error_line(name, ctx, cli_error):
+    flags, fragments = FLAG_CASES[name]
+    cli_error(main, _argv({**ctx.flags, **flags}), *fragments)
+    assert not list((ctx.tmp / "out").glob("*.tar"))  # nothing extracted
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_error_line(name, ctx, cli_error):
+    fragments = CASES[name](ctx)
+    cli_error(main, _argv(ctx.flags), *fragments)
+    assert not list((ctx.tmp / "out").glob("*.tar"))  # nothing extracted
+
+
+def test_an_out_holding_another_extraction_and_a_locked_out_are_refused(ctx, cli_error):
+    argv = _argv(ctx.flags)
+    assert main([*argv, "--shard-size", "2"]) == 0
+    cli_error(main, [*argv, "--shard-size", "1"], "differs in: shard_size", "another --out")
+    with FolderLock(ctx.tmp / "out" / LOCK.format(rank=0), "extraction folder"):  # a live run of rank 0
+        cli_error(main, [*argv, "--shard-size", "2"], str(ctx.tmp / "out"), f"process {os.getpid()}")
+
+
+def test_print_config_reads_back_to_the_same_settings(ctx, capsys):
+    argv = [*_argv(ctx.flags), "--shard-size", "7", "--no-masks", "--compile", "--precision", "fp32"]
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    saved = _write(ctx.tmp / "printed.yaml", printed)
+    assert main(["--config", str(saved), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    cfg = COMMAND.parse(["--config", str(saved)])[0]
+    assert cfg == COMMAND.parse(argv)[0]
+    assert (cfg.shard_size, cfg.masks, cfg.compile, cfg.limit) == (7, False, True, 2)
+    assert not (ctx.tmp / "out").exists()  # printing runs nothing
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_data_configs_fit_the_schema(path):
+    cfg = cli.from_dict(ExtractConfig, cli.load_yaml(path), str(path))
+    assert all(getattr(cfg, key) for key in ("images", "annotations", "out", "sam_checkpoint", "clip_model"))
+    assert cfg.dataset and cfg.clip_size == 224
+    cfg.check()  # the fields agree with one another too
+
+
+def test_a_config_built_in_code_is_checked_like_the_flags(ctx):
+    cfg = ExtractConfig(**{k[2:].replace("-", "_"): str(v) for k, v in ctx.flags.items() if k != "--limit"})
+    cfg.workers, cfg.shard_size = 0, 0
+    with pytest.raises(cli.ConfigError, match="--shard-size"):
+        run_extraction(cfg)
