@@ -32,27 +32,15 @@ PROPOSAL_SCORE = 0.5
 
 
 def _extract(tiny: dict, demo: dict, out: Path, text_cache: Path, boxes: Path | None = None) -> Path:
-    argv = [
-        "--images",
-        str(demo["val_images"]),
-        "--annotations",
-        str(demo["val_json"]),
-        "--out",
-        str(out),
-        "--sam-type",
-        "tiny",
-        "--sam-checkpoint",
-        str(tiny["sam_checkpoint"]),
-        "--clip-model",
-        str(tiny["clip_dir"]),
-        "--shard-size",
-        "8",
-        "--text-cache",
-        str(text_cache),
-        "--workers",
-        "0",
-    ]
-    assert extract.main(argv + (["--boxes", str(boxes)] if boxes else [])) == 0
+    flags = {
+        "--images": demo["val_images"],
+        "--annotations": demo["val_json"],
+        "--out": out,
+        **{"--sam-type": "tiny", "--sam-checkpoint": tiny["sam_checkpoint"], "--clip-model": tiny["clip_dir"]},
+        **{"--shard-size": 8, "--text-cache": text_cache, "--workers": 0},
+        **({"--boxes": boxes} if boxes else {}),
+    }
+    assert extract.main([str(v) for flag_value in flags.items() for v in flag_value]) == 0
     return out
 
 
