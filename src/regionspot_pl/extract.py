@@ -103,7 +103,9 @@ class ExtractConfig:
         None, "CLIP input size; must match the model (default: the model's own)", choices=(224, 336)
     )
     boxes: str | None = option(
-        None, "proposals to use instead of the ground-truth boxes: COCO results (image_id, bbox xywh, score)"
+        None,
+        "proposals to use instead of the ground-truth boxes: COCO results (image_id, bbox xywh, score) or the "
+        "reference's GLIP file",
     )
     dataset: str | None = option(
         None, "dataset name stored with each sample and in the shard names (default: the annotation file's stem)"
