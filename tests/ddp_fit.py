@@ -38,7 +38,7 @@ if __name__ == "__main__":
         "optim": {"lr": 1e-3, "warmup_iters": 2},
         "trainer": {
             "max_steps": int(steps),
-            "val_check_interval": int(steps),
+            "val_every": int(steps),
             "accelerator": "cpu",
             "devices": 2,
             "precision": "32-true",

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from regionspot_pl import RegionSpotHead, load_head, save_head
+from regionspot_pl.data.annotations import AnnotationError
 from regionspot_pl.data.datamodule import (
+    DataConfig,
     MixedBatches,
     RegionBatch,
     RegionDataModule,
@@ -25,8 +27,9 @@ from regionspot_pl.data.datamodule import (
     shards_for_epoch,
 )
 from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
-from regionspot_pl.fit import FitError, _parser, build_config, main, run
-from regionspot_pl.module import RegionSpotModule, lr_factor
+from regionspot_pl.fit import COMMAND, FitError, main, run
+from regionspot_pl.model.head import HeadMismatchError
+from regionspot_pl.module import OptimConfig, RegionSpotModule, lr_factor
 
 TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
 
@@ -40,10 +43,10 @@ def _cfg(shards, out, steps, val=True, **optim):
         "out": str(out),
         "seed": 0,
         "data": data,
-        "optim": {"lr": 1e-3, "warmup_iters": 5, **optim},
+        "optim": {"lr": 1e-3, "warmup_iters": 5, "schedule_steps": steps, **optim},
         "trainer": {
             "max_steps": steps,
-            "val_check_interval": steps,
+            "val_every": steps,
             "accelerator": "cpu",
             "devices": 1,
             "precision": "32-true",
@@ -66,11 +69,17 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_schedule_matches_the_paper_at_its_milestones():
-    assert lr_factor(0) == pytest.approx(0.01)
-    assert lr_factor(500) == pytest.approx(0.505)
-    assert lr_factor(1000) == 1.0 and lr_factor(349_999) == 1.0
-    assert lr_factor(350_000) == pytest.approx(0.1) and lr_factor(419_999) == pytest.approx(0.1)
-    assert lr_factor(420_000) == pytest.approx(0.01) and lr_factor(449_999) == pytest.approx(0.01)
+    paper = OptimConfig().for_run(450_000)
+    assert paper["warmup_iters"] == 1000 and paper["milestones"] == [350_000, 420_000]
+
+    def factor(step):
+        return lr_factor(step, paper["warmup_iters"], paper["warmup_factor"], paper["milestones"], paper["gamma"])
+
+    assert factor(0) == pytest.approx(0.01)
+    assert factor(500) == pytest.approx(0.505)
+    assert factor(1000) == 1.0 and factor(349_999) == 1.0
+    assert factor(350_000) == pytest.approx(0.1) and factor(419_999) == pytest.approx(0.1)
+    assert factor(420_000) == pytest.approx(0.01) and factor(449_999) == pytest.approx(0.01)
     module = RegionSpotModule(head=RegionSpotHead(clip_dim=16, text_dim=8, ffn_dim=16).config.to_dict())
     opt = module.configure_optimizers()
     optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
@@ -80,6 +89,24 @@ def test_schedule_matches_the_paper_at_its_milestones():
         optimizer.step()
         schedule.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-5)
+
+
+SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma")
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "warmup", "milestones"),
+    [(3000, 7, [2333, 2800]), (1500, 3, [1167, 1400]), (900_000, 2000, [700_000, 840_000])],
+)
+def test_schedule_keeps_the_papers_shape_at_any_length(max_steps, warmup, milestones):
+    run = OptimConfig().for_run(max_steps)
+    assert run["warmup_iters"] == warmup and run["milestones"] == milestones
+    # the same curve, compressed: the factor at the same fraction of the run is the paper's
+    paper = OptimConfig().for_run(450_000)
+    for fraction in (0.5, 0.8, 0.95):
+        at_run = lr_factor(int(fraction * max_steps), **{k: run[k] for k in SCHEDULE_KEYS})
+        at_paper = lr_factor(int(fraction * 450_000), **{k: paper[k] for k in SCHEDULE_KEYS})
+        assert at_run == pytest.approx(at_paper)
 
 
 def test_overfits_a_tiny_set_and_exports_a_head(shards, tmp_path):
@@ -96,7 +123,7 @@ def test_overfits_a_tiny_set_and_exports_a_head(shards, tmp_path):
 
 def test_resume_restores_step_optimizer_and_schedule(shards, tmp_path):
     cfg = _cfg(shards, tmp_path, steps=6, val=False)
-    cfg["trainer"]["val_check_interval"] = 3
+    cfg["trainer"]["val_every"] = 3
     run(cfg)
     first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 6
@@ -158,7 +185,7 @@ def test_mixing_follows_the_configured_weights(shards):
 
 
 def test_padding_and_batch_layout(shards):
-    dm = RegionDataModule([str(shards["train"])], batch_size=4, workers=0)
+    dm = RegionDataModule(DataConfig([str(shards["train"])], batch_size=4, workers=0))
     batch = next(iter(dm.train_dataloader()))
     n = batch.valid.sum(1)
     assert batch.sam.shape[:2] == batch.labels.shape == batch.valid.shape
@@ -187,14 +214,14 @@ def test_collate_keeps_every_value_caps_boxes_and_packs_one_storage(shards):
         np.testing.assert_array_equal(capped.boxes[i, : len(kept)].numpy(), s["boxes"][kept])
 
 
-def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
+def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys, caplog):
     with pytest.raises(ShardFormatError, match="shard folder not found"):
-        RegionDataModule([str(tmp_path / "nowhere")])
+        RegionDataModule(DataConfig([str(tmp_path / "nowhere")]))
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(shards["train"] / "manifest.json", empty)
     with pytest.raises(ShardFormatError, match="no .tar shards"):
-        RegionDataModule([str(empty)])
+        RegionDataModule(DataConfig([str(empty)]))
     # validation annotations of another vocabulary
     other = tmp_path / "other.json"
     gt = json.loads(Path(shards["val_json"]).read_text())
@@ -202,12 +229,12 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
     other.write_text(json.dumps(gt))
     cfg = _cfg(shards, tmp_path / "a", steps=2)
     cfg["data"]["val_annotations"] = str(other)
-    with pytest.raises(FitError, match="5 categories"):
+    with pytest.raises(AnnotationError, match="5 categories"):
         run(cfg)
     # a published variant on shards from another CLIP
     cfg = _cfg(shards, tmp_path / "b", steps=2)
     cfg["model"] = {"variant": "BL"}
-    with pytest.raises(FitError, match="Pick the matching variant"):
+    with pytest.raises(HeadMismatchError, match="use a head trained on this CLIP"):
         run(cfg)
     # starting from a head of other sizes
     wrong = save_head(RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=32, num_heads=4), tmp_path / "wrong.pt")
@@ -215,11 +242,13 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
     cfg["init_from"] = str(wrong)
     with pytest.raises(FitError, match="same variant"):
         run(cfg)
-    # more readers than shards would starve a worker
-    cfg = _cfg(shards, tmp_path / "d", steps=2, val=False)
-    cfg["data"]["workers"] = 8
-    with pytest.raises(ShardFormatError, match="fewer than ranks x workers"):
-        run(cfg)
+    # more readers than shards: the workers are capped, with a warning
+    dm = RegionDataModule(DataConfig([str(shards["train"])], workers=8))
+    with caplog.at_level("WARNING", logger="regionspot_pl.data"):
+        assert dm.train_workers(world=1) == 6 and dm.train_workers(world=2) == 3
+    assert "--workers 8 capped at 3" in caplog.text
+    with pytest.raises(ShardFormatError, match="fewer than the 7 ranks"):
+        dm.train_workers(world=7)
     # the CLI reports instead of a traceback
     assert main(["--stage", "warmup", "--train-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")]) == 2
     assert "shard folder not found" in capsys.readouterr().err
@@ -254,11 +283,13 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys):
 
 
 def test_stage_configs_resolve():
-    warm = build_config(_parser().parse_args(["--stage", "warmup", "--max-steps", "7", "--devices", "2"]))
-    assert warm["model"]["variant"] == "BL" and warm["trainer"]["max_steps"] == 7 and warm["trainer"]["devices"] == 2
-    assert warm["optim"]["lr"] == 2.5e-5 and warm["optim"]["milestones"] == [350000, 420000]
-    adv = build_config(_parser().parse_args(["--stage", "advanced"]))
-    assert adv["init_from"] == "runs/warmup/head.pt" and len(adv["data"]["train_shards"]) == 3
+    warm, _ = COMMAND.parse(["--stage", "warmup", "--max-steps", "7", "--devices", "2", "--model", "bl"])
+    assert warm.model.variant == "BL" and warm.trainer.max_steps == 7 and warm.trainer.devices == 2
+    assert warm.optim.lr == 2.5e-5 and warm.optim.milestones == [350000, 420000]
+    assert warm.data.train_shards == ["cache/shards/o365"]
+    adv, _ = COMMAND.parse(["--stage", "advanced"])
+    assert adv.init_from == "runs/warmup/head.pt" and len(adv.data.train_shards) == 3
+    assert adv.model.variant == "auto" and adv.trainer.max_steps == 450_000
 
 
 def test_shards_stream_from_urls_listed_beside_the_manifest(shards, tmp_path):
@@ -271,7 +302,7 @@ def test_shards_stream_from_urls_listed_beside_the_manifest(shards, tmp_path):
     names = sorted(p.name for p in remote.glob("*.tar"))
     stem = names[0].rsplit("-", 1)[0]
     (local / "shards.txt").write_text(f"# streamed\npipe:cat {remote}/{stem}-{{000000..{len(names) - 1:06d}}}.tar\n")
-    dm = RegionDataModule([str(local)], batch_size=4, workers=0)
+    dm = RegionDataModule(DataConfig([str(local)], batch_size=4, workers=0))
     assert len(dm.train[0].shards) == len(names) and dm.train[0].shards[0].startswith("pipe:cat ")
     seen = set()
     for batch, _ in zip(dm.train_dataloader(), range(6)):  # 24 images = 6 batches of 4: one epoch

@@ -112,7 +112,7 @@ def _fit_cfg(shards: dict, out: Path, steps: int, **trainer) -> dict:
         "optim": {"lr": 1e-3, "warmup_iters": 5},
         "trainer": {
             "max_steps": steps,
-            "val_check_interval": 2,
+            "val_every": 2,
             "accelerator": "cpu",
             "devices": 1,
             "precision": "32-true",
@@ -174,7 +174,7 @@ def test_sigint_during_fit_stops_at_the_step_boundary_with_a_checkpoint(demo_sha
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Stopped) as stop:
-        run(_fit_cfg(demo_shards, tmp_path / "fit", steps=1000, val_check_interval=1000), callbacks=[CtrlC()])
+        run(_fit_cfg(demo_shards, tmp_path / "fit", steps=1000, val_every=1000), callbacks=[CtrlC()])
     assert stop.value.signum == signal.SIGINT and stop.value.exit_code == 130
     assert "continue with --resume last" in str(stop.value)
     assert _consistent_step(tmp_path / "fit" / "checkpoints" / "last.ckpt") == 3

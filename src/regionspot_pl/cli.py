@@ -162,9 +162,7 @@ def check_value(leaf: Leaf, value: Any, source: str | None) -> Any:
         raise ConfigError(f"{leaf.where(source)} must be {_type_name(leaf.type)}, got {value!r}")
     choices, minimum = leaf.field.metadata.get("choices"), leaf.field.metadata.get("minimum")
     if choices is not None and coerced is not None and coerced not in choices:
-        raise ConfigError(
-            f"{leaf.where(source)} is {coerced!r}; expected one of: {', '.join(map(str, choices))}"
-        )
+        raise ConfigError(f"{leaf.where(source)} is {coerced!r}; expected one of: {', '.join(map(str, choices))}")
     numbers = coerced if isinstance(coerced, list) else [coerced]
     for number in numbers:
         if minimum is not None and isinstance(number, (int, float)) and not number >= minimum:
@@ -259,7 +257,10 @@ def add_flags(parser: argparse.ArgumentParser, schema: type) -> list[Leaf]:
         default = leaf.field.default if leaf.field.default is not dataclasses.MISSING else None
         if leaf.field.default_factory is not dataclasses.MISSING:
             default = leaf.field.default_factory()
-        text = f"{meta.get('help', '')} [{leaf.key}; default: {default}]"
+        rules = [f"one of {', '.join(map(str, meta['choices']))}"] if meta.get("choices") else []
+        rules += [f">= {meta['minimum']:g}"] if meta.get("minimum") is not None else []
+        text = f"{meta.get('help', '')} [{'; '.join([leaf.key, *rules, f'default: {default}'])}]"
+        text = text.replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": leaf.key, "help": text, "default": argparse.SUPPRESS}
         args = _union_args(leaf.type)
         if bool in args:
@@ -312,9 +313,10 @@ class Command:
             if leaf.key in args:
                 values[leaf.path] = check_value(leaf, args[leaf.key], None)
         config = build(self.schema, values)
-        if hasattr(config, "check"):
+        printing = bool(args.get("print_config"))
+        if hasattr(config, "check") and not printing:  # printing shows the settings, complete or not
             config.check()
-        return config, bool(args.get("print_config"))
+        return config, printing
 
 
 def getattr_path(obj: Any, path: tuple[str, ...]) -> Any:
@@ -346,3 +348,13 @@ def run_command(
     except RegionSpotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def check_fields(config: Any, error: type[RegionSpotError] = ConfigError) -> None:
+    """Every field of a (flat) schema instance against its type, choices and minimum: the same
+    checks for an instance made in Python (a notebook, a test) as for one read from YAML or flags."""
+    for leaf in leaves(type(config)):
+        try:
+            check_value(leaf, getattr_path(config, leaf.path), None)
+        except ConfigError as err:
+            raise error(str(err)) from None

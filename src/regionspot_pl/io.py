@@ -48,7 +48,7 @@ def write_json_atomic(path: str | Path, obj: object, indent: int | None = 1) -> 
     separators = (",", ":") if indent is None else None
     try:
         with open(tmp, "x") as f:
-            json.dump(obj, f, indent=indent, separators=separators, sort_keys=indent is not None)
+            json.dump(obj, f, indent=indent, separators=separators)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -6,25 +6,57 @@ from __future__ import annotations
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from .cli import check_fields, option
 from .data.datamodule import RegionBatch
-from .evaluation.metrics import evaluate_detections
-from .evaluation.scoring import detections_to_results, score_regions
+from .evaluation.metrics import DEFAULT_BACKEND, evaluate_detections
+from .evaluation.scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
 from .model.head import HeadConfig, RegionSpotHead, region_logits
 from .model.loss import region_focal_loss
 
 
-def lr_factor(
-    step: int,
-    warmup_iters: int = 1000,
-    warmup_factor: float = 0.01,
-    milestones: Sequence[int] = (350_000, 420_000),
-    gamma: float = 0.1,
-) -> float:
+@dataclass
+class OptimConfig:
+    """The paper's optimizer and schedule. ``warmup_iters`` and ``milestones`` are given for a run
+    of ``schedule_steps`` (the paper's 450K) and scale with the run's length, so a run of any
+    ``max_steps`` follows the same curve, compressed or stretched."""
+
+    lr: float = option(2.5e-5, "AdamW base learning rate (the paper's, for 16 images a step)", minimum=0)
+    weight_decay: float = option(1e-4, "AdamW weight decay", minimum=0)
+    warmup_iters: int = option(1000, "linear warm-up length, in steps of a run of schedule_steps", minimum=0)
+    warmup_factor: float = option(0.01, "learning-rate multiplier at step 0 of the warm-up", minimum=0)
+    milestones: list[int] = option(
+        [350_000, 420_000], "steps (of a run of schedule_steps) where the rate is multiplied by gamma", minimum=0
+    )
+    gamma: float = option(0.1, "learning-rate multiplier at each milestone", minimum=0)
+    schedule_steps: int = option(
+        450_000, "the run length warmup_iters and milestones are given for; they scale to max_steps", minimum=1
+    )
+    clip_grad_norm: float = option(1.0, "clip gradients to this global L2 norm", minimum=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def for_run(self, max_steps: int) -> dict:
+        """The settings of a run of ``max_steps``: warm-up and milestones scaled to it."""
+        scale = max_steps / self.schedule_steps
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "warmup_iters": round(self.warmup_iters * scale),
+            "warmup_factor": self.warmup_factor,
+            "milestones": [round(m * scale) for m in self.milestones],
+            "gamma": self.gamma,
+        }
+
+
+def lr_factor(step: int, warmup_iters: int, warmup_factor: float, milestones: Sequence[int], gamma: float) -> float:
     """The paper's learning-rate multiplier at an iteration.
 
     Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters`` (as detectron2's
@@ -42,6 +74,7 @@ class RegionSpotModule(L.LightningModule):
 
     Args:
         head: HeadConfig fields.
+        optim: :meth:`OptimConfig.for_run` of the run (default: the paper's 450K-step run).
         text_embeddings: one [C_d, text_dim] tensor per training dataset (batch.dataset_index).
         val_text_embeddings: [C_val, text_dim] for the validation vocabulary.
         val_category_ids: dataset category id of each validation class (results format).
@@ -52,18 +85,13 @@ class RegionSpotModule(L.LightningModule):
     def __init__(
         self,
         head: dict,
-        lr: float = 2.5e-5,
-        weight_decay: float = 1e-4,
-        warmup_iters: int = 1000,
-        warmup_factor: float = 0.01,
-        milestones: Sequence[int] = (350_000, 420_000),
-        gamma: float = 0.1,
+        optim: dict | None = None,
         text_embeddings: Sequence[Tensor] = (),
         val_text_embeddings: Tensor | None = None,
         val_category_ids: Sequence[int] = (),
         val_annotations: str | None = None,
-        topk: int = 300,
-        metric_backend: str = "hotcoco",
+        topk: int = MAX_DETS_PER_IMAGE,
+        metric_backend: str = DEFAULT_BACKEND,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["text_embeddings", "val_text_embeddings"])
@@ -147,9 +175,14 @@ class RegionSpotModule(L.LightningModule):
                 self.log(f"val/{k}", float(v), prog_bar=k == "AP", sync_dist=False)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, hp.warmup_iters, hp.warmup_factor, hp.milestones, hp.gamma)
+        hp = self.hparams.optim or OptimConfig().for_run(OptimConfig().schedule_steps)
+        optimizer = torch.optim.AdamW(self.head.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        factor = partial(
+            lr_factor,
+            warmup_iters=hp["warmup_iters"],
+            warmup_factor=hp["warmup_factor"],
+            milestones=hp["milestones"],
+            gamma=hp["gamma"],
         )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -6,15 +6,17 @@ dataset's category ids to a contiguous class index (the order of the annotation 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from .. import io
+from ..errors import RegionSpotError
 
-class AnnotationError(ValueError):
+
+class AnnotationError(RegionSpotError, ValueError):
     """An annotation or proposals file is missing or malformed."""
 
 
@@ -100,13 +102,7 @@ class ReadStats:
 
 
 def read_json(path: str | Path, what: str) -> dict | list:
-    path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{what} {path} is not valid JSON: {err}") from err
+    return io.read_json(path, what, AnnotationError)
 
 
 def clean_boxes(xyxy: np.ndarray, width: int, height: int, min_size: float = 1.0):

@@ -8,6 +8,7 @@ ranks with different sample counts never wait on each other at an epoch boundary
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -21,44 +22,40 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..cli import check_fields, option
 from ..errors import RegionSpotError
-from .cache import ShardFolder
+from .cache import ClipBackbone, ShardFolder
 from .shards import ShardFormatError, decoded_samples
 
-READ_TIMEOUT_S = 600.0  # a loader worker that delivers no batch for this long is an error, not a wait
+log = logging.getLogger("regionspot_pl.data")
 
 
 class DataConfigError(RegionSpotError, ValueError):
     """A data setting is out of range (batch size, workers, weights, caps)."""
 
 
-def check_data_numbers(
-    batch_size: int, workers: int, max_boxes: int | None, shuffle_buffer: int, read_timeout: float
-) -> None:
-    """The loader's numbers, before anything starts: a batch size of 0 would wait forever for a full batch."""
+@dataclass
+class DataConfig:
+    """What ``fit`` reads: the shard folders and how they are batched."""
 
-    def need(ok: bool, name: str, value: object, rule: str) -> None:
-        if not ok:
-            raise DataConfigError(f"{name} {value!r} is invalid: it must be {rule}")
-
-    def whole(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    need(whole(batch_size) and batch_size >= 1, "batch size (--batch-size)", batch_size, "an integer >= 1")
-    need(whole(workers) and workers >= 0, "loader workers (--workers)", workers, "an integer >= 0")
-    need(
-        max_boxes is None or (whole(max_boxes) and max_boxes >= 1),
-        "max_boxes_per_image",
-        max_boxes,
-        "an integer >= 1, or unset for no cap",
+    train_shards: list[str] = option([], "shard folders to train on (python -m regionspot_pl.extract --out)")
+    mix_weights: list[float] | None = option(
+        None, "sampling weight of each --train-shards folder (default: equal)", minimum=0
     )
-    need(whole(shuffle_buffer) and shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer, "an integer >= 0")
-    need(
-        isinstance(read_timeout, (int, float)) and 0 < read_timeout < math.inf,
-        "read_timeout",
-        read_timeout,
-        "a number of seconds > 0",
+    val_shards: str | None = option(None, "shard folder to validate on")
+    val_annotations: str | None = option(None, "GT file of the validation shards (LVIS/COCO JSON)")
+    batch_size: int = option(2, "images per device per step (8 GPUs x 2 = the paper's 16)", minimum=1)
+    workers: int = option(4, "loader workers per device; capped at the shards each rank gets", minimum=0)
+    max_boxes_per_image: int | None = option(
+        None, "cap on box prompts per image (default: all, as the paper)", minimum=1
     )
+    shuffle_buffer: int = option(256, "samples in each reader's shuffle buffer", minimum=0)
+    read_timeout: float = option(
+        600.0, "seconds a loader worker may take for a batch before the run fails instead of waiting", minimum=1e-3
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, DataConfigError)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -257,7 +254,6 @@ class MixedBatches(IterableDataset):
         self, streams: list[ShardStream], weights: list[float], batch_size: int, max_boxes: int | None, seed: int
     ) -> None:
         check_mix_weights(weights, len(streams))
-        check_data_numbers(batch_size, 0, max_boxes, 0, READ_TIMEOUT_S)
         total = float(sum(weights))
         self.streams, self.probs = streams, [w / total for w in weights]
         self.batch_size, self.max_boxes, self.seed = batch_size, max_boxes, seed
@@ -283,7 +279,6 @@ class ValidationBatches(IterableDataset):
     """One pass over the validation shards (this rank's share), in batches, boxes never capped."""
 
     def __init__(self, stream: ShardStream, batch_size: int) -> None:
-        check_data_numbers(batch_size, 0, None, 0, READ_TIMEOUT_S)
         self.stream, self.batch_size = stream, batch_size
 
     def __iter__(self) -> Iterator[RegionBatch]:
@@ -304,27 +299,14 @@ def _no_collate(batch):
 class RegionDataModule(L.LightningDataModule):
     """Feature-cache batches for ``fit``: mixed training datasets, one validation set."""
 
-    def __init__(
-        self,
-        train_shards: list[str],
-        val_shards: str | None = None,
-        batch_size: int = 2,
-        workers: int = 2,
-        max_boxes_per_image: int | None = None,
-        mix_weights: list[float] | None = None,
-        shuffle_buffer: int = 256,
-        seed: int = 0,
-        read_timeout: float = READ_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, config: DataConfig, seed: int = 0) -> None:
         super().__init__()
-        check_data_numbers(batch_size, workers, max_boxes_per_image, shuffle_buffer, read_timeout)
-        if not train_shards:
+        if not config.train_shards:
             raise ShardFormatError("no training shard folders given (--train-shards DIR [DIR ...])")
-        self.train = [ShardFolder.read(f) for f in train_shards]
-        self.val = ShardFolder.read(val_shards) if val_shards else None
-        self.batch_size, self.workers, self.seed = batch_size, workers, seed
-        self.max_boxes, self.shuffle_buffer, self.read_timeout = max_boxes_per_image, shuffle_buffer, read_timeout
-        self.mix_weights = list(mix_weights) if mix_weights else [1.0] * len(self.train)
+        self.config, self.seed = config, seed
+        self.train = [ShardFolder.read(f) for f in config.train_shards]
+        self.val = ShardFolder.read(config.val_shards) if config.val_shards else None
+        self.mix_weights = list(config.mix_weights) if config.mix_weights else [1.0] * len(self.train)
         check_mix_weights(self.mix_weights, len(self.train))
         self.start_epoch = 0
         self._check_same_backbones()
@@ -351,23 +333,33 @@ class RegionDataModule(L.LightningDataModule):
                 "re-extract them with one CLIP model"
             )
 
-    def check_world(self, world: int) -> None:
-        """Every rank and worker must get shards, or it would wait forever for data."""
-        for info in self.train:
-            need = world * max(1, self.workers)
-            if len(info.shards) < need:
-                raise ShardFormatError(
-                    f"{info.folder} has {len(info.shards)} shards, fewer than ranks x workers = {need}: "
-                    f"some readers would get no data. Use fewer --workers or re-extract with a smaller --shard-size"
-                )
+    def train_workers(self, world: int) -> int:
+        """Loader workers per rank: ``workers``, capped at the shards the smallest training
+        folder gives each rank (a worker without a shard would wait forever for data)."""
+        per_rank = min(len(info.shards) // world for info in self.train)
+        if per_rank == 0:
+            smallest = min(self.train, key=lambda info: len(info.shards))
+            raise ShardFormatError(
+                f"{smallest.folder} has {len(smallest.shards)} shards, fewer than the {world} ranks: some ranks would "
+                "get no data. Train on fewer devices or re-extract with a smaller --shard-size"
+            )
+        if self.config.workers > per_rank:
+            log.warning(
+                "--workers %d capped at %d: the smallest training folder has %d shards for each of %d ranks",
+                self.config.workers,
+                per_rank,
+                per_rank,
+                world,
+            )
+        return min(self.config.workers, per_rank)
 
     @property
-    def clip_info(self) -> dict:
+    def clip_info(self) -> ClipBackbone:
         return self.train[0].clip
 
     def train_dataloader(self) -> DataLoader:
-        _, world = rank_and_world()
-        self.check_world(world)
+        workers = self.train_workers(rank_and_world()[1])
+        cfg = self.config
         streams = [
             ShardStream(
                 info.shards,
@@ -375,34 +367,36 @@ class RegionDataModule(L.LightningDataModule):
                 self.seed,
                 shuffle=True,
                 repeat=True,
-                shuffle_buffer=self.shuffle_buffer,
+                shuffle_buffer=cfg.shuffle_buffer,
                 start_epoch=self.start_epoch,
                 num_classes=len(info.vocabulary),
             )
             for i, info in enumerate(self.train)
         ]
-        mixed = MixedBatches(streams, self.mix_weights, self.batch_size, self.max_boxes, self.seed + self.start_epoch)
+        mixed = MixedBatches(
+            streams, self.mix_weights, cfg.batch_size, cfg.max_boxes_per_image, self.seed + self.start_epoch
+        )
         # timeout: a worker stuck on a read (a stalled network mount or pipe) fails the run instead of hanging it
         return DataLoader(
             mixed,
             batch_size=None,
-            num_workers=self.workers,
+            num_workers=workers,
             collate_fn=_no_collate,
-            persistent_workers=self.workers > 0,
-            timeout=self.read_timeout if self.workers else 0,
+            persistent_workers=workers > 0,
+            timeout=cfg.read_timeout if workers else 0,
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val is None:
             return []
         stream = ShardStream(self.val.shards, 0, shuffle=False, repeat=False, num_classes=len(self.val.vocabulary))
-        workers = min(self.workers, math.ceil(len(self.val.shards) / rank_and_world()[1]))
+        workers = min(self.config.workers, math.ceil(len(self.val.shards) / rank_and_world()[1]))
         return DataLoader(
-            ValidationBatches(stream, self.batch_size),
+            ValidationBatches(stream, self.config.batch_size),
             batch_size=None,
             num_workers=workers,
             collate_fn=_no_collate,
-            timeout=self.read_timeout if workers else 0,
+            timeout=self.config.read_timeout if workers else 0,
         )
 
     def transfer_batch_to_device(self, batch: RegionBatch, device: torch.device, dataloader_idx: int) -> RegionBatch:

@@ -85,7 +85,7 @@ def check_head_fits(config: HeadConfig, vision_dim: int, text_dim: int, clip_nam
     if (config.clip_dim, config.text_dim) == (vision_dim, text_dim):
         return
     right = variant_for_clip(vision_dim, text_dim)
-    fix = f"use the {right} head (--model {right})" if right else "use a head trained on this CLIP (--model auto)"
+    fix = f"use the {right} head" if right else "use a head trained on this CLIP"
     raise HeadMismatchError(
         f"{head_name} expects CLIP features of width {config.clip_dim} and text dim {config.text_dim}, but "
         f"{clip_name} gives width {vision_dim} and text dim {text_dim}: {fix}, or extract the features with "

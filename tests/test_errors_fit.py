@@ -1,0 +1,110 @@
+"""Bad input to ``fit``: exit code 2 and one ``error:`` line naming the flag or file, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from regionspot_pl.fit import main
+
+
+@pytest.fixture(scope="module")
+def inputs(demo_shards, demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit_errors")
+    newer = root / "newer"
+    shutil.copytree(demo_shards["val"], newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    other_gt = json.loads(demo_data["val_json"].read_text())
+    other_gt["categories"] = other_gt["categories"][:3]
+    (root / "other_gt.json").write_text(json.dumps(other_gt))
+    (root / "unknown_key.yaml").write_text("data:\n  batch_size: 2\n  batchsize: 4\n")
+    (root / "wrong_type.yaml").write_text("data:\n  batch_size: two\n")
+    (root / "not_mapping.yaml").write_text("- a\n- b\n")
+    (root / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    return {
+        "train": str(demo_shards["train"]),
+        "val": str(demo_shards["val"]),
+        "gt": str(demo_data["val_json"]),
+        "root": root,
+        "newer": str(newer),
+    }
+
+
+def _argv(inputs, *extra, val=True):
+    argv = ["--train-shards", inputs["train"], "--out", str(inputs["root"] / "run"), "--workers", "0"]
+    if val:
+        argv += ["--val-shards", inputs["val"], "--val-annotations", inputs["gt"]]
+    return [*argv, *extra]
+
+
+CASES = {
+    "zero steps": (["--max-steps", "0"], ["--max-steps", ">= 1"]),
+    "steps not a number": (["--max-steps", "many"], ["--max-steps", "many"]),
+    "unknown variant": (["--model", "XL"], ["--model", "XL"]),
+    "variant of another CLIP": (["--model", "BL"], ["BL head", "width 128"]),
+    "negative lr": (["--lr", "-1"], ["--lr", ">= 0"]),
+    "zero batch": (["--batch-size", "0"], ["--batch-size"]),
+    "negative workers": (["--workers", "-1"], ["--workers"]),
+    "unknown precision": (["--precision", "8-bit"], ["--precision", "8-bit"]),
+    "unknown flag": (["--learning-rate", "1"], ["--learning-rate"]),
+    "mix weights count": (["--mix-weights", "1", "2"], ["--mix-weights"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_flag(case, inputs, cli_error):
+    extra, fragments = CASES[case]
+    cli_error(main, _argv(inputs, *extra), *fragments)
+
+
+def test_missing_training_folder(inputs, cli_error):
+    cli_error(main, _argv(inputs) + ["--train-shards", str(inputs["root"] / "nowhere")], "shard folder not found")
+
+
+def test_missing_val_annotations(inputs, cli_error):
+    missing = str(inputs["root"] / "missing.json")
+    cli_error(main, _argv(inputs, val=False) + ["--val-shards", inputs["val"], "--val-annotations", missing], missing)
+
+
+def test_val_shards_without_annotations(inputs, cli_error):
+    cli_error(main, _argv(inputs, val=False) + ["--val-shards", inputs["val"]], "--val-annotations")
+
+
+def test_val_annotations_of_another_vocabulary(inputs, cli_error):
+    other = str(inputs["root"] / "other_gt.json")
+    cli_error(main, _argv(inputs, val=False) + ["--val-shards", inputs["val"], "--val-annotations", other], other)
+
+
+def test_shards_of_a_newer_format(inputs, cli_error):
+    cli_error(main, _argv(inputs, val=False) + ["--train-shards", inputs["newer"]], "upgrade regionspot_pl")
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("unknown_key.yaml", "data.batchsize"), ("wrong_type.yaml", "'two'"), ("not_mapping.yaml", "mapping")],
+)
+def test_bad_config_file(name, fragment, inputs, cli_error):
+    cli_error(main, ["--config", str(inputs["root"] / name)], fragment)
+
+
+def test_missing_config_file_and_unknown_stage(inputs, cli_error):
+    cli_error(main, ["--config", str(inputs["root"] / "none.yaml")], "config file not found")
+    cli_error(main, ["--stage", "nope"], "configs/fit/nope.yaml", "warmup")
+
+
+def test_missing_init_head_and_unreadable_resume(inputs, cli_error):
+    cli_error(main, _argv(inputs, "--init-from", str(inputs["root"] / "none.pt")), "none.pt")
+    cli_error(main, _argv(inputs, "--resume", "last"), "cannot resume")
+    cli_error(main, _argv(inputs, "--resume", str(inputs["root"] / "garbage.ckpt")), "not a readable")
+
+
+def test_print_config_round_trips(inputs, tmp_path, capsys):
+    assert main(["--stage", "warmup", "--max-steps", "3000", "--model", "bl", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert main(["--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    assert "variant: BL" in printed and "max_steps: 3000" in printed
