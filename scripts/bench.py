@@ -67,12 +67,12 @@ from regionspot_pl.backbones.image import (  # noqa: E402
 )
 from regionspot_pl.backbones.tiny import write_tiny_backbones  # noqa: E402
 from regionspot_pl.data.annotations import Vocabulary, load_coco  # noqa: E402
-from regionspot_pl.data.datamodule import RegionDataModule, collate_regions  # noqa: E402
+from regionspot_pl.data.cache import MANIFEST, ClipBackbone, Manifest, SamBackbone  # noqa: E402
+from regionspot_pl.data.datamodule import DataConfig, RegionDataModule, collate_regions  # noqa: E402
 from regionspot_pl.data.shards import (  # noqa: E402
     ARRAY_MEMBERS,
-    MANIFEST,
-    PROTOCOL,
     AtomicShardWriter,
+    ShardFormatError,
     decode_sample,
     encode_sample,
     iter_samples,
@@ -80,18 +80,17 @@ from regionspot_pl.data.shards import (  # noqa: E402
     shard_name,
     tar_members,
     validate_sample,
-    write_json_atomic,
 )
 from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
+from regionspot_pl.evaluation.zero_shot import regionspot_logits  # noqa: E402
 from regionspot_pl.extract import (  # noqa: E402
     ExtractConfig,
     FeatureExtractor,
     ImageFeaturesInput,
-    masks_to_rle,
     run_extraction,
 )
+from regionspot_pl.io import masks_to_rle  # noqa: E402
 from regionspot_pl.model import RegionSpotHead, region_focal_loss, region_logits  # noqa: E402
-from regionspot_pl.test import regionspot_logits  # noqa: E402
 
 BATCH = 8  # extraction batch (run_extraction's default)
 PARTS = ("prep", "sam_encoder", "clip", "decoder", "rle", "write")
@@ -427,10 +426,11 @@ def bl_sample(rng: np.random.Generator, image_id: int) -> dict:
 
 
 def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path:
-    if (folder / MANIFEST).is_file():
-        old = json.loads((folder / MANIFEST).read_text())
-        if old.get("images") == num_images and old.get("protocol") == PROTOCOL:
+    try:
+        if Manifest.read(folder).config.get("images") == num_images:
             return folder
+    except ShardFormatError:
+        pass  # none yet, or of an older format or protocol: write them again
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -440,27 +440,11 @@ def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path
             writer.write(bl_sample(rng, image_id))
         writer.commit({"num_classes": BL["classes"]})
     vocab = Vocabulary(tuple(f"class_{i}" for i in range(BL["classes"])), tuple(range(1, BL["classes"] + 1)))
-    write_json_atomic(
-        folder / MANIFEST,
-        {
-            "format_version": 1,
-            "protocol": PROTOCOL,
-            "dataset": "bl",
-            "images": num_images,
-            "vocabulary": vocab.to_dict(),
-            "backbones": {
-                "clip": {
-                    "model": "synthetic ViT-L/14",
-                    "id": "synthetic",
-                    "image_size": 224,
-                    "tokens": BL["tokens"],
-                    "vision_dim": BL["clip_dim"],
-                    "text_dim": BL["text_dim"],
-                }
-            },
-            "config": {"masks": False},
-        },
-    )
+    clip = ClipBackbone("synthetic ViT-L/14", "synthetic", 224, BL["tokens"], BL["clip_dim"], BL["text_dim"])
+    sam = SamBackbone("synthetic", "none", "synthetic", 1024)
+    Manifest(
+        vocab, sam, clip, text_cache="", precision="fp16", dataset="bl", config={"masks": False, "images": num_images}
+    ).write(folder)
     return folder
 
 
@@ -488,7 +472,7 @@ def reader_rate(folder: Path, workers: int, batch_size: int, num_samples: int) -
     shards = list_shards(folder)
     count = sum(json.loads(s.with_suffix(".json").read_text())["samples"] for s in shards)
     bytes_per_sample = sum(s.stat().st_size for s in shards) / count
-    dm = RegionDataModule([str(folder)], batch_size=batch_size, workers=workers, shuffle_buffer=64, seed=0)
+    dm = RegionDataModule(DataConfig([str(folder)], batch_size=batch_size, workers=workers, shuffle_buffer=64))
     loader = iter(dm.train_dataloader())
     next(loader)  # worker start-up and the shuffle buffer's fill are not the steady rate
     seen, start = 0, now()
@@ -880,15 +864,14 @@ def eval_pair(head: RegionSpotHead, shards: list[str], texts: torch.Tensor, repe
 
 def bench_evaluation(table: Table, val_folder: Path, bl_eval: Path, metric_scale: float) -> dict:
     torch.manual_seed(0)
-    manifest = json.loads((val_folder / MANIFEST).read_text())
-    clip_info = manifest["backbones"]["clip"]
-    head = RegionSpotHead(clip_dim=clip_info["vision_dim"], text_dim=clip_info["text_dim"]).eval()
-    texts = torch.randn(len(manifest["vocabulary"]["names"]), clip_info["text_dim"])
+    manifest = Manifest.read(val_folder)
+    head = RegionSpotHead(clip_dim=manifest.clip.vision_dim, text_dim=manifest.clip.text_dim).eval()
+    texts = torch.randn(len(manifest.vocabulary), manifest.clip.text_dim)
     shards = [str(s) for s in list_shards(val_folder)]
     eval_rate(head, shards, texts, 16, 1)  # warm-up
     demo_b16, demo_b1 = eval_pair(head, shards, texts, 3)
     table.add(
-        f"eval: regionspot_logits, demo val shards (tiny CLIP, D {clip_info['vision_dim']})",
+        f"eval: regionspot_logits, demo val shards (tiny CLIP, D {manifest.clip.vision_dim})",
         f"{demo_b16:.0f} img/s (batch 16)",
         f"{demo_b1:.0f} img/s (batch 1)",
         demo_b16 / demo_b1,
@@ -1008,8 +991,10 @@ def main(argv: list[str] | None = None) -> int:
     shards_dir = out / "shards"
     for split, n, size in (("train", num_images, max(1, num_images // 4)), ("val", 14, 7)):
         folder = shards_dir / f"{split}-{n}"
-        if (folder / MANIFEST).is_file() and json.loads((folder / MANIFEST).read_text()).get("protocol") != PROTOCOL:
-            shutil.rmtree(folder)  # features of an older protocol: extract again
+        try:
+            Manifest.read(folder)
+        except ShardFormatError:  # features of an older format or protocol: extract again
+            shutil.rmtree(folder, ignore_errors=True)
         if not (folder / MANIFEST).is_file():
             run_extraction(
                 ExtractConfig(

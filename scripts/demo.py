@@ -21,7 +21,7 @@ from PIL import Image
 
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import evaluate_detections, format_metrics_table
-from regionspot_pl.predict import Predictor
+from regionspot_pl.predictor import Predictor
 from regionspot_pl.viz import draw_attention, draw_detections, save_grid
 
 OUT = Path("demo_out")

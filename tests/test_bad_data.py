@@ -26,15 +26,10 @@ from regionspot_pl import RegionSpotHead, save_head
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.sam import SamTransform
 from regionspot_pl.backbones.tiny import write_tiny_backbones
+from regionspot_pl.cli import ConfigError
 from regionspot_pl.data.annotations import AnnotationError, load_coco, read_proposals
-from regionspot_pl.data.datamodule import (
-    CacheInfo,
-    DataConfigError,
-    MixedBatches,
-    RegionDataModule,
-    ShardStream,
-    ValidationBatches,
-)
+from regionspot_pl.data.cache import ShardFolder, read_manifest
+from regionspot_pl.data.datamodule import DataConfig, DataConfigError, RegionDataModule, ShardStream
 from regionspot_pl.data.shards import (
     AtomicShardWriter,
     FolderLock,
@@ -42,13 +37,12 @@ from regionspot_pl.data.shards import (
     encode_sample,
     iter_samples,
     list_shards,
-    read_manifest,
-    write_json_atomic,
 )
 from regionspot_pl.extract import ExtractConfig, ExtractError, ImageFeaturesInput, run_extraction
 from regionspot_pl.extract import main as extract_main
-from regionspot_pl.fit import FitError, run
 from regionspot_pl.fit import main as fit_main
+from regionspot_pl.fit import run
+from regionspot_pl.io import write_json_atomic
 
 TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
 
@@ -128,7 +122,7 @@ def _fit_cfg(train, out, steps=4, val=None, val_json=None, **data) -> dict:
         "optim": {"lr": 1e-3, "warmup_iters": 2},
         "trainer": {
             "max_steps": steps,
-            "val_check_interval": steps,
+            "val_every": steps,
             "accelerator": "cpu",
             "devices": 1,
             "precision": "32-true",
@@ -188,7 +182,7 @@ def test_01_12_extraction_reading_no_image_fails_and_fit_refuses_its_empty_shard
     line = _error_line(capsys)
     assert "no image of" in line and "2 skipped (2 undecodable)" in line and "could not be decoded" in line
     manifest = read_manifest(out)
-    assert manifest["counts"]["samples"] == 0 and manifest["counts"]["skipped_by_reason"] == {"undecodable": 2}
+    assert manifest.counts["samples"] == 0 and manifest.counts["skipped_by_reason"] == {"undecodable": 2}
     (shard,) = list_shards(out)  # one shard of 0 samples: a rerun has nothing left to try, and fails again
     assert extract_main(_extract_argv(tiny_backbones, images, ann, out)) == 2
     assert "2 undecodable" in _error_line(capsys)
@@ -210,25 +204,22 @@ def test_02_batch_size_zero_or_negative_is_refused_at_once(shards, tmp_path, cap
     cfg = _fit_cfg(shards["train"], tmp_path / "fit", batch_size=size)
     start = time.monotonic()
     assert fit_main(["--config", _fit_yaml(tmp_path, cfg)]) == 2
-    assert "batch size (--batch-size)" in _error_line(capsys) and time.monotonic() - start < 30
-    stream = ShardStream([str(s) for s in list_shards(shards["train"])], 0)
-    with pytest.raises(DataConfigError, match="an integer >= 1"):
-        MixedBatches([stream], [1.0], size, None, 0)
-    with pytest.raises(DataConfigError, match="an integer >= 1"):
-        ValidationBatches(stream, size)
+    assert "--batch-size (data.batch_size" in _error_line(capsys) and time.monotonic() - start < 30
+    with pytest.raises(DataConfigError, match="it must be >= 1"):
+        DataConfig([str(shards["train"])], batch_size=size)
 
 
 def test_02_other_numbers_are_checked_before_the_work(shards, tiny_backbones, demo_data, tmp_path, capsys):
     for key, value, match in (
-        ("workers", -1, "loader workers"),
-        ("max_boxes_per_image", 0, "max_boxes_per_image"),
-        ("mix_weights", [float("nan")], "mixing weights"),
+        ("workers", -1, "--workers"),
+        ("max_boxes_per_image", 0, "--max-boxes-per-image"),
+        ("mix_weights", [float("nan")], "--mix-weights"),
     ):
-        with pytest.raises(DataConfigError, match=match):
+        with pytest.raises(ConfigError, match=match):
             run(_fit_cfg(shards["train"], tmp_path / "a", **{key: value}))
     bad = _fit_cfg(shards["train"], tmp_path / "b")
     bad["trainer"]["max_steps"] = 0
-    with pytest.raises(FitError, match="--max-steps 0"):
+    with pytest.raises(ConfigError, match="--max-steps"):
         run(bad)
     images, ann = demo_data["val_images"], demo_data["val_json"]
     for flag, value in (
@@ -348,7 +339,7 @@ def test_04_fit_validates_at_step_0_and_checkpoints_before_every_validation(shar
 
     monkeypatch.setattr(module, "evaluate_detections", evaluate)
     cfg = _fit_cfg(shards["train"], tmp_path / "fit", steps=9, val=shards["val"], val_json=shards["val_json"])
-    cfg["trainer"]["val_check_interval"] = 3
+    cfg["trainer"]["val_every"] = 3
     with pytest.raises(ValueError, match="refuses"):
         run(cfg)
     assert len(calls) == 3 and 0 < calls[0] < calls[1]  # step 0 scored 2 batches, step 3 the whole set
@@ -366,7 +357,7 @@ def test_04_fit_validates_at_step_0_and_checkpoints_before_every_validation(shar
             steps.append(1)
 
     cfg = _fit_cfg(shards["train"], tmp_path / "fit0", steps=10_000, val=shards["val"], val_json=shards["val_json"])
-    cfg["trainer"]["val_check_interval"] = 10_000
+    cfg["trainer"]["val_every"] = 10_000
     with pytest.raises(ValueError, match="broken"):
         run(cfg, callbacks=[Steps()])
     assert steps == []  # failed at step 0, before a single training step
@@ -435,7 +426,7 @@ def test_06_10_non_finite_boxes_and_names_outside_images_are_dropped_and_counted
     assert summary["images"] == 1
     assert summary["dropped"]["non-finite boxes"] == 2 and summary["dropped"]["images outside the image folder"] == 1
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["annotations"]["non_finite_dropped"] == 2 and manifest["annotations"]["images_outside"] == 1
+    assert manifest.annotations["non_finite_dropped"] == 2 and manifest.annotations["images_outside"] == 1
     (sample,) = iter_samples(list_shards(tmp_path / "out"))
     assert len(sample["boxes"]) == len(records[0].boxes) and np.isfinite(sample["boxes"]).all()
 
@@ -495,7 +486,7 @@ def test_08_a_manifest_vocabulary_that_does_not_fit_the_shards_is_refused(shards
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match=f"vocabulary of {classes} classes .* one of 40"):
-        CacheInfo.read(str(folder))
+        ShardFolder.read(str(folder))
 
 
 def test_08_labels_beyond_the_vocabulary_are_caught_without_sidecar_counts(shards, tmp_path):
@@ -504,7 +495,7 @@ def test_08_labels_beyond_the_vocabulary_are_caught_without_sidecar_counts(shard
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["vocabulary"] = {"names": ["a", "b"], "category_ids": [1, 2], "frequencies": []}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    dm = RegionDataModule([str(folder)], batch_size=4, workers=0)
+    dm = RegionDataModule(DataConfig([str(folder)], batch_size=4, workers=0))
     with pytest.raises(ShardFormatError, match="has 2 classes: the manifest does not belong to these shards"):
         next(iter(dm.train_dataloader()))
 
@@ -524,7 +515,7 @@ def test_09_11_resume_checks_precision_and_backbones_and_one_process_owns_the_fo
     lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))  # left by a killed run
     assert run_extraction(_extract_cfg(tiny_backbones, images, ann, out, precision="fp32"))["images"] == 1
     assert not lock.exists()  # taken over, then released
-    assert read_manifest(out)["precision"] == "fp32"
+    assert read_manifest(out).precision == "fp32"
 
     with pytest.raises(ExtractError, match=r"precision \(fp32 -> bf16"):
         run_extraction(_extract_cfg(tiny_backbones, images, ann, out, precision="bf16"))
@@ -583,7 +574,8 @@ def test_12_test_refuses_a_zero_count(shards, tmp_path, capsys, flag, value):
         value,
     ]
     assert test_cli.main(argv) == 2
-    assert f"{flag} must be >= 1" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert line.startswith(f"error: {flag} (") and "it must be >= 1" in line
 
 
 # ---------------------------------------------------------------- nothing waits forever
@@ -594,7 +586,7 @@ def test_a_stalled_read_or_a_dead_loader_worker_is_an_error_in_bounded_time(shar
     stalled.mkdir()
     shutil.copy(shards["train"] / "manifest.json", stalled)
     (stalled / "shards.txt").write_text("pipe:sleep 30\n")  # a mount or pipe that never delivers
-    dm = RegionDataModule([str(stalled)], batch_size=2, workers=1, read_timeout=2)
+    dm = RegionDataModule(DataConfig([str(stalled)], batch_size=2, workers=1, read_timeout=2))
     start = time.monotonic()
     batches = iter(dm.train_dataloader())
     with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
@@ -602,7 +594,7 @@ def test_a_stalled_read_or_a_dead_loader_worker_is_an_error_in_bounded_time(shar
     assert time.monotonic() - start < 20
     batches._shutdown_workers()
 
-    dm = RegionDataModule([str(shards["train"])], batch_size=2, workers=1)
+    dm = RegionDataModule(DataConfig([str(shards["train"])], batch_size=2, workers=1))
     batches = iter(dm.train_dataloader())
     next(batches)
     os.kill(batches._workers[0].pid, 9)

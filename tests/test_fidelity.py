@@ -28,14 +28,8 @@ from regionspot_pl.backbones.image import (
     scale_boxes,
 )
 from regionspot_pl.data.annotations import load_coco, read_proposals
-from regionspot_pl.data.shards import (
-    MANIFEST,
-    PROTOCOL,
-    ShardFormatError,
-    iter_samples,
-    list_shards,
-    read_manifest,
-)
+from regionspot_pl.data.cache import FORMAT_VERSION, MANIFEST, PROTOCOL, Manifest, read_manifest
+from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.evaluation.scoring import detections_to_results, score_regions
 from regionspot_pl.extract import ExtractConfig, run_extraction
 from regionspot_pl.model.loss import region_focal_loss
@@ -340,6 +334,29 @@ def test_shards_of_another_protocol_are_refused(demo_shards, tmp_path):
     (old / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match=r"something-else.*re-extract"):
         read_manifest(old)
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [(FORMAT_VERSION + 1, "newer.*upgrade regionspot_pl"), (0, "re-extract"), (None, "re-extract")],
+)
+def test_manifests_of_another_format_version_are_refused(demo_shards, tmp_path, version, message):
+    manifest = json.loads((demo_shards["val"] / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format_version": version}))
+    with pytest.raises(ShardFormatError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_manifest_round_trips_and_types_every_field(demo_shards, tmp_path):
+    manifest = read_manifest(demo_shards["val"])
+    assert manifest.clip.vision_dim == 128 and manifest.clip.text_dim == 64 and manifest.sam.type == "tiny"
+    raw = json.loads((demo_shards["val"] / MANIFEST).read_text())
+    assert manifest.to_dict() == raw
+    manifest.write(tmp_path)
+    assert Manifest.read(tmp_path) == manifest
+    raw["backbones"]["clip"]["vision_dim"] = "128"
+    with pytest.raises(ShardFormatError, match="backbones.clip.vision_dim"):
+        Manifest.from_dict(raw, tmp_path / MANIFEST)
 
 
 def test_nearest_upsampling_matches_math():
