@@ -96,7 +96,7 @@ BATCH = 8  # extraction batch (run_extraction's default)
 PARTS = ("prep", "sam_encoder", "clip", "decoder", "rle", "write")
 BL = {"clip_dim": 1024, "text_dim": 768, "tokens": 257, "boxes": 16, "classes": 365}
 LVIS_IMAGES = bench_metrics.LVIS_VAL["images"]
-TRAIN_TARGET = 5000  # images/s, issue #7's goal for training from the cache on one GPU
+TRAIN_TARGET = 5000  # images/s: the goal for training from the cache on one GPU (docs/benchmarks.md)
 
 
 def now() -> float:
@@ -614,7 +614,7 @@ def bench_loading(table: Table, folders: dict[str, Path], samples: dict[str, int
 # ---------------------------------------------------------------------------------------------
 
 H100_BF16_SPEC = 989  # TFLOP/s, H100 SXM dense bf16 datasheet figure (a measured matmul rate needs a GPU)
-EXTRACT_TARGET = 300  # images/s per GPU, issue #7's extraction goal
+EXTRACT_TARGET = 300  # images/s per GPU: the extraction goal (docs/benchmarks.md)
 
 
 def clip_vit_l14():
