@@ -18,7 +18,7 @@ from regionspot_pl.demo import (
     generate_demo_dataset,
     render_preview,
 )
-from regionspot_pl.demo.scenes import main
+from regionspot_pl.demo.scenes import DemoDataError, main
 
 SMALL = {"num_train": 24, "num_val": 14, "image_size": 128}
 
@@ -72,7 +72,7 @@ def test_skips_when_already_generated_and_redraws_on_change(tmp_path: Path) -> N
 
 
 def test_rejects_a_val_split_too_small_to_hold_every_class(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="num_val"):
+    with pytest.raises(DemoDataError, match="--num-val >= 14"):
         generate_demo_dataset(tmp_path, num_train=10, num_val=3)
 
 

@@ -1,5 +1,6 @@
 """Bad input to ``predict`` and ``convert`` ends in one ``error:`` line naming the file or flag,
-exit code 2 and no traceback; ``--print-config`` prints YAML that ``--config`` reads back."""
+exit code 2 and no traceback; every command of these files (predict, convert, evaluate,
+demo.scenes) prints with ``--print-config`` YAML that ``--config`` reads back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from regionspot_pl import convert, predict
+from regionspot_pl import convert, evaluate, predict
+from regionspot_pl.demo import scenes
 from regionspot_pl.model import RegionSpotHead, save_head
 
 VOCAB = "red circle,blue square,background"
@@ -136,8 +138,10 @@ def test_convert_bad_input(files, cli_error, case):
                    "--sam-type", "tiny", "--sam-checkpoint", "s.pth", "--clip-model", "clip", "--out", "o.png",
                    "--topk", "2", "--no-progress", "--points-per-side", "8"]),
         (convert, ["official.pth", "heads/bl"]),
+        (evaluate, ["gt.json", "res.json", "--iou-type", "bbox", "segm", "--max-dets", "100", "--out", "runs/eval"]),
+        (scenes, ["demo", "--num-train", "2", "--num-val", "14", "--preview"]),
     ],
-    ids=["predict", "convert"],
+    ids=["predict", "convert", "evaluate", "demo.scenes"],
 )  # fmt: skip
 def test_print_config_reads_back(command, argv, capsys, tmp_path):
     assert command.main(argv + ["--print-config"]) == 0

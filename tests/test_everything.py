@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from segment_anything import SamAutomaticMaskGenerator
+from test_prompts import scene  # the same three shapes (clipped at this smaller size)
 
 from regionspot_pl.backbones.sam import build_sam
 from regionspot_pl.everything import GeneratorSettings, label_images, mask_box, name_everything
@@ -28,16 +29,6 @@ SETTINGS = GeneratorSettings(points_per_side=4, pred_iou_thresh=0.0, stability_s
 FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
          "--box-nms-thresh", "1.0"]  # fmt: skip
 HW = (96, 128)
-
-
-def scene(height: int, width: int) -> np.ndarray:
-    """A small picture with three shapes: HxWx3 uint8."""
-    image = Image.new("RGB", (width, height), (200, 190, 170))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([10, 10, 50, 50], fill=(220, 30, 30))
-    draw.rectangle([70, 20, 120, 70], fill=(30, 60, 220))
-    draw.polygon([(20, 90), (50, 60), (65, 92)], fill=(40, 180, 60))
-    return np.asarray(image).copy()
 
 
 @pytest.fixture(scope="module")

@@ -185,12 +185,10 @@ def test_test_cli_writes_the_report_with_either_backend(demo_data, demo_shards, 
                 assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6)
 
 
-def test_test_cli_rejects_an_unknown_backend_in_the_config(demo_data, demo_shards, tmp_path: Path) -> None:
-    cfg = {
-        "shards": str(demo_shards["val"]),
-        "annotations": str(demo_data["val_json"]),
-        "head": "unused.pt",
-        "metric_backend": "pycocotools",
-    }
-    with pytest.raises(test_cli.TestError, match="unknown metric backend 'pycocotools'"):
-        test_cli.run_test(cfg)
+def test_test_cli_rejects_an_unknown_backend_in_the_config(demo_data, demo_shards, tmp_path: Path, cli_error) -> None:
+    config = tmp_path / "test.yaml"
+    config.write_text(
+        f"shards: {demo_shards['val']}\nannotations: {demo_data['val_json']}\nhead: unused.pt\n"
+        "metric_backend: pycocotools\n"
+    )
+    cli_error(test_cli.main, ["--config", config], "'pycocotools'", "hotcoco", "test.yaml")

@@ -99,7 +99,7 @@ def write_report(
     paths = {"report": out / REPORT, "plot": out / PLOT, "csv": out / TABLE}
     _write_csv(paths["csv"], rows, list(evaluations))
     _plot(paths["plot"], rows, evaluations)
-    text = _markdown(rows, evaluations, gt, sources, seconds)
+    text = _markdown(rows, evaluations, _provenance(rows, evaluations, gt, sources, seconds))
     paths["report"].write_text(text)
     return paths
 
@@ -118,17 +118,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def _markdown(
-    rows: list[ClassRow],
-    evaluations: Mapping[str, Evaluation],
-    gt: Mapping[str, Any],
-    sources: Mapping[str, str],
-    seconds: float | None,
-) -> str:
+def _markdown(rows: list[ClassRow], evaluations: Mapping[str, Evaluation], provenance: list[str]) -> str:
+    """report.md: the provenance table, the metrics, the frequency groups, the best and worst classes."""
     first = next(iter(evaluations.values()))
     types = list(evaluations)
-    lines = ["# Evaluation report", ""]
-    lines += _provenance(rows, evaluations, gt, sources, seconds)
+    lines = ["# Evaluation report", "", *provenance]
     lines += ["", "## Metrics (AP, %)", ""]
     keys = [k for k in LVIS_METRICS if any(k in e.metrics for e in evaluations.values())]
     lines += _table(
