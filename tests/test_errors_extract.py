@@ -248,3 +248,19 @@ def test_a_config_built_in_code_is_checked_like_the_flags(ctx):
     cfg.workers, cfg.shard_size = 0, 0
     with pytest.raises(cli.ConfigError, match="--shard-size"):
         run_extraction(cfg)
+
+
+def test_what_extract_raises_for_bad_input_is_a_region_spot_error():
+    """cli.run_command turns only RegionSpotError into an error: line: every error extract lets
+    through for bad input must be one."""
+    from regionspot_pl.backbones.common import BackboneError, BackboneNotFoundError
+    from regionspot_pl.backbones.image import ImageReadError
+    from regionspot_pl.data.annotations import AnnotationError
+    from regionspot_pl.data.shards import FolderLockError, ShardFormatError
+    from regionspot_pl.errors import RegionSpotError
+    from regionspot_pl.extract import ExtractError
+
+    for error in (ExtractError, AnnotationError, BackboneError, BackboneNotFoundError, ImageReadError):
+        assert issubclass(error, RegionSpotError), error
+    assert issubclass(FolderLockError, RegionSpotError) and issubclass(ShardFormatError, RegionSpotError)
+    assert issubclass(cli.ConfigError, RegionSpotError)

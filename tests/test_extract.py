@@ -28,7 +28,6 @@ from regionspot_pl.data.shards import (
     list_shards,
     validate_sample,
 )
-from regionspot_pl.errors import RegionSpotError
 from regionspot_pl.extract import (
     COMMAND,
     ExtractConfig,
@@ -333,8 +332,8 @@ def test_proposals_replace_ground_truth(demo_data, tiny_backbones, tmp_path):
     for s in _samples(tmp_path / "out").values():
         assert (s["labels"] == -1).all() and np.allclose(s["scores"], 0.25) and len(s["labels"]) > 0
     props.write_text(json.dumps({"not": "a list"}))
-    with pytest.raises(RegionSpotError, match="entry 'not' is not .*keyed by image id"):
-        run_extraction(cfg)  # AnnotationError, told as an ExtractError where it is no RegionSpotError
+    with pytest.raises(AnnotationError, match="entry 'not' is not .*keyed by image id"):
+        run_extraction(cfg)
     props.write_text(json.dumps("boxes"))
     with pytest.raises(AnnotationError, match="COCO results list"):
         load_coco(demo_data["val_json"], props)

@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
+from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, autocast_for, resolved_precision
 from .backbones.image import (
     ImageReadError,
     ImageSizeError,
@@ -46,7 +46,7 @@ from .backbones.image import (
 )
 from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, SamTransform, build_sam
 from .cli import Command, ConfigError, from_dict, option, run_command
-from .data.annotations import AnnotationError, ImageRecord, ReadStats, Vocabulary, load_coco
+from .data.annotations import ImageRecord, ReadStats, Vocabulary, load_coco
 from .data.cache import MANIFEST, ClipBackbone, Manifest, SamBackbone
 from .data.shards import (
     AtomicShardWriter,
@@ -61,8 +61,6 @@ from .errors import RegionSpotError
 from .io import masks_to_rle
 
 log = logging.getLogger("regionspot_pl.extract")
-DEFAULT_TEXT_CACHE = "cache/text_embeddings.h5"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PROG = "python -m regionspot_pl.extract"
 STOP_HINT = "the finished shards are kept; run the same command again to continue"
 LOCK = ".extract-r{rank:03d}.lock"
@@ -235,24 +233,6 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
-def resolved_precision(device: torch.device, precision: str) -> str:
-    """The precision ``auto`` stands for on this device: bf16 where the card has it, fp16 on
-    others (V100), fp32 on CPU. Recorded in the manifest: shards of one folder share it."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def autocast_for(device: torch.device, precision: str):
-    """fp16 on cards without bf16 (V100), bf16 where supported; fp32 on CPU unless asked."""
-    precision = resolved_precision(device, precision)
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
-
-
 def plan_shards(records: list[ImageRecord], rank: int, world_size: int, shard_size: int) -> list[list[ImageRecord]]:
     """This rank's images (every world_size-th by id), grouped into shards in order."""
     mine = sorted(records, key=lambda r: r.image_id)[rank::world_size]
@@ -404,20 +384,9 @@ def _previous_manifest(out: Path) -> Manifest | None:
         ) from err
 
 
-def _read_annotations(cfg: ExtractConfig) -> tuple[list[ImageRecord], Vocabulary, ReadStats]:
-    """``load_coco`` of --annotations and --boxes; its errors (they name the file and the record)
-    as ExtractError where the annotation module does not make them a RegionSpotError itself."""
-    try:
-        return load_coco(cfg.annotations, cfg.boxes)
-    except AnnotationError as err:
-        if isinstance(err, RegionSpotError):
-            raise
-        raise ExtractError(str(err)) from err
-
-
 def _plan(cfg: ExtractConfig) -> tuple[list[list[ImageRecord]], Vocabulary, ReadStats]:
     """Read the annotations and plan this rank's shards; returns (shards, vocabulary, read stats)."""
-    records, vocab, read_stats = _read_annotations(cfg)
+    records, vocab, read_stats = load_coco(cfg.annotations, cfg.boxes)
     if read_stats.images_outside:
         log.warning(
             "%d images dropped: their file_name leads outside --images (e.g. %s)",
