@@ -120,3 +120,17 @@ def test_run_command_turns_package_errors_into_one_line(capsys):
     assert capsys.readouterr().err == "error: the thing is wrong: fix it\n"
     assert cli.run_command(COMMAND, ["--size", "-3"], fails) == 2
     assert capsys.readouterr().err.startswith("error: --size (inner.size) is -3")
+
+
+def test_positionals_and_preset_defaults(tmp_path, monkeypatch):
+    command = Command(Outer, "demo", "", positionals=("mode",), preset_flag="--preset", preset_kind="things",
+                      preset_defaults=lambda name: {"rate": 9.0, "mode": "y"})  # fmt: skip
+    assert command.parse(["y"])[0].mode == "y" and command.parse(["--mode", "y"])[0].mode == "y"
+    (tmp_path / "configs" / "things").mkdir(parents=True)
+    (tmp_path / "configs" / "things" / "one.yaml").write_text("mode: x\n")
+    monkeypatch.chdir(tmp_path)  # presets are looked up in ./configs first
+    config, _ = command.parse(["--preset", "one"])
+    assert config.rate == 9.0 and config.mode == "x"  # the preset's YAML wins over what it implies
+    assert command.parse(["--preset", "one", "--rate", "1"])[0].rate == 1.0
+    with pytest.raises(ConfigError, match="configs/things/two.yaml"):
+        command.parse(["--preset", "two"])

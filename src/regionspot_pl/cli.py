@@ -285,6 +285,10 @@ class Command:
     preset_flag: str | None = None
     preset_kind: str | None = None
     preset_help: str = ""
+    # settings a preset implies, under what its YAML says (e.g. test: --split S -> out runs/test/S)
+    preset_defaults: Callable[[str], dict] | None = None
+    # top-level fields also accepted as positional arguments, in this order (e.g. convert SRC DST)
+    positionals: tuple[str, ...] = ()
 
     def parser(self) -> argparse.ArgumentParser:
         p = _Parser(prog=self.prog, description=self.description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,6 +297,9 @@ class Command:
         p.add_argument("--config", dest="config_file", metavar="FILE", help="a YAML file of this command's settings")
         p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
         add_flags(p, self.schema)
+        for name in self.positionals:
+            flag = "--" + name.replace("_", "-")
+            p.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(), help=f"= {flag}")
         return p
 
     def parse(self, argv: list[str] | None = None) -> tuple[Any, bool]:
@@ -307,6 +314,8 @@ class Command:
             source = str(find_config(self.preset_kind, args["preset"]))
         if source:
             data = load_yaml(source)
+        if args.get("preset") and self.preset_defaults:
+            data = {**self.preset_defaults(args["preset"]), **data}
         config = from_dict(self.schema, data, source or "config")
         values = {leaf.path: getattr_path(config, leaf.path) for leaf in leaves(self.schema)}
         for leaf in leaves(self.schema):

@@ -18,9 +18,7 @@ the report (report.md, ap_per_class.png/.csv). The library part is
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from typing import Any
 
 from . import cli
 from .evaluation.metrics import format_metrics_table
@@ -37,25 +35,14 @@ from .evaluation.zero_shot import (
 __all__ = ["COMMAND", "DEFAULT_BATCH", "METHODS", "TestConfig", "TestError", "TestResult", "main", "regionspot_logits"]
 
 
-class _TestCommand(cli.Command):
-    """cli.Command, plus one rule of this command: with ``--split NAME`` and no ``out``, the
-    output folder is runs/test/NAME."""
-
-    def parse(self, argv: list[str] | None = None) -> tuple[Any, bool]:
-        config, print_only = super().parse(argv)
-        split = self.parser().parse_args(argv).preset
-        if split and not config.out:
-            config = dataclasses.replace(config, out=f"runs/test/{split}")
-        return config, print_only
-
-
-COMMAND = _TestCommand(
+COMMAND = cli.Command(
     TestConfig,
     prog="python -m regionspot_pl.test",
     description=__doc__,
     preset_flag="--split",
     preset_kind="test",
     preset_help="the split's settings, configs/test/NAME.yaml (e.g. lvis_val)",
+    preset_defaults=lambda split: {"out": f"runs/test/{split}"},  # unless the split's YAML names one
 )
 
 
