@@ -62,6 +62,11 @@ class ModelConfig:
     ffn_dim: int | None = option(None, "feed-forward width of a head for an unpublished CLIP (default 2048)", minimum=1)
     num_heads: int | None = option(None, "attention heads of a head for an unpublished CLIP (default 8)", minimum=1)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.variant, str):
+            raise ConfigError(f"--model (model.variant) must be a string, got {self.variant!r}")
+        self.variant = VARIANT_NAMES.get(self.variant.lower(), self.variant)  # bl -> BL; others: check()
+
 
 @dataclass
 class TrainerConfig:
@@ -100,12 +105,10 @@ class FitConfig:
 
     def check(self) -> None:
         """Rules across settings (each setting's own type and range are checked by the schema)."""
-        name = VARIANT_NAMES.get(self.model.variant.lower())
-        if name is None:
+        if self.model.variant not in (AUTO, *VARIANTS):
             raise ConfigError(
                 f"--model {self.model.variant!r} is not a head variant; expected auto, {', '.join(VARIANTS)}"
             )
-        self.model.variant = name
         if self.data.val_shards and not self.data.val_annotations:
             raise ConfigError("--val-shards needs --val-annotations (the GT file AP is computed against)")
 

@@ -19,8 +19,8 @@ SAM masks, or absent when extraction ran with masks off. Shards are named
 A folder of shards also holds ``manifest.json`` (:mod:`regionspot_pl.data.cache`).
 
 Reading is the training loader's hot loop, so it avoids copies: tar members are read with one
-``read`` each (webdataset's ``tarfile`` stream copies every member several times, 2.4x slower
-end to end, docs/benchmarks.md) and the ``.npy`` arrays are NumPy views of those bytes.
+``read`` each (webdataset's ``tarfile`` stream copies every member several times; the cost is
+in docs/benchmarks.md) and the ``.npy`` arrays are NumPy views of those bytes.
 webdataset still opens the URLs and groups members into samples.
 """
 
