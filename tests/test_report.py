@@ -150,22 +150,9 @@ def test_test_cli_writes_the_report_with_either_backend(demo_data, demo_shards, 
     metrics, tables = {}, {}
     for backend in ("hotcoco", "lvis"):
         out = tmp_path / backend
-        argv = [
-            "--shards",
-            str(demo_shards["val"]),
-            "--annotations",
-            str(demo_data["val_json"]),
-            "--head",
-            str(head),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--text-cache",
-            str(demo_shards["text_cache"]),
-            "--metric-backend",
-            backend,
-        ]
+        flags = {"--shards": demo_shards["val"], "--annotations": demo_data["val_json"], "--head": head, "--out": out,
+                 "--device": "cpu", "--text-cache": demo_shards["text_cache"], "--metric-backend": backend}  # fmt: skip
+        argv = [str(word) for pair in flags.items() for word in pair]
         assert test_cli.main(argv) == 0
         printed = capsys.readouterr().out
         assert f"report: {out / 'report.md'}" in printed and f"plot: {out / 'ap_per_class.png'}" in printed

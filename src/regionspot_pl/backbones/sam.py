@@ -39,8 +39,8 @@ OFFICIAL_SAM_CHECKPOINTS = {
 
 # The tiny SAM is for tests and CPU smoke runs: SAM's own classes at a toy size. The checkpoint
 # holds only a state dict, so these constants are what makes it loadable again; change them and
-# every sam_tiny.pth written before no longer fits. 512 input keeps it at ~0.075 s per image on
-# 2 CPU cores (all boxes of an image batched); the prompt encoder and mask decoder are SAM's
+# every sam_tiny.pth written before no longer fits. The 512 input keeps it fast enough for the
+# test suite on a small CPU (all boxes of an image batched); the prompt encoder and mask decoder are SAM's
 # standard ones, so the region token is 256-d exactly as with the real models.
 TINY_SAM_CONFIG: dict[str, object] = {
     "encoder_embed_dim": 64,

@@ -6,8 +6,8 @@ compute it:
 
 - ``hotcoco`` (default): a Rust implementation of the LVIS API and of pycocotools' ``COCOeval``
   (package ``hotcoco``). It gives the LVIS API's numbers (the tests hold the two equal to 1e-6 on
-  varied sets, box and mask) in a fraction of the time: seconds for LVIS val instead of minutes
-  (docs/benchmarks.md).
+  varied sets, box and mask) in a small fraction of the time, which is what makes scoring LVIS
+  val inside a training run affordable (docs/benchmarks.md).
 - ``lvis``: the reference, the official libraries themselves: the LVIS API (``lvis`` package)
   for LVIS data, pycocotools' ``COCOeval`` for COCO-style data (no ``frequency`` on the
   categories), which the LVIS API cannot score.
@@ -138,10 +138,10 @@ def evaluate_results(
 
     Arguments and errors as :func:`evaluate_detections`, plus ``inputs_owned``: the caller
     hands ``gt`` and ``results`` over and will not use them again, so the official libraries
-    may write into them instead of into copies (1.4 GB less at LVIS val size; hotcoco never
-    writes into them). Python's cyclic garbage collector is paused while the libraries run:
-    they allocate millions of small objects, and each burst makes the collector rescan
-    everything alive (reference counting still frees memory).
+    may write into them instead of into copies (much less memory at LVIS val size,
+    docs/benchmarks.md; hotcoco never writes into them). Python's cyclic garbage collector is
+    paused while the libraries run: they allocate millions of small objects, and each burst
+    makes the collector rescan everything alive (reference counting still frees memory).
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
@@ -297,9 +297,9 @@ def _share_a_placeholder_mask(dets: list[dict[str, Any]]) -> None:
     """Give box results without a 'segmentation' the one shared placeholder, in place.
 
     LVISResults and COCO.loadRes give each such result a polygon of its box (two lists and eight
-    floats, ~380 bytes: 2.2 GB at LVIS val size) that box evaluation never reads; with a
+    floats per result, gigabytes at LVIS val size) that box evaluation never reads; with a
     'segmentation' present they add none. The numbers do not change (the tests compare them
-    with hotcoco's); the LVIS API's peak memory at LVIS val size drops from ~22 to ~20 GB.
+    with hotcoco's); the LVIS API's peak memory drops by that much (docs/benchmarks.md).
     """
     for det in dets:
         if "segmentation" not in det:
@@ -317,7 +317,7 @@ def _run_hotcoco(
     import hotcoco
 
     # Boxes go in as one [N, 7] array when the fast check could build it: no Rust object per
-    # Python dict, ~2x faster to load. Masks go in as the dicts: a result without a 'bbox' then
+    # Python dict, so they load faster. Masks go in as the dicts: a result without a 'bbox' then
     # takes its area and box from its mask, as in the official libraries.
     res: Any = columns if columns is not None and iou_type == "bbox" else dets
     cap: int | None = max_dets
@@ -438,8 +438,8 @@ def _run_lvis(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str, max
     evaluator.params.max_dets = max_dets  # only used by print_results, keep it truthful
     evaluator.evaluate()
     # evaluate() leaves three dicts with an entry per (image, category) pair, which accumulate()
-    # does not read (it reads eval_imgs): ~10 GB at LVIS val size. Freed before accumulate()
-    # allocates its own, the LVIS API's peak stays near 21 GB instead of 23 GB there.
+    # does not read (it reads eval_imgs): gigabytes at LVIS val size. Freed before accumulate()
+    # allocates its own, so the LVIS API's peak memory stays lower (docs/benchmarks.md).
     evaluator.ious, evaluator._gts, evaluator._dts = {}, {}, {}
     with _numpy_float_alias():
         evaluator.accumulate()
@@ -735,7 +735,8 @@ def _result_columns(results: list[Mapping[str, Any]], gt: Mapping[str, Any], iou
         finite number as score, a valid box (mask results: on all or none) and for "segm" an
         RLE dict; None when any of that fails, or the input is valid but unusual (float ids,
         numpy scalars): :func:`_validate_results` then checks entry by entry and says what is
-        wrong. On LVIS val (6M detections) this takes seconds where that check takes ~25 s.
+        wrong. Being vectorized, it is much faster than that check on LVIS val's millions of
+        detections (docs/benchmarks.md).
     """
     n = len(results)
     try:
