@@ -8,7 +8,6 @@ SRC and DST may also be given as --src and --dst (or in --config).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
@@ -31,18 +30,7 @@ class ConvertConfig:
             raise ConfigError("give the checkpoint to convert and where to write it: SRC.pth DST (or --src and --dst)")
 
 
-@dataclass
-class _Command(Command):
-    """The command with SRC and DST also accepted as positionals, as documented."""
-
-    def parser(self) -> argparse.ArgumentParser:
-        p = super().parser()
-        p.add_argument("src", nargs="?", default=argparse.SUPPRESS, metavar="SRC", help="= --src")
-        p.add_argument("dst", nargs="?", default=argparse.SUPPRESS, metavar="DST", help="= --dst")
-        return p
-
-
-COMMAND = _Command(ConvertConfig, "python -m regionspot_pl.convert", __doc__)
+COMMAND = Command(ConvertConfig, "python -m regionspot_pl.convert", __doc__, positionals=("src", "dst"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ DIR/ap_per_class.csv. GT and RESULTS may also be given as --gt and --results (or
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -67,18 +66,7 @@ class EvaluateConfig:
             )
 
 
-@dataclass
-class _Command(Command):
-    """The command with GT and RESULTS also accepted as positionals, as documented."""
-
-    def parser(self) -> argparse.ArgumentParser:
-        p = super().parser()
-        p.add_argument("gt", nargs="?", default=argparse.SUPPRESS, metavar="GT", help="= --gt")
-        p.add_argument("results", nargs="?", default=argparse.SUPPRESS, metavar="RESULTS", help="= --results")
-        return p
-
-
-COMMAND = _Command(EvaluateConfig, "python -m regionspot_pl.evaluate", __doc__)
+COMMAND = Command(EvaluateConfig, "python -m regionspot_pl.evaluate", __doc__, positionals=("gt", "results"))
 
 
 def run_evaluate(

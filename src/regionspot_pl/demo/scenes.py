@@ -35,7 +35,6 @@ Design choices (why):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -630,17 +629,7 @@ class DemoConfig:
             raise ConfigError("give the folder to write: OUT_DIR (or --out-dir)")
 
 
-@dataclass
-class _Command(Command):
-    """The command with OUT_DIR also accepted as a positional, as documented."""
-
-    def parser(self) -> argparse.ArgumentParser:
-        p = super().parser()
-        p.add_argument("out_dir", nargs="?", default=argparse.SUPPRESS, metavar="OUT_DIR", help="= --out-dir")
-        return p
-
-
-COMMAND = _Command(DemoConfig, "python -m regionspot_pl.demo.scenes", __doc__.splitlines()[0])
+COMMAND = Command(DemoConfig, "python -m regionspot_pl.demo.scenes", __doc__.splitlines()[0], positionals=("out_dir",))
 
 
 def main(argv: list[str] | None = None) -> int:
