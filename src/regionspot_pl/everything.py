@@ -30,7 +30,7 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from .backbones.image import ImageReadError
-from .cli import ConfigError, option
+from .cli import ConfigError, check_fields, option
 from .errors import RegionSpotError
 from .io import masks_to_rle
 from .predictor import ImageLike, Predictor, VocabularyLike, load_image, read_vocabulary
@@ -61,12 +61,9 @@ class GeneratorSettings:
     min_mask_region_area: int = option(0, "remove islands and fill holes under this many pixels (opencv)", minimum=0)
 
     def check(self) -> None:
-        """ConfigError naming the first setting out of its range (the minimums are checked where
-        the settings are parsed; this checks them again for settings made in Python)."""
-        for name, value in asdict(self).items():
-            minimum = self.__dataclass_fields__[name].metadata.get("minimum")
-            if minimum is not None and value < minimum:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum:g}, got {value}")
+        """ConfigError naming the first setting of the wrong type or out of its range (settings
+        made in Python get the checks that flags and YAML get)."""
+        check_fields(self)
         unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio")
         for name in unit:
             if not 0.0 <= getattr(self, name) <= 1.0:
