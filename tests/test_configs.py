@@ -134,3 +134,18 @@ def test_positionals_and_preset_defaults(tmp_path, monkeypatch):
     assert command.parse(["--preset", "one", "--rate", "1"])[0].rate == 1.0
     with pytest.raises(ConfigError, match="configs/things/two.yaml"):
         command.parse(["--preset", "two"])
+
+
+@dataclass
+class Needs:
+    path: str = option(help="the input file")
+    kinds: list[str] = option(["a"], "kinds", choices=("a", "b"))
+
+
+def test_required_fields_and_list_choices():
+    command = Command(Needs, "demo", "")
+    with pytest.raises(ConfigError, match=r"--path \(path\) is required: the input file"):
+        command.parse([])
+    assert command.parse(["--path", "p", "--kinds", "a", "b"])[0].kinds == ["a", "b"]
+    with pytest.raises(ConfigError, match="is 'c'; expected one of: a, b"):
+        command.parse(["--path", "p", "--kinds", "a", "c"])

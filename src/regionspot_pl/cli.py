@@ -161,12 +161,11 @@ def check_value(leaf: Leaf, value: Any, source: str | None) -> Any:
     if coerced is _UNSET:
         raise ConfigError(f"{leaf.where(source)} must be {_type_name(leaf.type)}, got {value!r}")
     choices, minimum = leaf.field.metadata.get("choices"), leaf.field.metadata.get("minimum")
-    if choices is not None and coerced is not None and coerced not in choices:
-        raise ConfigError(f"{leaf.where(source)} is {coerced!r}; expected one of: {', '.join(map(str, choices))}")
-    numbers = coerced if isinstance(coerced, list) else [coerced]
-    for number in numbers:
-        if minimum is not None and isinstance(number, (int, float)) and not number >= minimum:
-            raise ConfigError(f"{leaf.where(source)} is {number!r}; it must be >= {minimum:g}")
+    for item in coerced if isinstance(coerced, list) else [coerced]:  # a list: each of its items
+        if choices is not None and item is not None and item not in choices:
+            raise ConfigError(f"{leaf.where(source)} is {item!r}; expected one of: {', '.join(map(str, choices))}")
+        if minimum is not None and isinstance(item, (int, float)) and not item >= minimum:
+            raise ConfigError(f"{leaf.where(source)} is {item!r}; it must be >= {minimum:g}")
     return coerced
 
 
@@ -199,6 +198,9 @@ def build(schema: type[T], values: dict[tuple[str, ...], Any]) -> T:
                 kwargs[f.name] = make(hints[f.name], path)
             elif path in values:
                 kwargs[f.name] = values[path]
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{flag} ({'.'.join(path)}) is required: {f.metadata.get('help', '')}")
         return cls(**kwargs)
 
     return make(schema, ())
@@ -206,6 +208,11 @@ def build(schema: type[T], values: dict[tuple[str, ...], Any]) -> T:
 
 def from_dict(schema: type[T], data: dict, source: str = "config") -> T:
     """A schema instance from a (nested) mapping, as read from YAML; every key and value checked."""
+    return build(schema, _values(schema, data, source))
+
+
+def _values(schema: type, data: dict, source: str) -> dict[tuple[str, ...], Any]:
+    """The checked values a mapping gives, by path (fields it leaves out are absent)."""
     _check_keys(schema, data, source)
     values = {}
     for leaf in leaves(schema):
@@ -214,7 +221,7 @@ def from_dict(schema: type[T], data: dict, source: str = "config") -> T:
             node = node.get(part, _UNSET) if isinstance(node, dict) else _UNSET
         if node is not _UNSET:
             values[leaf.path] = check_value(leaf, node, source)
-    return build(schema, values)
+    return values
 
 
 def to_yaml(config: Any) -> str:
@@ -316,8 +323,7 @@ class Command:
             data = load_yaml(source)
         if args.get("preset") and self.preset_defaults:
             data = {**self.preset_defaults(args["preset"]), **data}
-        config = from_dict(self.schema, data, source or "config")
-        values = {leaf.path: getattr_path(config, leaf.path) for leaf in leaves(self.schema)}
+        values = _values(self.schema, data, source or "config")
         for leaf in leaves(self.schema):
             if leaf.key in args:
                 values[leaf.path] = check_value(leaf, args[leaf.key], None)

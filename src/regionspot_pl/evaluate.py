@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import Command, ConfigError, option, run_command
-from .errors import RegionSpotError
 from .evaluation.metrics import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -30,10 +29,7 @@ from .evaluation.metrics import (
     load_results,
 )
 from .evaluation.report import write_report
-
-
-class OutputError(RegionSpotError):
-    """A file cannot be read or written for a reason other than its content (permissions, a full disk)."""
+from .io import OutputError
 
 
 @dataclass

@@ -25,6 +25,10 @@ class JsonFileError(RegionSpotError):
     """A JSON file is missing or not valid JSON."""
 
 
+class OutputError(RegionSpotError):
+    """An output file or folder cannot be written (permissions, a full disk, a file in the way)."""
+
+
 def read_json(path: str | Path, what: str, error: type[RegionSpotError] = JsonFileError) -> Any:
     """The content of a JSON file; ``error`` (naming ``what`` and the path) when it is missing or
     not JSON."""

@@ -49,9 +49,8 @@ import torch
 from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS
 from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES
 from .cli import Command, ConfigError, option, run_command
-from .errors import RegionSpotError
 from .everything import GeneratorSettings, label_images, list_images, picture_paths
-from .io import write_json_atomic
+from .io import OutputError, write_json_atomic
 from .predictor import (
     Predictor,
     PromptError,
@@ -61,10 +60,6 @@ from .predictor import (
     region_box,
     region_prompts,
 )
-
-
-class OutputError(RegionSpotError):
-    """An output file or folder cannot be written."""
 
 
 @dataclass

@@ -315,7 +315,7 @@ def build_models(inputs: Inputs) -> Models:
 def _load_head(path: str, device: torch.device) -> RegionSpotHead:
     try:
         return load_head(path, map_location=device)
-    except (CheckpointError, FileNotFoundError) as err:  # model/checkpoint.py's errors are no RegionSpotErrors yet
+    except CheckpointError as err:  # the same error, naming the flag the file came from
         raise TestError(f"--head {path}: {err}") from err
 
 
@@ -558,7 +558,7 @@ def _write_and_evaluate(inputs: Inputs, scored: Scored, out: Path, iou_type: str
         return path, evaluate_results(
             inputs.gt, results, iou_type=iou_type, max_dets=MAX_DETS_PER_IMAGE, backend=config.metric_backend
         )
-    except EvaluationInputError as err:  # evaluation/metrics.py's errors are no RegionSpotErrors yet
+    except EvaluationInputError as err:  # the same error, naming the flag the file came from
         raise TestError(f"{iou_type} evaluation against --annotations {config.annotations}: {err}") from err
 
 
