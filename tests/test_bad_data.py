@@ -28,7 +28,7 @@ from regionspot_pl.backbones.sam import SamTransform
 from regionspot_pl.backbones.tiny import write_tiny_backbones
 from regionspot_pl.cli import ConfigError
 from regionspot_pl.data.annotations import AnnotationError, load_coco, read_proposals
-from regionspot_pl.data.cache import ShardFolder, read_manifest
+from regionspot_pl.data.cache import Manifest, ShardFolder
 from regionspot_pl.data.datamodule import DataConfig, DataConfigError, RegionDataModule, ShardStream
 from regionspot_pl.data.shards import (
     AtomicShardWriter,
@@ -181,7 +181,7 @@ def test_01_12_extraction_reading_no_image_fails_and_fit_refuses_its_empty_shard
     assert extract_main(_extract_argv(tiny_backbones, images, ann, out)) == 2
     line = _error_line(capsys)
     assert "no image of" in line and "2 skipped (2 undecodable)" in line and "could not be decoded" in line
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     assert manifest.counts["samples"] == 0 and manifest.counts["skipped_by_reason"] == {"undecodable": 2}
     (shard,) = list_shards(out)  # one shard of 0 samples: a rerun has nothing left to try, and fails again
     assert extract_main(_extract_argv(tiny_backbones, images, ann, out)) == 2
@@ -425,7 +425,7 @@ def test_06_10_non_finite_boxes_and_names_outside_images_are_dropped_and_counted
     summary = run_extraction(_extract_cfg(tiny_backbones, images, ann, tmp_path / "out"))
     assert summary["images"] == 1
     assert summary["dropped"]["non-finite boxes"] == 2 and summary["dropped"]["images outside the image folder"] == 1
-    manifest = read_manifest(tmp_path / "out")
+    manifest = Manifest.read(tmp_path / "out")
     assert manifest.annotations["non_finite_dropped"] == 2 and manifest.annotations["images_outside"] == 1
     (sample,) = iter_samples(list_shards(tmp_path / "out"))
     assert len(sample["boxes"]) == len(records[0].boxes) and np.isfinite(sample["boxes"]).all()
@@ -515,7 +515,7 @@ def test_09_11_resume_checks_precision_and_backbones_and_one_process_owns_the_fo
     lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))  # left by a killed run
     assert run_extraction(_extract_cfg(tiny_backbones, images, ann, out, precision="fp32"))["images"] == 1
     assert not lock.exists()  # taken over, then released
-    assert read_manifest(out).precision == "fp32"
+    assert Manifest.read(out).precision == "fp32"
 
     with pytest.raises(ExtractError, match=r"precision \(fp32 -> bf16"):
         run_extraction(_extract_cfg(tiny_backbones, images, ann, out, precision="bf16"))

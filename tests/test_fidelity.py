@@ -28,7 +28,7 @@ from regionspot_pl.backbones.image import (
     scale_boxes,
 )
 from regionspot_pl.data.annotations import load_coco, read_proposals
-from regionspot_pl.data.cache import FORMAT_VERSION, MANIFEST, PROTOCOL, Manifest, read_manifest
+from regionspot_pl.data.cache import FORMAT_VERSION, MANIFEST, PROTOCOL, Manifest
 from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.evaluation.scoring import detections_to_results, score_regions
 from regionspot_pl.extract import ExtractConfig, run_extraction
@@ -329,11 +329,11 @@ def test_shards_of_another_protocol_are_refused(demo_shards, tmp_path):
     del manifest["protocol"]
     (old / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match="re-extract"):
-        read_manifest(old)
+        Manifest.read(old)
     manifest["protocol"] = "something-else"
     (old / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match=r"something-else.*re-extract"):
-        read_manifest(old)
+        Manifest.read(old)
 
 
 @pytest.mark.parametrize(
@@ -344,11 +344,11 @@ def test_manifests_of_another_format_version_are_refused(demo_shards, tmp_path, 
     manifest = json.loads((demo_shards["val"] / MANIFEST).read_text())
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format_version": version}))
     with pytest.raises(ShardFormatError, match=message):
-        read_manifest(tmp_path)
+        Manifest.read(tmp_path)
 
 
 def test_manifest_round_trips_and_types_every_field(demo_shards, tmp_path):
-    manifest = read_manifest(demo_shards["val"])
+    manifest = Manifest.read(demo_shards["val"])
     assert manifest.clip.vision_dim == 128 and manifest.clip.text_dim == 64 and manifest.sam.type == "tiny"
     raw = json.loads((demo_shards["val"] / MANIFEST).read_text())
     assert manifest.to_dict() == raw

@@ -13,7 +13,7 @@ from PIL import Image
 from regionspot_pl import viz
 from regionspot_pl.backbones.clip import ClipEncoder, text_embeddings
 from regionspot_pl.backbones.sam import SamRegionEncoder
-from regionspot_pl.data.cache import read_manifest
+from regionspot_pl.data.cache import Manifest
 from regionspot_pl.data.shards import iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.extract import ExtractConfig, run_extraction
@@ -45,7 +45,7 @@ def setup(tiny_backbones, tmp_path_factory) -> dict:
         head=head_path, sam_type="tiny", sam_checkpoint=tiny_backbones["sam_checkpoint"],
         clip_model=tiny_backbones["clip_dir"], text_cache=text_cache,
     )  # fmt: skip
-    manifest = read_manifest(root / "shards")
+    manifest = Manifest.read(root / "shards")
     return {
         "root": root,
         "demo": demo,

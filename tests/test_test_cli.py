@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from regionspot_pl import cli, extract
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.clip import CLIP_MEAN, CLIP_STD, text_embeddings
-from regionspot_pl.data.cache import read_manifest
+from regionspot_pl.data.cache import Manifest
 from regionspot_pl.data.shards import AtomicShardWriter, encode_sample, iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import LVIS_METRICS
@@ -108,7 +108,7 @@ def gt_run(split) -> Path:
 
 def _head_probs(split: dict, shards: Path, image_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities [N, C] of one image computed directly from the head, and its boxes."""
-    manifest = read_manifest(shards)
+    manifest = Manifest.read(shards)
     # the run above filled the cache: no encoder is needed to read it back
     texts = text_embeddings(None, manifest.vocabulary.names, split["text_cache"], manifest.clip.id)
     sample = next(s for s in iter_samples(list_shards(shards)) if s["meta"]["image_id"] == image_id)
@@ -336,7 +336,7 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
                 encode_sample(s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"], s["clip"], meta)
             )
         writer.commit({})
-    manifest = read_manifest(split["gt_shards"])
+    manifest = Manifest.read(split["gt_shards"])
     manifest.config["masks"] = False
     manifest.write(folder)
     out = tmp_path / "out"

@@ -100,7 +100,6 @@ class RegionSpotModule(L.LightningModule):
         # saved in checkpoints (V3Det's 13K classes would add 40 MB to each).
         for i, t in enumerate(text_embeddings):
             self.register_buffer(f"text_{i}", t.float(), persistent=False)
-        self.num_train_vocabs = len(text_embeddings)
         if val_text_embeddings is not None:
             self.register_buffer("val_text", val_text_embeddings.float(), persistent=False)
         self._val_results: list[dict] = []

@@ -124,10 +124,6 @@ class Manifest:
         return cls.from_dict(read_json(path, "manifest", ShardFormatError), path)
 
 
-def read_manifest(folder: str | Path) -> Manifest:
-    return Manifest.read(folder)
-
-
 def _check_version(found: object, path: str | Path) -> None:
     if found == FORMAT_VERSION:
         return
