@@ -108,3 +108,12 @@ def test_print_config_round_trips(inputs, tmp_path, capsys):
     assert main(["--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
     assert capsys.readouterr().out == printed
     assert "variant: BL" in printed and "max_steps: 3000" in printed
+
+
+def test_a_stalled_read_is_an_error_line_not_a_traceback(inputs, tmp_path, cli_error):
+    stalled = tmp_path / "stalled"
+    stalled.mkdir()
+    shutil.copy(f"{inputs['train']}/manifest.json", stalled)
+    (stalled / "shards.txt").write_text("pipe:sleep 30\n")  # a mount or pipe that never delivers
+    argv = ["--train-shards", str(stalled), "--out", str(tmp_path / "run"), "--read-timeout", "2", "--workers", "1"]
+    cli_error(main, [*argv, "--max-steps", "2", "--no-enable-progress-bar"], "--read-timeout 2", "--resume last")

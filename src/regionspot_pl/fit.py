@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,6 +285,22 @@ def write_outputs(
     return result
 
 
+@contextmanager
+def readers_fail_cleanly(read_timeout: float) -> Iterator[None]:
+    """A stalled read (no batch within ``read_timeout``) or a dead loader worker, which PyTorch
+    reports as a RuntimeError starting "DataLoader", becomes a FitError that says what to do."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not str(err).startswith("DataLoader"):
+            raise
+        raise FitError(
+            f"the shard readers failed: {err}. Either a read stalled (no batch within --read-timeout "
+            f"{read_timeout:g} s: a slow mount or pipe) or a reader was killed (out of memory?); "
+            "continue from the last saved step with --resume last"
+        ) from err
+
+
 def run(cfg: FitConfig | Mapping, callbacks: list[L.Callback] = ()) -> dict:
     """Train as configured; returns {'head': path, 'best': ckpt or None, 'metrics': last val metrics,
     'variant': the head's}. ``cfg`` may be a mapping as a YAML file holds it (checked the same way).
@@ -297,7 +314,7 @@ def run(cfg: FitConfig | Mapping, callbacks: list[L.Callback] = ()) -> dict:
     module = build_module(cfg, dm, head)
     ckpt_path = resume_checkpoint(cfg, head, dm)
     trainer, checkpoint, stop = build_trainer(cfg, dm.val is not None, list(callbacks))
-    with stop.guard():  # a stop signal ends here as Stopped, with last.ckpt saved
+    with stop.guard(), readers_fail_cleanly(cfg.data.read_timeout):  # a stop: Stopped, with last.ckpt saved
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # resume never unpickles code
     # ModelCheckpoint saves on its interval only: make last.ckpt the final step, so that
     # `--resume last` with a larger --max-steps continues exactly where this run stopped.
