@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from regionspot_pl import RegionSpotHead, load_head, save_head
+from regionspot_pl.cli import ConfigError
 from regionspot_pl.data.annotations import AnnotationError
+from regionspot_pl.data.cache import ClipBackbone
 from regionspot_pl.data.datamodule import (
     DataConfig,
     MixedBatches,
@@ -27,8 +29,8 @@ from regionspot_pl.data.datamodule import (
     shards_for_epoch,
 )
 from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
-from regionspot_pl.fit import COMMAND, FitError, main, run
-from regionspot_pl.model.head import HeadMismatchError
+from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, run, size_head
+from regionspot_pl.model.head import VARIANTS, HeadMismatchError
 from regionspot_pl.module import OptimConfig, RegionSpotModule, lr_factor
 
 TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
@@ -343,3 +345,46 @@ def test_advanced_stage_mixes_datasets_with_their_own_vocabularies(shards, tmp_p
         None, manifest["vocabulary"]["names"], shards["text_cache"], manifest["backbones"]["clip"]["id"]
     )
     assert a.shape == (40, 64)
+
+
+@pytest.mark.parametrize(
+    ("dims", "asked", "variant"),
+    [
+        ((1024, 768, 224), "auto", "BL"),
+        ((1024, 768, 336), "auto", "BL@336"),
+        ((768, 512, 224), "auto", "BB"),
+        ((128, 64, 224), "auto", None),
+        ((1024, 768, 224), "BL", "BL"),
+    ],
+)
+def test_head_is_sized_to_the_shards_clip(dims, asked, variant):
+    clip = ClipBackbone("some/clip", "id", dims[2], 257, dims[0], dims[1])
+    config, got = size_head(ModelConfig(asked), clip)
+    assert got == variant and (config.clip_dim, config.text_dim) == dims[:2]
+    if variant:
+        assert config == VARIANTS[variant]
+
+
+def test_a_variant_that_does_not_fit_names_the_one_that_does():
+    clip = ClipBackbone("clip-vit-base-patch16", "id", 224, 197, 768, 512)
+    with pytest.raises(HeadMismatchError, match="the BL head expects .* width 1024.*use the BB head"):
+        size_head(ModelConfig("BL"), clip)
+    with pytest.raises(ConfigError, match="published sizes"):
+        size_head(ModelConfig("auto", ffn_dim=64), clip)
+
+
+def test_one_shard_and_the_stage_defaults_train_with_the_workers_capped(shards, tmp_path, caplog):
+    """The new-user case: a training folder of one shard, the warmup stage's 4 loader workers."""
+    one = tmp_path / "one_shard"
+    one.mkdir()
+    first = list_shards(shards["train"])[0]
+    for path in (first, first.with_suffix(".json"), shards["train"] / "manifest.json"):
+        shutil.copy(path, one)
+    argv = ["--stage", "warmup", "--train-shards", str(one), "--val-shards", str(shards["val"])]
+    argv += ["--val-annotations", str(shards["val_json"]), "--max-steps", "3", "--out", str(tmp_path / "run")]
+    with caplog.at_level("WARNING", logger="regionspot_pl.data"):
+        assert main([*argv, "--no-enable-progress-bar", "--accelerator", "cpu"]) == 0
+    assert "--workers 4 capped at 1" in caplog.text
+    summary = json.loads((tmp_path / "run" / "fit_summary.json").read_text())
+    assert summary["variant"] == "custom" and "val/AP" in summary["metrics"]
+    assert json.loads((tmp_path / "run" / "head" / "config.json").read_text())["variant"] == "custom"
