@@ -307,7 +307,7 @@ def run(cfg: FitConfig | Mapping, callbacks: list[L.Callback] = ()) -> dict:
     ``callbacks`` join the Trainer's (e.g. to inspect batches in tests)."""
     if isinstance(cfg, Mapping):
         cfg = from_dict(FitConfig, dict(cfg))
-        cfg.check()
+    cfg.check()
     L.seed_everything(cfg.seed, workers=True)
     dm = build_data(cfg)
     head, variant = size_head(cfg.model, dm.clip_info)
