@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
-from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, autocast_for, resolved_precision
+from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, autocast_for, resolve_device, resolved_precision
 from .backbones.image import (
     ImageReadError,
     ImageSizeError,
@@ -170,10 +170,6 @@ class ExtractConfig:
             )
         if not math.isfinite(self.read_timeout):
             raise ConfigError(f"--read-timeout {self.read_timeout} must be a finite number of seconds")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, ValueError):
-            raise ConfigError(f"--device {self.device!r} is not a device: pass cpu, cuda or cuda:N") from None
 
 
 COMMAND = Command(ExtractConfig, PROG, __doc__)
@@ -359,17 +355,6 @@ def _check_paths(cfg: ExtractConfig) -> None:
         raise ExtractError(f"--text-cache {cache} is not an HDF5 file: pass another --text-cache, or delete it")
 
 
-def _check_device(cfg: ExtractConfig) -> None:
-    """A CUDA device that this machine has."""
-    device = torch.device(cfg.device)
-    if device.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if (device.index or 0) >= count:
-        have = "no CUDA device is available" if count == 0 else f"this machine has cuda:0..cuda:{count - 1}"
-        raise ExtractError(f"--device {cfg.device}: {have}; pass --device cpu or one of its GPUs")
-
-
 def _previous_manifest(out: Path) -> Manifest | None:
     """The manifest of an extraction already in ``out`` (None when there is none); one this
     version cannot continue (another cache format or feature protocol, unreadable) is an error."""
@@ -431,7 +416,7 @@ def _checked(cfg: ExtractConfig) -> tuple[ExtractConfig, list[list[ImageRecord]]
     cfg.check()
     cfg = dataclasses.replace(cfg, dataset=cfg.dataset or Path(cfg.annotations).stem)
     _check_paths(cfg)
-    _check_device(cfg)
+    resolve_device(cfg.device)
     _previous_manifest(Path(cfg.out))
     shards, vocab, read_stats = _plan(cfg)
     return cfg, shards, vocab, read_stats

@@ -44,9 +44,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS
+from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device
 from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES
 from .cli import Command, ConfigError, option, run_command
 from .everything import GeneratorSettings, label_images, list_images, picture_paths
@@ -112,7 +110,7 @@ class PredictConfig:
         if self.score_thresh > 1.0:
             raise ConfigError(f"--score-thresh must be in [0, 1], got {self.score_thresh}")
         self.generator.check()
-        _check_device(self.device)
+        resolve_device(self.device)
         if self.everything:
             self._check_everything()
             return
@@ -136,17 +134,6 @@ class PredictConfig:
             raise ConfigError("--everything needs --json OUT.json for the named regions")
         if self.image and not self.out:
             raise ConfigError("--everything --image needs --out PICTURE.png")
-
-
-def _check_device(device: str) -> None:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {device!r} is not a device: {err}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
 
 
 COMMAND = Command(PredictConfig, "python -m regionspot_pl.predict", __doc__)

@@ -23,6 +23,29 @@ class BackboneNotFoundError(BackboneError, FileNotFoundError):
     """A SAM checkpoint or a CLIP folder does not exist."""
 
 
+class DeviceError(RegionSpotError, ValueError):
+    """A --device that is no device, or one this machine does not have."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The one reading of ``--device``: 'auto' (or None) is cuda when there is one, else cpu; a
+    named device must parse and exist on this machine."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {device!r} is not a device: pass auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            have = "no CUDA device is available" if count == 0 else f"this machine has cuda:0..cuda:{count - 1}"
+            raise DeviceError(f"--device {device}: {have}; pass --device cpu or one of its GPUs")
+    elif resolved.type != "cpu":
+        raise DeviceError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    return resolved
+
+
 def resolved_precision(device: torch.device, precision: str) -> str:
     """The precision ``auto`` stands for on this device: bf16 where the card has it, fp16 on
     others (V100), fp32 on CPU. Recorded in the manifest: shards of one folder share it."""

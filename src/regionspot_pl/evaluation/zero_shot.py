@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_identity, text_embeddings
+from ..backbones.common import resolve_device
 from ..backbones.image import ImageReadError, read_image, resolve_image_path
 from ..cli import ConfigError, option
 from ..data.annotations import Vocabulary
@@ -238,19 +239,6 @@ def check_coverage(image_ids: set[int], gt: dict, annotations: str, folder: str)
             f"note: the shards cover {len(image_ids)} of the {len(gt_ids)} images of {annotations}; "
             "objects in the others count as missed"
         )
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """'auto' (or None): cuda when available, else cpu; a named device must exist."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise TestError(f"--device {device!r} is not a device: pass auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TestError(f"--device {device} asked for, but no CUDA device is available: pass --device cpu")
-    return resolved
 
 
 def _image_folder(config: TestConfig, extraction: dict) -> str | None:
