@@ -374,3 +374,13 @@ def test_encode_boxes_batch_equals_the_per_image_path(region_encoder):
             assert (masks != expected_masks).sum() <= 1e-4 * masks.numel()  # float rounding at 0
     with pytest.raises(ValueError, match="one of each per image"):
         region_encoder.encode_boxes_batch(embeddings, boxes[:2], sizes)
+
+
+def test_one_reading_of_device():
+    from regionspot_pl.backbones.common import DeviceError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, message in (("gpu", "is not a device"), ("meta", "expected auto, cpu, cuda"), ("cuda:99", "cuda:99")):
+        with pytest.raises(DeviceError, match=message):
+            resolve_device(bad)
