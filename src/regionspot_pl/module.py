@@ -25,7 +25,8 @@ from .model.loss import region_focal_loss
 class OptimConfig:
     """The paper's optimizer and schedule. ``warmup_iters`` and ``milestones`` are given for a run
     of ``schedule_steps`` (the paper's 450K) and scale with the run's length, so a run of any
-    ``max_steps`` follows the same curve, compressed or stretched."""
+    ``max_steps`` follows the same curve, compressed or stretched (a run resumed with another
+    ``max_steps`` follows that run's curve from the step it reached)."""
 
     lr: float = option(2.5e-5, "AdamW base learning rate (the paper's, for 16 images a step)", minimum=0)
     weight_decay: float = option(1e-4, "AdamW weight decay", minimum=0)
