@@ -259,6 +259,7 @@ def _flag_value(tp: Any) -> Callable[[str], Any]:
 def add_flags(parser: argparse.ArgumentParser, schema: type) -> list[Leaf]:
     """One flag per setting of ``schema``; unset flags are absent from the parsed namespace."""
     found = list(leaves(schema))
+    groups: dict[str, Any] = {}  # --help lists each settings group (fit's data, optim, ...) under its name
     for leaf in found:
         meta = leaf.field.metadata
         default = leaf.field.default if leaf.field.default is not dataclasses.MISSING else None
@@ -277,7 +278,10 @@ def add_flags(parser: argparse.ArgumentParser, schema: type) -> list[Leaf]:
             kwargs.update(nargs="+", type=_flag_value(item), metavar=leaf.path[-1].upper())
         else:
             kwargs.update(type=_flag_value(leaf.type), metavar=leaf.path[-1].upper())
-        parser.add_argument(leaf.flag, **kwargs)
+        group = parser
+        if len(leaf.path) > 1:
+            group = groups.get(leaf.path[0]) or groups.setdefault(leaf.path[0], parser.add_argument_group(leaf.path[0]))
+        group.add_argument(leaf.flag, **kwargs)
     return found
 
 
