@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from tiny_fit import tiny_fit_config
 
 from regionspot_pl.fit import run
 
@@ -23,26 +24,7 @@ class RecordKeys(L.Callback):
 
 if __name__ == "__main__":
     train, val, val_json, out, steps = sys.argv[1:6]
-    cfg = {
-        "model": {"variant": "auto", "ffn_dim": 64, "num_heads": 4},
-        "out": out,
-        "seed": 0,
-        "data": {
-            "train_shards": [train],
-            "val_shards": val,
-            "val_annotations": val_json,
-            "batch_size": 2,
-            "workers": 1,
-            "shuffle_buffer": 4,
-        },
-        "optim": {"lr": 1e-3, "warmup_iters": 2},
-        "trainer": {
-            "max_steps": int(steps),
-            "val_every": int(steps),
-            "accelerator": "cpu",
-            "devices": 2,
-            "precision": "32-true",
-            "enable_progress_bar": False,
-        },
-    }
+    data = {"val_shards": val, "val_annotations": val_json, "batch_size": 2, "workers": 1, "shuffle_buffer": 4}
+    trainer = {"devices": 2, "log_every_n_steps": 50}
+    cfg = tiny_fit_config(train, out, int(steps), data=data, trainer=trainer)
     run(cfg, callbacks=[RecordKeys(Path(out))])

@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from tiny_fit import TINY_MODEL, tiny_fit_config
 
 from regionspot_pl import RegionSpotHead, load_head, save_head
 from regionspot_pl.cli import ConfigError
@@ -33,29 +34,11 @@ from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, run, size_he
 from regionspot_pl.model.head import VARIANTS, HeadMismatchError
 from regionspot_pl.module import OptimConfig, RegionSpotModule, lr_factor
 
-TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
-
 
 def _cfg(shards, out, steps, val=True, **optim):
-    data = {"train_shards": [str(shards["train"])], "batch_size": 4, "workers": 0, "shuffle_buffer": 8}
-    if val:
-        data |= {"val_shards": str(shards["val"]), "val_annotations": str(shards["val_json"])}
-    return {
-        "model": dict(TINY_MODEL),
-        "out": str(out),
-        "seed": 0,
-        "data": data,
-        "optim": {"lr": 1e-3, "warmup_iters": 5, "schedule_steps": steps, **optim},
-        "trainer": {
-            "max_steps": steps,
-            "val_every": steps,
-            "accelerator": "cpu",
-            "devices": 1,
-            "precision": "32-true",
-            "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-        },
-    }
+    data = {"val_shards": str(shards["val"]), "val_annotations": str(shards["val_json"])} if val else {}
+    optim = {"warmup_iters": 5, "schedule_steps": steps, **optim}
+    return tiny_fit_config(shards["train"], out, steps, data=data, optim=optim)
 
 
 @pytest.fixture(scope="module")

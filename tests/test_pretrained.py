@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_fit import tiny_fit_config
 
 from regionspot_pl import load_head, load_pretrained, save_head, save_pretrained
 from regionspot_pl.convert import main as convert_main
@@ -165,14 +166,7 @@ def test_convert_writes_a_folder_or_a_pt_file(tmp_path, capsys):
 def test_fit_exports_the_head_folder_beside_head_pt(demo_shards, tmp_path):
     from regionspot_pl.fit import run
 
-    cfg = {
-        "model": {"variant": "auto", "ffn_dim": 64, "num_heads": 4}, "out": str(tmp_path), "seed": 0,
-        "data": {"train_shards": [str(demo_shards["train"])], "batch_size": 4, "workers": 0,
-                 "shuffle_buffer": 8},
-        "optim": {"lr": 1e-3, "warmup_iters": 1},
-        "trainer": {"max_steps": 2, "val_every": 2, "accelerator": "cpu", "devices": 1,
-                    "precision": "32-true", "enable_progress_bar": False},
-    }  # fmt: skip
+    cfg = tiny_fit_config(demo_shards["train"], tmp_path, 2, optim={"warmup_iters": 1})
     result = run(cfg)
     assert result["head_folder"] == str(tmp_path / "head")
     _assert_same(load_head(tmp_path / "head"), load_head(tmp_path / "head.pt"))

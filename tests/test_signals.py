@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_fit import tiny_fit_config
 from torch.utils.data import DataLoader, IterableDataset
 
 from regionspot_pl.data.shards import iter_samples, list_shards
@@ -24,7 +25,6 @@ from regionspot_pl.extract import ExtractConfig, run_extraction
 from regionspot_pl.fit import run
 from regionspot_pl.stopping import GracefulStop, Stopped, stop_on_signals
 
-TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -104,23 +104,7 @@ def test_sigterm_stops_extract_and_the_rerun_completes_it_as_an_uninterrupted_ru
 
 
 def _fit_cfg(shards: dict, out: Path, steps: int, **trainer) -> dict:
-    return {
-        "model": dict(TINY_MODEL),
-        "out": str(out),
-        "seed": 0,
-        "data": {"train_shards": [str(shards["train"])], "batch_size": 4, "workers": 0, "shuffle_buffer": 8},
-        "optim": {"lr": 1e-3, "warmup_iters": 5},
-        "trainer": {
-            "max_steps": steps,
-            "val_every": 2,
-            "accelerator": "cpu",
-            "devices": 1,
-            "precision": "32-true",
-            "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-            **trainer,
-        },
-    }
+    return tiny_fit_config(shards["train"], out, steps, optim={"warmup_iters": 5}, trainer={"val_every": 2, **trainer})
 
 
 def _consistent_step(ckpt_path: Path) -> int:
