@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny_fit import TINY_MODEL, tiny_fit_config
 
 from regionspot_pl import RegionSpotHead, save_head
 from regionspot_pl import test as test_cli
@@ -43,9 +44,6 @@ from regionspot_pl.extract import main as extract_main
 from regionspot_pl.fit import main as fit_main
 from regionspot_pl.fit import run
 from regionspot_pl.io import write_json_atomic
-
-TINY_MODEL = {"variant": "auto", "ffn_dim": 64, "num_heads": 4}
-
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -114,25 +112,9 @@ def _error_line(capsys) -> str:
 
 
 def _fit_cfg(train, out, steps=4, val=None, val_json=None, **data) -> dict:
-    cfg = {
-        "model": dict(TINY_MODEL),
-        "out": str(out),
-        "seed": 0,
-        "data": {"train_shards": [str(train)], "batch_size": 4, "workers": 0, "shuffle_buffer": 8, **data},
-        "optim": {"lr": 1e-3, "warmup_iters": 2},
-        "trainer": {
-            "max_steps": steps,
-            "val_every": steps,
-            "accelerator": "cpu",
-            "devices": 1,
-            "precision": "32-true",
-            "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-        },
-    }
     if val:
-        cfg["data"] |= {"val_shards": str(val), "val_annotations": str(val_json)}
-    return cfg
+        data |= {"val_shards": str(val), "val_annotations": str(val_json)}
+    return tiny_fit_config(train, out, steps, data=data)
 
 
 def _fit_yaml(tmp_path, cfg) -> str:
@@ -594,7 +576,8 @@ def test_a_stalled_read_or_a_dead_loader_worker_is_an_error_in_bounded_time(shar
     assert time.monotonic() - start < 20
     batches._shutdown_workers()
 
-    dm = RegionDataModule(DataConfig([str(shards["train"])], batch_size=2, workers=1))
+    # a dead worker is found by PyTorch's SIGCHLD handler, or at the latest when the read times out
+    dm = RegionDataModule(DataConfig([str(shards["train"])], batch_size=2, workers=1, read_timeout=5))
     batches = iter(dm.train_dataloader())
     next(batches)
     os.kill(batches._workers[0].pid, 9)
