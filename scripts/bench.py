@@ -66,10 +66,8 @@ from regionspot_pl.backbones.image import (  # noqa: E402
     scale_boxes,
 )
 from regionspot_pl.backbones.tiny import write_tiny_backbones  # noqa: E402
-from regionspot_pl.data.annotations import Vocabulary, load_coco  # noqa: E402
-from regionspot_pl.data.cache import MANIFEST, ClipBackbone, Manifest, SamBackbone  # noqa: E402
-from regionspot_pl.data.datamodule import DataConfig, RegionDataModule, collate_regions  # noqa: E402
-from regionspot_pl.data.shards import (  # noqa: E402
+from regionspot_pl.cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone  # noqa: E402
+from regionspot_pl.cache.shards import (  # noqa: E402
     ARRAY_MEMBERS,
     AtomicShardWriter,
     ShardFormatError,
@@ -81,16 +79,18 @@ from regionspot_pl.data.shards import (  # noqa: E402
     tar_members,
     validate_sample,
 )
+from regionspot_pl.data.annotations import Vocabulary, load_coco  # noqa: E402
 from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
 from regionspot_pl.evaluation.zero_shot import regionspot_logits  # noqa: E402
-from regionspot_pl.extract import (  # noqa: E402
+from regionspot_pl.extract.run import (  # noqa: E402
     ExtractConfig,
     FeatureExtractor,
     ImageFeaturesInput,
     run_extraction,
 )
-from regionspot_pl.io import masks_to_rle  # noqa: E402
 from regionspot_pl.model import RegionSpotHead, region_focal_loss, region_logits  # noqa: E402
+from regionspot_pl.train.datamodule import DataConfig, RegionDataModule, collate_regions  # noqa: E402
+from regionspot_pl.utils.io import masks_to_rle  # noqa: E402
 
 BATCH = 8  # extraction batch (run_extraction's default)
 PARTS = ("prep", "sam_encoder", "clip", "decoder", "rle", "write")

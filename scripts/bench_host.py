@@ -29,8 +29,8 @@ from regionspot_pl.backbones.image import (
     resized_shape,
 )
 from regionspot_pl.backbones.sam import SamTransform
-from regionspot_pl.data.shards import AtomicShardWriter, encode_sample
-from regionspot_pl.io import masks_to_rle
+from regionspot_pl.cache.shards import AtomicShardWriter, encode_sample
+from regionspot_pl.utils.io import masks_to_rle
 
 SAM_MEAN = torch.tensor([123.675, 116.28, 103.53])
 SAM_STD = torch.tensor([58.395, 57.12, 57.375])

@@ -46,12 +46,12 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from regionspot_pl.backbones.sam import OFFICIAL_SAM_CHECKPOINTS  # noqa: E402
 from regionspot_pl.backbones.tiny import tiny_clip_tokenizer  # noqa: E402
+from regionspot_pl.cache.shards import decode_sample  # noqa: E402
 from regionspot_pl.data.annotations import load_coco  # noqa: E402
-from regionspot_pl.data.datamodule import collate_regions  # noqa: E402
-from regionspot_pl.data.shards import decode_sample  # noqa: E402
 from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
-from regionspot_pl.extract import ExtractConfig, FeatureExtractor, ImageFeaturesInput  # noqa: E402
+from regionspot_pl.extract.run import ExtractConfig, FeatureExtractor, ImageFeaturesInput  # noqa: E402
 from regionspot_pl.model import RegionSpotHead  # noqa: E402
+from regionspot_pl.train.datamodule import collate_regions  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -21,8 +21,8 @@ from PIL import Image
 
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import evaluate_detections, format_metrics_table
-from regionspot_pl.predictor import Predictor
-from regionspot_pl.viz import draw_attention, draw_detections, save_grid
+from regionspot_pl.predict.predictor import Predictor
+from regionspot_pl.predict.viz import draw_attention, draw_detections, save_grid
 
 OUT = Path("demo_out")
 PY = [sys.executable, "-m"]

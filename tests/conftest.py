@@ -26,7 +26,7 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory, demo_data, tiny_backbones) -> dict[str, Path]:
     """Train and val shards of ``demo_data`` extracted with the tiny backbones (4 images a shard)."""
-    from regionspot_pl.extract import ExtractConfig, run_extraction
+    from regionspot_pl.extract.run import ExtractConfig, run_extraction
 
     root = tmp_path_factory.mktemp("demo_shards")
     for split in ("train", "val"):

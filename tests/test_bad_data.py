@@ -27,11 +27,8 @@ from regionspot_pl import RegionSpotHead, save_head
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.sam import SamTransform
 from regionspot_pl.backbones.tiny import write_tiny_backbones
-from regionspot_pl.cli import ConfigError
-from regionspot_pl.data.annotations import AnnotationError, load_coco, read_proposals
-from regionspot_pl.data.cache import Manifest, ShardFolder
-from regionspot_pl.data.datamodule import DataConfig, DataConfigError, RegionDataModule, ShardStream
-from regionspot_pl.data.shards import (
+from regionspot_pl.cache.manifest import Manifest, ShardFolder
+from regionspot_pl.cache.shards import (
     AtomicShardWriter,
     FolderLock,
     ShardFormatError,
@@ -39,11 +36,14 @@ from regionspot_pl.data.shards import (
     iter_samples,
     list_shards,
 )
-from regionspot_pl.extract import ExtractConfig, ExtractError, ImageFeaturesInput, run_extraction
-from regionspot_pl.extract import main as extract_main
+from regionspot_pl.cli import ConfigError
+from regionspot_pl.data.annotations import AnnotationError, load_coco, read_proposals
+from regionspot_pl.extract.run import ExtractConfig, ExtractError, ImageFeaturesInput, run_extraction
+from regionspot_pl.extract.run import main as extract_main
 from regionspot_pl.fit import main as fit_main
 from regionspot_pl.fit import run
-from regionspot_pl.io import write_json_atomic
+from regionspot_pl.train.datamodule import DataConfig, DataConfigError, RegionDataModule, ShardStream
+from regionspot_pl.utils.io import write_json_atomic
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -308,7 +308,7 @@ def test_04_validation_annotations_of_another_split_are_refused_at_startup(shard
 
 
 def test_04_fit_validates_at_step_0_and_checkpoints_before_every_validation(shards, tmp_path, monkeypatch):
-    import regionspot_pl.module as module
+    import regionspot_pl.train.module as module
 
     calls = []
     real = module.evaluate_detections

@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {
     "fit": ("regionspot_pl.fit", "FitConfig"),
     "test": ("regionspot_pl.test", "TestConfig"),
-    "data": ("regionspot_pl.extract", "ExtractConfig"),
+    "data": ("regionspot_pl.extract.run", "ExtractConfig"),
 }
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from regionspot_pl import convert, evaluate, predict
+from regionspot_pl import convert, evaluate
 from regionspot_pl.demo import scenes
 from regionspot_pl.model import RegionSpotHead, save_head
+from regionspot_pl.predict import cli as predict
 
 VOCAB = "red circle,blue square,background"
 

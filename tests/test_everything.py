@@ -16,10 +16,10 @@ from segment_anything import SamAutomaticMaskGenerator
 from test_prompts import scene  # the same three shapes (clipped at this smaller size)
 
 from regionspot_pl.backbones.sam import build_sam
-from regionspot_pl.everything import GeneratorSettings, label_images, mask_box, name_everything
 from regionspot_pl.model import RegionSpotHead, save_head
-from regionspot_pl.predict import main
-from regionspot_pl.predictor import Predictor
+from regionspot_pl.predict.cli import main
+from regionspot_pl.predict.everything import GeneratorSettings, label_images, mask_box, name_everything
+from regionspot_pl.predict.predictor import Predictor
 
 VOCAB = ["red circle", "blue square", "green triangle", "background"]
 # small and fast on the tiny random SAM: its masks are noise-like and its predicted IoUs and

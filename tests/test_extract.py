@@ -18,9 +18,8 @@ from transformers import CLIPVisionModel
 
 from regionspot_pl.backbones.clip import CLIP_MEAN, CLIP_STD
 from regionspot_pl.backbones.sam import build_sam
-from regionspot_pl.data.annotations import AnnotationError, load_coco
-from regionspot_pl.data.cache import PROTOCOL, Manifest
-from regionspot_pl.data.shards import (
+from regionspot_pl.cache.manifest import PROTOCOL, Manifest
+from regionspot_pl.cache.shards import (
     ShardFormatError,
     decode_sample,
     encode_sample,
@@ -28,7 +27,8 @@ from regionspot_pl.data.shards import (
     list_shards,
     validate_sample,
 )
-from regionspot_pl.extract import (
+from regionspot_pl.data.annotations import AnnotationError, load_coco
+from regionspot_pl.extract.run import (
     COMMAND,
     ExtractConfig,
     ExtractError,

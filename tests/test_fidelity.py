@@ -27,11 +27,11 @@ from regionspot_pl.backbones.image import (
     resolve_image_path,
     scale_boxes,
 )
+from regionspot_pl.cache.manifest import FORMAT_VERSION, MANIFEST, PROTOCOL, Manifest
+from regionspot_pl.cache.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.data.annotations import load_coco, read_proposals
-from regionspot_pl.data.cache import FORMAT_VERSION, MANIFEST, PROTOCOL, Manifest
-from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.evaluation.scoring import detections_to_results, score_regions
-from regionspot_pl.extract import ExtractConfig, run_extraction
+from regionspot_pl.extract.run import ExtractConfig, run_extraction
 from regionspot_pl.model.loss import region_focal_loss
 
 # ------------------------------------------------------------------------------- image path
@@ -386,7 +386,7 @@ def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path
     padding happen on the device and give SamPredictor's input."""
     from segment_anything import SamPredictor
 
-    from regionspot_pl.extract import FeatureExtractor, ImageFeaturesInput
+    from regionspot_pl.extract.run import FeatureExtractor, ImageFeaturesInput
 
     cfg = ExtractConfig(
         images=str(demo_data["val_images"]),

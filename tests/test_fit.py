@@ -17,10 +17,13 @@ import torch
 from tiny_fit import TINY_MODEL, tiny_fit_config
 
 from regionspot_pl import RegionSpotHead, load_head, save_head
+from regionspot_pl.cache.manifest import ClipBackbone
+from regionspot_pl.cache.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.cli import ConfigError
 from regionspot_pl.data.annotations import AnnotationError
-from regionspot_pl.data.cache import ClipBackbone
-from regionspot_pl.data.datamodule import (
+from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, run, size_head
+from regionspot_pl.model.head import VARIANTS, HeadMismatchError
+from regionspot_pl.train.datamodule import (
     DataConfig,
     MixedBatches,
     RegionBatch,
@@ -29,10 +32,7 @@ from regionspot_pl.data.datamodule import (
     collate_regions,
     shards_for_epoch,
 )
-from regionspot_pl.data.shards import ShardFormatError, iter_samples, list_shards
-from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, run, size_head
-from regionspot_pl.model.head import VARIANTS, HeadMismatchError
-from regionspot_pl.module import OptimConfig, RegionSpotModule, lr_factor
+from regionspot_pl.train.module import OptimConfig, RegionSpotModule, lr_factor
 
 
 def _cfg(shards, out, steps, val=True, **optim):

@@ -260,7 +260,7 @@ def test_ignore_flags_go_to_the_lvis_api_with_a_warning() -> None:
 def test_fit_takes_the_backend_and_rejects_an_unknown_one(tmp_path) -> None:
     from regionspot_pl import fit
     from regionspot_pl.cli import ConfigError
-    from regionspot_pl.module import RegionSpotModule
+    from regionspot_pl.train.module import RegionSpotModule
 
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "fit" / "demo.yaml")
     assert fit.COMMAND.parse(["--config", demo, "--metric-backend", "lvis"])[0].metric_backend == "lvis"

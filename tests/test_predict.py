@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from regionspot_pl import viz
 from regionspot_pl.backbones.clip import ClipEncoder, text_embeddings
 from regionspot_pl.backbones.sam import SamRegionEncoder
-from regionspot_pl.data.cache import Manifest
-from regionspot_pl.data.shards import iter_samples, list_shards
+from regionspot_pl.cache.manifest import Manifest
+from regionspot_pl.cache.shards import iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
-from regionspot_pl.extract import ExtractConfig, run_extraction
+from regionspot_pl.extract.run import ExtractConfig, run_extraction
 from regionspot_pl.model import RegionSpotHead, region_logits, save_head
 from regionspot_pl.model.head import HeadMismatchError
-from regionspot_pl.predict import main
-from regionspot_pl.predictor import Predictor
+from regionspot_pl.predict import viz
+from regionspot_pl.predict.cli import main
+from regionspot_pl.predict.predictor import Predictor
 
 NUM_IMAGES = 3
 

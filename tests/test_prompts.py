@@ -14,8 +14,8 @@ from segment_anything import SamPredictor
 from regionspot_pl.backbones.clip import text_embeddings
 from regionspot_pl.backbones.image import masks_to_original, resize_for_backbones
 from regionspot_pl.model import RegionSpotHead, region_logits, save_pretrained
-from regionspot_pl.predict import main, parse_points
-from regionspot_pl.predictor import Predictor, region_prompts
+from regionspot_pl.predict.cli import main, parse_points
+from regionspot_pl.predict.predictor import Predictor, region_prompts
 
 VOCAB = ["red circle", "blue square", "green triangle", "background"]
 HW = (150, 220)  # non-square, so that x and y scale differently into the resized image
@@ -290,7 +290,7 @@ def test_cli_bad_prompts_exit_2_with_an_error_line(setup, tmp_path, capsys):
 
 
 def test_points_path_in_help():
-    from regionspot_pl.predict import COMMAND
+    from regionspot_pl.predict.cli import COMMAND
 
     text = COMMAND.parser().format_help()
     assert "--points" in text and "region i is box i" in text and "--everything" in text

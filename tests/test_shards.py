@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from regionspot_pl.data.shards import (
+from regionspot_pl.cache.shards import (
     AtomicShardWriter,
     ShardFormatError,
     encode_sample,

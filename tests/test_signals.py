@@ -20,10 +20,10 @@ import yaml
 from tiny_fit import tiny_fit_config
 from torch.utils.data import DataLoader, IterableDataset
 
-from regionspot_pl.data.shards import iter_samples, list_shards
-from regionspot_pl.extract import ExtractConfig, run_extraction
+from regionspot_pl.cache.shards import iter_samples, list_shards
+from regionspot_pl.extract.run import ExtractConfig, run_extraction
 from regionspot_pl.fit import run
-from regionspot_pl.stopping import GracefulStop, Stopped, stop_on_signals
+from regionspot_pl.utils.stopping import GracefulStop, Stopped, stop_on_signals
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -17,14 +17,15 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from regionspot_pl import cli, extract
+from regionspot_pl import cli
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.clip import CLIP_MEAN, CLIP_STD, text_embeddings
-from regionspot_pl.data.cache import Manifest
-from regionspot_pl.data.shards import AtomicShardWriter, encode_sample, iter_samples, list_shards
+from regionspot_pl.cache.manifest import Manifest
+from regionspot_pl.cache.shards import AtomicShardWriter, encode_sample, iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import LVIS_METRICS
 from regionspot_pl.evaluation.baselines import box_crops, crop_window
+from regionspot_pl.extract import run as extract
 from regionspot_pl.model import RegionSpotHead, load_head, region_logits, save_head
 
 NUM_VAL = 20

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # The predictor pulls in SAM and CLIP code: imported only when asked for.
     if name == "Predictor":
-        from .predictor import Predictor
+        from .predict.predictor import Predictor
 
         return Predictor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

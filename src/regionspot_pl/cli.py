@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import RegionSpotError
-from .stopping import Stopped, stop_on_signals
+from .utils.stopping import Stopped, stop_on_signals
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from .evaluation.metrics import (
     load_results,
 )
 from .evaluation.report import write_report
-from .io import OutputError
+from .utils.io import OutputError
 
 
 @dataclass

@@ -29,18 +29,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from .backbones.clip import LazyTextEncoder, text_embeddings
+from .cache.manifest import ClipBackbone, ShardFolder
 from .cli import Command, ConfigError, from_dict, option, run_command
 from .data.annotations import check_ground_truth
-from .data.cache import ClipBackbone, ShardFolder
-from .data.datamodule import DataConfig, RegionDataModule
 from .errors import RegionSpotError
 from .evaluation.metrics import BACKENDS, DEFAULT_BACKEND
-from .io import write_json_atomic
 from .model.checkpoint import load_head, save_head
 from .model.head import AUTO, VARIANTS, HeadConfig, head_config_for
 from .model.pretrained import fit_card, save_pretrained
-from .module import OptimConfig, RegionSpotModule
-from .stopping import GracefulStop
+from .train.datamodule import DataConfig, RegionDataModule
+from .train.module import OptimConfig, RegionSpotModule
+from .utils.io import write_json_atomic
+from .utils.stopping import GracefulStop
 
 # --model accepts these spellings of the published variants
 VARIANT_NAMES = {"auto": AUTO, "bb": "BB", "bl": "BL", "bl336": "BL@336", "bl@336": "BL@336"}

@@ -12,8 +12,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from .. import io
 from ..errors import RegionSpotError
+from ..utils import io
 
 
 class AnnotationError(RegionSpotError, ValueError):

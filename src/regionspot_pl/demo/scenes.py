@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ..cli import Command, ConfigError, option, run_command
 from ..errors import RegionSpotError
-from ..io import write_json_atomic
+from ..utils.io import write_json_atomic
 
 # Bump when the drawing or sampling changes, so that stale generated sets are redrawn.
 GENERATOR_VERSION = 1

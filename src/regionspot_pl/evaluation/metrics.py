@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RegionSpotError
-from ..io import read_json
+from ..utils.io import read_json
 
 # Keys of the dict returned by evaluate_detections, in table order.
 COCO_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")

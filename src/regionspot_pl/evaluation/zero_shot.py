@@ -31,15 +31,15 @@ from tqdm import tqdm
 from ..backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_identity, text_embeddings
 from ..backbones.common import resolve_device
 from ..backbones.image import ImageReadError, read_image, resolve_image_path
+from ..cache.manifest import ShardFolder
+from ..cache.shards import iter_samples
 from ..cli import ConfigError, option
 from ..data.annotations import Vocabulary
-from ..data.cache import ShardFolder
-from ..data.datamodule import collate_regions
-from ..data.shards import iter_samples
 from ..errors import RegionSpotError
-from ..io import batched, read_json, write_json_atomic
 from ..model.checkpoint import CheckpointError, load_head
 from ..model.head import RegionSpotHead, check_head_fits, region_logits
+from ..train.datamodule import collate_regions
+from ..utils.io import batched, read_json, write_json_atomic
 from .baselines import BASELINES, box_crops, crop_logits
 from .metrics import BACKENDS, DEFAULT_BACKEND, LVIS_METRICS, Evaluation, EvaluationInputError, evaluate_results
 from .report import write_report

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..io import read_json
+from ..utils.io import read_json
 from .checkpoint import CheckpointError, CheckpointNotFoundError, infer_variant
 from .head import HeadConfig, RegionSpotHead
 

@@ -40,7 +40,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, url_opener
 
 from ..errors import RegionSpotError
-from ..io import write_json_atomic
+from ..utils.io import write_json_atomic
 
 ARRAY_MEMBERS = {
     "sam.npy": (np.float16, 2),

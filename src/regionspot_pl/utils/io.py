@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from .errors import RegionSpotError
+from ..errors import RegionSpotError
 
 T = TypeVar("T")
 

@@ -22,10 +22,10 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..cache.manifest import ClipBackbone, ShardFolder
+from ..cache.shards import ShardFormatError, decoded_samples
 from ..cli import check_fields, option
 from ..errors import RegionSpotError
-from .cache import ClipBackbone, ShardFolder
-from .shards import ShardFormatError, decoded_samples
 
 log = logging.getLogger("regionspot_pl.data")
 

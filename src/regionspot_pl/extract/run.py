@@ -33,9 +33,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
-from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, autocast_for, resolve_device, resolved_precision
-from .backbones.image import (
+from ..backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
+from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, autocast_for, resolve_device, resolved_precision
+from ..backbones.image import (
     ImageReadError,
     ImageSizeError,
     masks_to_original,
@@ -44,11 +44,9 @@ from .backbones.image import (
     resolve_image_path,
     scale_boxes,
 )
-from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, SamTransform, build_sam
-from .cli import Command, ConfigError, from_dict, option, run_command
-from .data.annotations import ImageRecord, ReadStats, Vocabulary, load_coco
-from .data.cache import MANIFEST, ClipBackbone, Manifest, SamBackbone
-from .data.shards import (
+from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, SamTransform, build_sam
+from ..cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone
+from ..cache.shards import (
     AtomicShardWriter,
     FolderLock,
     ShardFormatError,
@@ -57,8 +55,10 @@ from .data.shards import (
     shard_counts,
     shard_name,
 )
-from .errors import RegionSpotError
-from .io import masks_to_rle
+from ..cli import Command, ConfigError, from_dict, option, run_command
+from ..data.annotations import ImageRecord, ReadStats, Vocabulary, load_coco
+from ..errors import RegionSpotError
+from ..utils.io import masks_to_rle
 
 log = logging.getLogger("regionspot_pl.extract")
 PROG = "python -m regionspot_pl.extract"

@@ -15,8 +15,8 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from ..io import read_json, write_json_atomic
-from .annotations import Vocabulary
+from ..data.annotations import Vocabulary
+from ..utils.io import read_json, write_json_atomic
 from .shards import ShardFormatError, list_shards, read_sidecar, shard_counts, shard_keys
 
 MANIFEST = "manifest.json"

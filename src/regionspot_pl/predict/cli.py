@@ -44,11 +44,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device
-from .backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES
-from .cli import Command, ConfigError, option, run_command
+from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device
+from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES
+from ..cli import Command, ConfigError, option, run_command
+from ..utils.io import OutputError, write_json_atomic
 from .everything import GeneratorSettings, label_images, list_images, picture_paths
-from .io import OutputError, write_json_atomic
 from .predictor import (
     Predictor,
     PromptError,

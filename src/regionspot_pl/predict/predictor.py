@@ -27,9 +27,9 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from .backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
-from .backbones.common import DEFAULT_TEXT_CACHE, autocast_for
-from .backbones.image import (
+from ..backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
+from ..backbones.common import DEFAULT_TEXT_CACHE, autocast_for
+from ..backbones.image import (
     ImageReadError,
     masks_to_original,
     pil_to_rgb,
@@ -37,10 +37,10 @@ from .backbones.image import (
     resize_for_backbones,
     scale_boxes,
 )
-from .backbones.sam import SamRegionEncoder, build_sam
-from .errors import RegionSpotError
-from .model import RegionSpotHead, load_head, region_logits
-from .model.head import check_head_fits
+from ..backbones.sam import SamRegionEncoder, build_sam
+from ..errors import RegionSpotError
+from ..model import RegionSpotHead, load_head, region_logits
+from ..model.head import check_head_fits
 
 
 class PromptError(RegionSpotError, ValueError):

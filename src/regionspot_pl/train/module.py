@@ -13,12 +13,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .cli import check_fields, option
-from .data.datamodule import RegionBatch
-from .evaluation.metrics import DEFAULT_BACKEND, evaluate_detections
-from .evaluation.scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
-from .model.head import HeadConfig, RegionSpotHead, region_logits
-from .model.loss import region_focal_loss
+from ..cli import check_fields, option
+from ..evaluation.metrics import DEFAULT_BACKEND, evaluate_detections
+from ..evaluation.scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
+from ..model.head import HeadConfig, RegionSpotHead, region_logits
+from ..model.loss import region_focal_loss
+from .datamodule import RegionBatch
 
 
 @dataclass

@@ -29,10 +29,10 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from .backbones.image import ImageReadError
-from .cli import ConfigError, check_fields, option
-from .errors import RegionSpotError
-from .io import masks_to_rle
+from ..backbones.image import ImageReadError
+from ..cli import ConfigError, check_fields, option
+from ..errors import RegionSpotError
+from ..utils.io import masks_to_rle
 from .predictor import ImageLike, Predictor, VocabularyLike, load_image, read_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

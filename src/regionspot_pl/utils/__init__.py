@@ -1,0 +1,1 @@
+"""Helpers every stage uses: atomic files and JSON, signals."""
