@@ -4,14 +4,8 @@
 draws a few scenes with their boxes so a person can look at the data.
 """
 
-from .scenes import (
-    Category,
-    demo_categories,
-    frequency_of,
-    frequency_thresholds,
-    generate_demo_dataset,
-    render_preview,
-)
+from .categories import Category, demo_categories, frequency_of, frequency_thresholds
+from .scenes import generate_demo_dataset, render_preview
 
 __all__ = [
     "Category",
