@@ -30,7 +30,6 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 from regionspot_pl.cache.manifest import Manifest, ShardFolder
 from regionspot_pl.cache.shards import (
     AtomicShardWriter,
-    FolderLock,
     ShardFormatError,
     encode_sample,
     iter_samples,
@@ -43,7 +42,7 @@ from regionspot_pl.extract.run import main as extract_main
 from regionspot_pl.fit import main as fit_main
 from regionspot_pl.fit import run
 from regionspot_pl.train.datamodule import DataConfig, DataConfigError, RegionDataModule, ShardStream
-from regionspot_pl.utils.io import write_json_atomic
+from regionspot_pl.utils.io import AtomicFile, FolderLock, write_json_atomic
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -530,6 +529,43 @@ def test_11_concurrent_writers_of_one_json_file_never_collide(tmp_path):
         t.join()
     assert not errors and json.loads((tmp_path / "manifest.json").read_text())["i"] == 199
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_11_a_waiting_lock_serializes_read_modify_write(tmp_path):
+    """FolderLock(wait=True), as the text cache takes it: every update of a counter kept by four
+    threads survives (without the lock two threads read the same value and one update is lost)."""
+    counter, errors = tmp_path / "counter.json", []
+    write_json_atomic(counter, {"n": 0})
+
+    def bump():
+        try:
+            for _ in range(50):
+                with FolderLock(tmp_path / "counter.lock", "counter", wait=True):
+                    n = json.loads(counter.read_text())["n"]
+                    write_json_atomic(counter, {"n": n + 1})
+        except OSError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and json.loads(counter.read_text())["n"] == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter.json", "counter.lock"]
+
+
+def test_11_an_atomic_file_left_by_an_error_is_removed_and_the_old_file_kept(tmp_path):
+    target = tmp_path / "head.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"), AtomicFile(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["head.pt"]
+    with AtomicFile(target) as tmp:
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # not in place before the block ends
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["head.pt"]
 
 
 # ------------------------------------------------------------------- 12: test --topk 0

@@ -16,8 +16,8 @@ import yaml
 
 from regionspot_pl import cli
 from regionspot_pl.cache.manifest import MANIFEST
-from regionspot_pl.cache.shards import FolderLock
 from regionspot_pl.extract.run import COMMAND, LOCK, ExtractConfig, main, run_extraction
+from regionspot_pl.utils.io import FolderLock
 
 DATA_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml"))
 
@@ -255,10 +255,11 @@ def test_what_extract_raises_for_bad_input_is_a_region_spot_error():
     through for bad input must be one."""
     from regionspot_pl.backbones.common import BackboneError, BackboneNotFoundError
     from regionspot_pl.backbones.image import ImageReadError
-    from regionspot_pl.cache.shards import FolderLockError, ShardFormatError
+    from regionspot_pl.cache.shards import ShardFormatError
     from regionspot_pl.data.annotations import AnnotationError
     from regionspot_pl.errors import RegionSpotError
     from regionspot_pl.extract.run import ExtractError
+    from regionspot_pl.utils.io import FolderLockError
 
     for error in (ExtractError, AnnotationError, BackboneError, BackboneNotFoundError, ImageReadError):
         assert issubclass(error, RegionSpotError), error

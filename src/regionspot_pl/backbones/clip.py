@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -25,6 +22,7 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 from transformers import AutoTokenizer, CLIPModel
 
+from ..utils.io import AtomicFile, FolderLock
 from .common import BackboneError, BackboneNotFoundError
 from .templates import TEMPLATES
 
@@ -240,22 +238,6 @@ def _vocabulary_key(class_names: Sequence[str], templates: Sequence[str]) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _exclusive(lock_path: Path):
-    """Serialize cache writers across processes (POSIX flock); a no-op where unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic os.replace alone still prevents corruption
-        yield
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _read_cached(cache_file: Path, key: str) -> np.ndarray | None:
     if not cache_file.is_file():
         return None
@@ -285,24 +267,17 @@ def text_embeddings(
 
     embeddings = encoder.encode_texts(class_names, templates).float().cpu()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(cache_file.with_name(cache_file.name + ".lock")):
+    with FolderLock(cache_file.with_name(cache_file.name + ".lock"), f"text cache {cache_file}", wait=True):
         if _read_cached(cache_file, key) is not None:  # another process wrote it meanwhile
             return embeddings
-        fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            with h5py.File(tmp, "w") as out:
-                if cache_file.is_file():
-                    with h5py.File(cache_file, "r") as old:
-                        for name in old:
-                            old.copy(old[name], out, name=name)
-                group = out.require_group(key)
-                group.create_dataset("embeddings", data=embeddings.numpy())
-                group.create_dataset("class_names", data=list(class_names), dtype=h5py.string_dtype())
-                group.create_dataset("templates", data=list(templates), dtype=h5py.string_dtype())
-                group.attrs["model_id"] = model_id
-            os.replace(tmp, cache_file)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with AtomicFile(cache_file) as tmp, h5py.File(tmp, "w") as out:
+            if cache_file.is_file():
+                with h5py.File(cache_file, "r") as old:
+                    for name in old:
+                        old.copy(old[name], out, name=name)
+            group = out.require_group(key)
+            group.create_dataset("embeddings", data=embeddings.numpy())
+            group.create_dataset("class_names", data=list(class_names), dtype=h5py.string_dtype())
+            group.create_dataset("templates", data=list(templates), dtype=h5py.string_dtype())
+            group.attrs["model_id"] = model_id
     return embeddings

@@ -26,12 +26,9 @@ webdataset still opens the URLs and groups members into samples.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import io
 import json
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -40,7 +37,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, url_opener
 
 from ..errors import RegionSpotError
-from ..utils.io import write_json_atomic
+from ..utils.io import AtomicFile, write_json_atomic
 
 ARRAY_MEMBERS = {
     "sam.npy": (np.float16, 2),
@@ -168,16 +165,17 @@ def shard_name(dataset: str, rank: int, index: int) -> str:
 
 
 class AtomicShardWriter:
-    """Writes one shard under a temporary name; ``commit`` renames it into place.
+    """Writes one shard under a temporary name (an :class:`~regionspot_pl.utils.io.AtomicFile`);
+    ``commit`` renames it into place.
 
     A reader or a resumed run only ever sees complete shards: a crash leaves at most a
-    ``.tmp`` file, which the next run overwrites.
+    ``{shard}.*.tmp`` file, which the next run of the rank deletes.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self.tmp, "wb")
+        self._target = AtomicFile(self.path)
+        self._file = open(self._target.tmp, "wb")
         # fixed mtime: the same inputs give byte-identical shards (resume == uninterrupted run)
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
         self.samples = 0
@@ -205,12 +203,11 @@ class AtomicShardWriter:
             "max_label": self.max_label,
         }
         write_json_atomic(self.path.with_suffix(".json"), {**counts, **sidecar})
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self._target.commit()
 
     def abort(self) -> None:
         self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        self._target.abort()
 
 
 def list_shards(folder: str | Path) -> list[Path]:
@@ -284,99 +281,6 @@ def shard_keys(path: str | Path) -> set[str]:
             if header[156:157] in (b"0", b"\0"):
                 keys.add(name.rsplit("/", 1)[-1].split(".", 1)[0])
             f.seek(size + (-size % TAR_BLOCK), os.SEEK_CUR)
-
-
-class FolderLockError(RegionSpotError, RuntimeError):
-    """Another live process is writing the same folder."""
-
-
-class FolderLock:
-    """An exclusive lock on a folder's output (``fcntl.flock`` on a file holding the owner's pid and host).
-
-    The kernel drops a flock when its process dies, so the lock file of a killed run is taken over
-    by the next one; a live owner is an error naming it. Where flock is unavailable (some network
-    file systems), the pid in the file decides: a dead process's lock on this host is taken over.
-    """
-
-    def __init__(self, path: str | Path, what: str) -> None:
-        self.path, self.what = Path(path), what
-        self._fd: int | None = None
-
-    def acquire(self) -> FolderLock:
-        for _ in range(5):  # retried only when a finishing owner deleted the file under us
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                locked = self._flock(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            if not locked:
-                owner = self._owner()
-                os.close(fd)
-                raise FolderLockError(self._busy(owner))
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                self._fd = fd
-                os.ftruncate(fd, 0)
-                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-                return self
-            os.close(fd)
-        raise FolderLockError(f"could not take the lock {self.path}: it keeps being replaced; is another run starting?")
-
-    def _flock(self, fd: int) -> bool:
-        """True when this process now holds the lock, False when a live process does."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-        owner = self._owner()  # no flock here: decide by the recorded pid
-        return not (owner.get("host") == socket.gethostname() and _alive(owner.get("pid")))
-
-    def _owner(self) -> dict:
-        try:
-            owner = json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return {}
-        return owner if isinstance(owner, dict) else {}
-
-    def _busy(self, owner: dict) -> str:
-        who = f"process {owner.get('pid', '?')} on host {owner.get('host', '?')}"
-        return (
-            f"{self.what} is being written by {who} (lock file {self.path}): wait for it to finish, or stop it; "
-            "two runs writing one folder would overwrite each other's files"
-        )
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        self.path.unlink(missing_ok=True)  # still holding the flock: no one took it in between
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> FolderLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 TAR_BLOCK = 512

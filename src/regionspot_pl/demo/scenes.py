@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..cli import Command, ConfigError, option, run_command
 from ..errors import RegionSpotError
-from ..utils.io import write_json_atomic
+from ..utils.io import masks_to_rle, write_json_atomic
 from .categories import Category, demo_categories, frequency_of
 from .drawing import render_image
 
@@ -131,13 +131,6 @@ def _plan_val(rng: np.random.Generator, num_images: int, cat_ids: list[int]) -> 
 # ----------------------------------------------------------------------------- writing
 
 
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    from pycocotools import mask as mask_util
-
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def _write_split(
     split: str,
     plans: list[list[int]],
@@ -176,7 +169,7 @@ def _write_split(
                     "bbox": [x0, y0, w, h],
                     "area": int(mask.sum()),
                     "iscrowd": 0,
-                    "segmentation": _rle(mask),
+                    "segmentation": masks_to_rle(mask[None])[0],
                 }
             )
             present.add(obj.category_id)

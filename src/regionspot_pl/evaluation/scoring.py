@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..utils.io import rle_to_json
+
 # The reference ranks the (box, class) pairs by probability and keeps 900 before the proposal
 # score enters; a pair outside those 900 never becomes a detection, however good its box.
 CANDIDATES_PER_IMAGE = 900
@@ -116,7 +118,7 @@ def detections_to_results(
 
     boxes = boxes_xyxy.detach().double().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    segms = [_rle_to_json(rle) for rle in masks_rle] if masks_rle is not None else None
+    segms = [rle_to_json(rle) for rle in masks_rle] if masks_rle is not None else None
 
     results = []
     for b, c, s in zip(box_idx.tolist(), class_idx.tolist(), scores.tolist()):
@@ -128,11 +130,3 @@ def detections_to_results(
         det["score"] = float(s)
         results.append(det)
     return results
-
-
-def _rle_to_json(rle: dict[str, Any]) -> dict[str, Any]:
-    """pycocotools encodes counts as bytes; JSON (and the results format) wants str."""
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    return {"size": [int(v) for v in rle["size"]], "counts": counts}

@@ -48,7 +48,6 @@ from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncode
 from ..cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone
 from ..cache.shards import (
     AtomicShardWriter,
-    FolderLock,
     ShardFormatError,
     encode_sample,
     read_sidecar,
@@ -58,7 +57,7 @@ from ..cache.shards import (
 from ..cli import Command, ConfigError, from_dict, option, run_command
 from ..data.annotations import ImageRecord, ReadStats, Vocabulary, load_coco
 from ..errors import RegionSpotError
-from ..utils.io import masks_to_rle
+from ..utils.io import FolderLock, masks_to_rle
 
 log = logging.getLogger("regionspot_pl.extract")
 PROG = "python -m regionspot_pl.extract"
@@ -498,7 +497,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out / LOCK.format(rank=cfg.rank), f"extraction folder {out} (rank {cfg.rank})"):
-        for stale in out.glob(f"{cfg.dataset}-r{cfg.rank:03d}-*.tar.tmp"):  # of a killed run of this rank
+        for stale in out.glob(f"{cfg.dataset}-r{cfg.rank:03d}-*.tar.*.tmp"):  # of a killed run of this rank
             stale.unlink()
         extractor = FeatureExtractor(cfg)
         manifest = _manifest(cfg, vocab, extractor, read_stats)
