@@ -44,6 +44,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from regionspot_pl.backbones.common import PRECISION_DTYPES, autocast_for, resolved_precision  # noqa: E402
 from regionspot_pl.backbones.sam import OFFICIAL_SAM_CHECKPOINTS  # noqa: E402
 from regionspot_pl.backbones.tiny import tiny_clip_tokenizer  # noqa: E402
 from regionspot_pl.cache.shards import decode_sample  # noqa: E402
@@ -52,8 +53,6 @@ from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
 from regionspot_pl.extract.run import ExtractConfig, FeatureExtractor, ImageFeaturesInput  # noqa: E402
 from regionspot_pl.model import RegionSpotHead  # noqa: E402
 from regionspot_pl.train.datamodule import collate_regions  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def write_real_backbones(folder: Path) -> dict[str, Path]:
@@ -96,9 +95,10 @@ def write_real_backbones(folder: Path) -> dict[str, Path]:
 
 
 def supported_precisions(device: torch.device) -> list[str]:
-    if device.type == "cuda":
-        return ["bf16", "fp16", "fp32"] if torch.cuda.is_bf16_supported() else ["fp16", "fp32"]
-    return ["fp32", "bf16"]
+    """The device's own precision first (what --precision auto picks), then the others it runs."""
+    first = resolved_precision(device, "auto")
+    others = ["fp16", "fp32"] if device.type == "cuda" else ["bf16"]
+    return [first, *(p for p in others if p != first)]
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -147,7 +147,9 @@ def bench_extraction(
             seconds = bench.now() - start
             rate = num_images / seconds
             tflop = (sam_gflop + clip_gflop + boxes / num_images * box_gflop) / 1e3
-            limit = bench.matmul_gflops(DTYPES[precision], device, 8192 if device.type == "cuda" else 2048) / 1e3
+            limit = (
+                bench.matmul_gflops(PRECISION_DTYPES[precision], device, 8192 if device.type == "cuda" else 2048) / 1e3
+            )
             flags = f"--precision {precision}" + (" --compile" if compiled else "")
             peak = f", peak {peak_memory_gib(device):.1f} GiB" if device.type == "cuda" else ""
             table.add(
@@ -221,8 +223,7 @@ def bench_training(table: bench.Table, out: Path, device: torch.device, steps: i
         torch.manual_seed(0)
         head = RegionSpotHead.from_variant("BL").to(device).train()
         optimizer = torch.optim.AdamW(head.parameters(), lr=2.5e-5)
-        autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
-        with autocast:
+        with autocast_for(device, precision):
             for i in range(3):  # warm-up; fp16 runs without a GradScaler: a speed measurement only
                 bench.head_step(head, optimizer, batches[i % 4], texts)
             bench.sync(device)

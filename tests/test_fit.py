@@ -17,11 +17,12 @@ import torch
 from tiny_fit import TINY_MODEL, tiny_fit_config
 
 from regionspot_pl import RegionSpotHead, load_head, save_head
+from regionspot_pl.backbones.common import resolved_precision
 from regionspot_pl.cache.manifest import ClipBackbone
 from regionspot_pl.cache.shards import ShardFormatError, iter_samples, list_shards
 from regionspot_pl.cli import ConfigError
 from regionspot_pl.data.annotations import AnnotationError
-from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, run, size_head
+from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, resolve_precision, run, size_head
 from regionspot_pl.model.head import VARIANTS, HeadMismatchError
 from regionspot_pl.train.datamodule import (
     DataConfig,
@@ -371,3 +372,18 @@ def test_one_shard_and_the_stage_defaults_train_with_the_workers_capped(shards, 
     summary = json.loads((tmp_path / "run" / "fit_summary.json").read_text())
     assert summary["variant"] == "custom" and "val/AP" in summary["metrics"]
     assert json.loads((tmp_path / "run" / "head" / "config.json").read_text())["variant"] == "custom"
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "expected"), [(False, False, "32-true"), (True, True, "bf16-mixed"), (True, False, "16-mixed")]
+)
+def test_auto_precision_is_the_extractions_reading_in_lightnings_names(monkeypatch, cuda, bf16, expected):
+    """fit's 'auto' is backbones.common.resolved_precision's: bf16 where the card has it, fp16
+    (with loss scaling) on others, fp32 without a GPU; a named precision passes as it is."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_precision("auto", "auto") == expected
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("16-true", "auto") == "16-true"
+    device = torch.device("cuda" if cuda else "cpu")
+    assert expected.startswith({"fp32": "32", "fp16": "16", "bf16": "bf16"}[resolved_precision(device, "auto")])

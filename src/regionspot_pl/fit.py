@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from .backbones.clip import LazyTextEncoder, text_embeddings
+from .backbones.common import resolved_precision
 from .cache.manifest import ClipBackbone, ShardFolder
 from .cli import Command, ConfigError, from_dict, option, run_command
 from .data.annotations import check_ground_truth
@@ -45,6 +46,7 @@ from .utils.stopping import GracefulStop
 # --model accepts these spellings of the published variants
 VARIANT_NAMES = {"auto": AUTO, "bb": "BB", "bl": "BL", "bl336": "BL@336", "bl@336": "BL@336"}
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+LIGHTNING_PRECISION = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 class FitError(RegionSpotError, ValueError):
@@ -214,12 +216,12 @@ def resume_checkpoint(cfg: FitConfig, head: HeadConfig, dm: RegionDataModule) ->
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """'auto': bf16 on cards that have it, fp16 with loss scaling on others (V100), fp32 on CPU."""
+    """'auto': the device's precision (``backbones.common.resolved_precision``: bf16 on cards that
+    have it, fp16 on others, fp32 on CPU) as Lightning's mixed precision (fp16 with loss scaling)."""
     if precision != "auto":
         return precision
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return LIGHTNING_PRECISION[resolved_precision(torch.device("cuda" if on_gpu else "cpu"), "auto")]
 
 
 def build_trainer(

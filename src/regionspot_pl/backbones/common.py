@@ -13,6 +13,7 @@ from ..errors import RegionSpotError
 # The HDF5 file of CLIP text embeddings that extraction writes and the predictor reads.
 DEFAULT_TEXT_CACHE = "cache/text_embeddings.h5"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class BackboneError(RegionSpotError, ValueError):
@@ -48,7 +49,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 def resolved_precision(device: torch.device, precision: str) -> str:
     """The precision ``auto`` stands for on this device: bf16 where the card has it, fp16 on
-    others (V100), fp32 on CPU. Recorded in the manifest: shards of one folder share it."""
+    others (V100), fp32 on CPU. The one reading of 'auto': extraction records it in the manifest
+    (shards of one folder share it), the predictor autocasts at it, fit trains at its mixed form."""
     if precision != "auto":
         return precision
     if device.type != "cuda":
@@ -61,4 +63,4 @@ def autocast_for(device: torch.device, precision: str) -> AbstractContextManager
     precision = resolved_precision(device, precision)
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
