@@ -8,12 +8,13 @@ import pickle
 
 import pytest
 import torch
+from huggingface_hub import ModelHubMixin
 from safetensors.torch import save_file
 from tiny_fit import tiny_fit_config
 
 from regionspot_pl import load_head, load_pretrained, save_head, save_pretrained
 from regionspot_pl.convert import main as convert_main
-from regionspot_pl.model import CheckpointError, RegionSpotHead
+from regionspot_pl.model import CheckpointError, CheckpointNotFoundError, RegionSpotHead
 from regionspot_pl.model.pretrained import is_hub_id
 
 SMALL = {"clip_dim": 48, "text_dim": 32, "depth": 2, "num_heads": 4, "ffn_dim": 64}
@@ -173,3 +174,26 @@ def test_fit_exports_the_head_folder_beside_head_pt(demo_shards, tmp_path):
     config = json.loads((tmp_path / "head" / "config.json").read_text())
     assert config["training"]["steps"] == 2 and config["training"]["data"] == ["demo_train"]
     assert config["backbones"]["sam"] == "tiny" and config["backbones"]["clip"] == "clip_tiny"
+
+
+def test_the_head_is_a_hub_model_and_a_loaded_folder_saves_back_the_same(tmp_path, monkeypatch):
+    """RegionSpotHead gets save_pretrained/from_pretrained from huggingface_hub's ModelHubMixin;
+    a head read from a folder keeps the folder's facts when saved again (what push_to_hub uploads)."""
+    assert issubclass(RegionSpotHead, ModelHubMixin)
+    head = _head(seed=3)
+    facts = {"variant": "mine", "training": {"data": ["demo_train"], "steps": 7}, "metrics": {"val/AP": 0.5}}
+    first = save_pretrained(head, tmp_path / "first", **facts)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    loaded = RegionSpotHead.from_pretrained(first)
+    _assert_same(loaded, head)
+    assert loaded.variant == "mine" and not loaded.training
+    loaded.save_pretrained(tmp_path / "second")
+    for name in ("config.json", "README.md"):
+        assert (tmp_path / "second" / name).read_text() == (first / name).read_text(), name
+    assert "| val/AP | 0.5000 |" in str(loaded.generate_model_card())
+    _assert_same(load_pretrained(tmp_path / "second"), head)
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_not_found(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="'someone/no-such-head' is no local file or folder"):
+        RegionSpotHead.from_pretrained("someone/no-such-head", local_files_only=True, cache_dir=tmp_path)

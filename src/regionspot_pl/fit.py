@@ -35,9 +35,10 @@ from .cli import Command, ConfigError, from_dict, option, run_command
 from .data.annotations import check_ground_truth
 from .errors import RegionSpotError
 from .evaluation.metrics import BACKENDS, DEFAULT_BACKEND
+from .model.card import fit_card
 from .model.checkpoint import load_head, save_head
 from .model.head import AUTO, VARIANTS, HeadConfig, head_config_for
-from .model.pretrained import fit_card, save_pretrained
+from .model.pretrained import save_pretrained
 from .train.datamodule import DataConfig, RegionDataModule
 from .train.module import OptimConfig, RegionSpotModule
 from .utils.io import write_json_atomic

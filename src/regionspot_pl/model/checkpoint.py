@@ -1,9 +1,10 @@
-"""Head checkpoints: our own format, and import of the official RegionSpot checkpoints.
+"""Head checkpoint files: our own ``.pt`` format, and import of the official RegionSpot checkpoints.
 
 Our file format is a plain dict (loadable with ``torch.load(..., weights_only=True)``):
 ``{"format": "regionspot_pl.head", "version": 1, "variant": str, "config": HeadConfig dict,
 "state_dict": {official head key: tensor}}``. A head can also be a model folder
 (config.json + model.safetensors + README.md, :mod:`.pretrained`); :func:`load_head` reads both.
+This module sits above the folder format: it imports :mod:`.pretrained`, never the reverse.
 """
 
 from __future__ import annotations
@@ -13,20 +14,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import RegionSpotError
-from .head import VARIANTS, HeadConfig, RegionSpotHead
+from ..utils.io import AtomicFile
+from .card import official_card
+from .errors import CheckpointError, CheckpointNotFoundError
+from .head import HeadConfig, RegionSpotHead, infer_variant
+from .pretrained import is_hub_id, save_pretrained
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "config_from_state_dict",
+    "convert_official",
+    "infer_variant",
+    "load_head",
+    "load_pretrained",
+    "save_head",
+]
 
 HEAD_FORMAT = "regionspot_pl.head"
 HEAD_FORMAT_VERSION = 1
 HEAD_PREFIXES = ("to_clip.", "decoder.", "projector.")
-
-
-class CheckpointError(RegionSpotError, ValueError):
-    """A file is not the checkpoint it was expected to be."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """A checkpoint file or head folder does not exist (nor a Hugging Face Hub repository of that id)."""
 
 
 def _torch_load(path: str | Path) -> object:
@@ -49,13 +56,12 @@ def save_head(head: RegionSpotHead, path: str | Path, variant: str | None = None
     payload = {
         "format": HEAD_FORMAT,
         "version": HEAD_FORMAT_VERSION,
-        "variant": variant or infer_variant(head.config) or "custom",
+        "variant": variant or head.variant,
         "config": head.config.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written head behind
+    with AtomicFile(path) as tmp:  # a crash never leaves a half-written head behind
+        torch.save(payload, tmp)
     return path
 
 
@@ -63,8 +69,6 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Reg
     """Load a head; eval mode. ``path`` is a head file (:func:`save_head`, fit's ``head.pt``,
     ``convert`` to a ``.pt``), a model folder (``save_pretrained``, fit's ``head/``, ``convert``
     to a folder) or a Hugging Face Hub id of such a folder."""
-    from .pretrained import is_hub_id, load_pretrained  # it imports this module
-
     if Path(path).is_dir() or is_hub_id(path):
         return load_pretrained(path, map_location)
     payload = _torch_load(path)
@@ -86,13 +90,10 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Reg
     return head.to(map_location).eval()
 
 
-def infer_variant(config: HeadConfig) -> str | None:
-    """Name of the published variant whose sizes match, or None (BL@336 is reported as BL)."""
-    for name in ("BB", "BL"):
-        ref = VARIANTS[name]
-        if (config.clip_dim, config.text_dim, config.depth) == (ref.clip_dim, ref.text_dim, ref.depth):
-            return name
-    return None
+def load_pretrained(ref: str | Path, map_location: str | torch.device = "cpu") -> RegionSpotHead:
+    """A head from a model folder or a Hugging Face Hub id, in eval mode
+    (``RegionSpotHead.from_pretrained``; its errors)."""
+    return RegionSpotHead.from_pretrained(ref, map_location=map_location)
 
 
 def config_from_state_dict(state: dict[str, Tensor]) -> HeadConfig:
@@ -152,6 +153,4 @@ def convert_official(src: str | Path, dst: str | Path) -> tuple[str, Path]:
         )
     if Path(dst).suffix in (".pt", ".pth"):
         return variant, save_head(head, dst, variant=variant)
-    from .pretrained import official_card, save_pretrained
-
     return variant, save_pretrained(head, dst, variant=variant, **official_card(variant, src))

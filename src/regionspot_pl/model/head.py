@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RegionSpotError
+from .pretrained import HeadFolderMixin
 
 # exp(CLIP's learned logit_scale) in the released CLIP models.
 CLIP_LOGIT_SCALE = 100.0
@@ -49,6 +50,15 @@ AUTO = "auto"
 
 class HeadMismatchError(RegionSpotError):
     """A head does not fit the CLIP features or text embeddings it is given."""
+
+
+def infer_variant(config: HeadConfig) -> str | None:
+    """Name of the published variant whose sizes match, or None (BL@336 is reported as BL)."""
+    for name in ("BB", "BL"):
+        ref = VARIANTS[name]
+        if (config.clip_dim, config.text_dim, config.depth) == (ref.clip_dim, ref.text_dim, ref.depth):
+            return name
+    return None
 
 
 def variant_for_clip(vision_dim: int, text_dim: int, image_size: int | None = None) -> str | None:
@@ -98,8 +108,15 @@ def _clip_of(config: HeadConfig) -> str:
     return VARIANT_CLIP[right] if right else f"vision width {config.clip_dim}, text dim {config.text_dim}"
 
 
-class RegionSpotHead(nn.Module):
-    """SAM region tokens -> cross-attention over CLIP tokens -> region embeddings in text space."""
+class RegionSpotHead(nn.Module, HeadFolderMixin):
+    """SAM region tokens -> cross-attention over CLIP tokens -> region embeddings in text space.
+
+    ``save_pretrained(DIR)`` / ``RegionSpotHead.from_pretrained(DIR or "owner/name")`` write and
+    read it as a model folder (:mod:`.pretrained`); ``variant`` is its published variant's name
+    ('BB', 'BL', 'BL@336') or 'custom'.
+    """
+
+    config_class = HeadConfig
 
     def __init__(
         self,
@@ -126,6 +143,7 @@ class RegionSpotHead(nn.Module):
         )
         self.decoder = nn.TransformerDecoder(layer, num_layers=depth, norm=nn.LayerNorm(clip_dim))
         self.projector = nn.Linear(clip_dim, text_dim)
+        self.variant = infer_variant(self.config) or "custom"
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> RegionSpotHead:

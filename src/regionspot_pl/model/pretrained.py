@@ -1,10 +1,13 @@
-"""Heads as model folders, the layout Hugging Face models use: load one by path or hub id.
+"""Heads as model folders, the layout Hugging Face models use, through ``huggingface_hub``'s
+:class:`~huggingface_hub.ModelHubMixin`: :class:`HeadFolderMixin` gives the head
+``save_pretrained``, ``from_pretrained`` and ``push_to_hub``.
 
 A folder holds ``config.json`` (the head's sizes, its variant and what is known about how it was
-made), ``model.safetensors`` (the weights, official parameter names) and ``README.md`` (a model
-card). :func:`save_pretrained` writes it; :func:`load_pretrained` reads it back bit-identically
-from a local folder or a Hugging Face Hub repository id. Loading never unpickles: JSON and
-safetensors only, with the config's keys and types and every weight's shape checked first.
+made), ``model.safetensors`` (the weights, official parameter names) and ``README.md`` (the model
+card, :mod:`.card`). Loading reads it back bit-identically from a local folder or a Hugging Face
+Hub repository id, and never unpickles: JSON and safetensors only, with the config's keys and types
+and every weight's name, shape and dtype checked before a tensor is read. Each file is written
+atomically.
 
 ``load_head`` in :mod:`.checkpoint` accepts a folder wherever a ``.pt`` head is accepted, so every
 ``--head`` flag takes either.
@@ -17,15 +20,16 @@ import math
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..utils.io import read_json
-from .checkpoint import CheckpointError, CheckpointNotFoundError, infer_variant
-from .head import HeadConfig, RegionSpotHead
+from ..utils.io import AtomicFile, read_json
+from .card import LIBRARY_NAME, TAGS, VARIANT_BACKBONES, model_card
+from .errors import CheckpointError, CheckpointNotFoundError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,16 +37,11 @@ CARD_NAME = "README.md"
 MODEL_TYPE = "regionspot_head"
 FOLDER_FORMAT_VERSION = 1
 
-# config.json keys besides HeadConfig's fields; the card's facts, each a dict or null.
+# config.json keys besides the head sizes; the card's facts, each a dict or null.
 _META_KEYS = ("model_type", "format_version", "variant", "backbones", "training", "metrics")
 _CARD_KEYS = ("backbones", "training", "metrics")
-# the frozen models each published variant was trained with (RegionSpot paper, Table 1)
-_VARIANT_BACKBONES = {
-    "BB": {"sam": "vit_b", "clip": "openai/clip-vit-base-patch16", "clip_image_size": 224},
-    "BL": {"sam": "vit_b", "clip": "openai/clip-vit-large-patch14", "clip_image_size": 224},
-    "BL@336": {"sam": "vit_b", "clip": "openai/clip-vit-large-patch14-336", "clip_image_size": 336},
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def is_hub_id(ref: str | Path) -> bool:
@@ -59,158 +58,136 @@ def is_hub_id(ref: str | Path) -> bool:
     )
 
 
-# ------------------------------------------------------------------------------------- writing
-def save_pretrained(
-    head: RegionSpotHead,
-    folder: str | Path,
-    variant: str | None = None,
-    backbones: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
-    metrics: dict[str, float] | None = None,
-) -> Path:
-    """Write ``head`` as a model folder: config.json, model.safetensors and README.md.
+class HeadFolderMixin(ModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS)):
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` of a head, in the folder format
+    above. The model class sets ``config_class``, the dataclass of its sizes (its ``__init__``
+    arguments, and its ``config`` attribute), and keeps its variant name in ``variant``."""
 
-    Args:
-        head: the head; its weights are written as they are (dtype kept, bit-identical).
-        folder: created if missing; the three files are replaced if present.
-        variant: 'BB', 'BL', 'BL@336' or 'custom'; None infers it from the sizes.
-        backbones: the frozen models the head needs, e.g. ``{"sam": "vit_b", "clip": ...}``;
-            None uses the published variant's, if it is one.
-        training: how it was trained, e.g. ``{"data": [...], "steps": 450000}``.
-        metrics: evaluation results, e.g. ``{"val/AP": 0.21}``.
+    config_class: ClassVar[type]
+    variant: str
 
-    Returns:
-        the folder.
+    def folder_config(
+        self,
+        variant: str | None = None,
+        backbones: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """config.json of this head: sizes, variant (default: its own) and the card's facts. A fact
+        left None keeps what the folder the head was loaded from (or last saved to) says; else
+        ``backbones`` are the published variant's, if it is one."""
+        variant = variant or self.variant
+        known = self._hub_mixin_config if isinstance(self._hub_mixin_config, dict) else {}
+        known = known if known.get("model_type") == MODEL_TYPE else {}
+        facts = {"backbones": backbones, "training": training, "metrics": metrics}
+        facts = {key: known.get(key) if value is None else value for key, value in facts.items()}
+        if facts["backbones"] is None:
+            facts["backbones"] = VARIANT_BACKBONES.get(variant)
+        return {
+            "model_type": MODEL_TYPE,
+            "format_version": FOLDER_FORMAT_VERSION,
+            "variant": variant,
+            **self.config.to_dict(),
+            **facts,
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict[str, Any] | None = None,
+        variant: str | None = None,
+        backbones: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        **hub_kwargs: Any,
+    ) -> str | None:
+        """Write the folder (ModelHubMixin.save_pretrained; ``hub_kwargs``: its ``push_to_hub``,
+        ``repo_id`` ...). ``config``: a whole config.json to write; by default
+        :meth:`folder_config` of the other arguments. The files are replaced if present."""
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{folder} is a file; a model folder is written to a directory path")
+        config = self.folder_config(variant, backbones, training, metrics) if config is None else config
+        check_config(config, folder / CONFIG_NAME, self.config_class)  # never write a folder we would refuse
+        self._hub_mixin_config = config  # what _save_pretrained writes, and push_to_hub uploads
+        return super().save_pretrained(folder, config=config, **hub_kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The three files, each atomically (ModelHubMixin then finds config.json and README.md
+        written and leaves them)."""
+        config = self._hub_mixin_config
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with AtomicFile(save_directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), {"format": "pt"})
+        with AtomicFile(save_directory / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        with AtomicFile(save_directory / CARD_NAME) as tmp:
+            tmp.write_text(model_card(config, [f.name for f in fields(self.config_class)]))
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The card (:func:`.card.model_card`) of :meth:`folder_config`."""
+        return ModelCard(model_card(self.folder_config(), [f.name for f in fields(self.config_class)]))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        map_location: str | torch.device = "cpu",
+        **hub_kwargs: Any,
+    ) -> Any:
+        """A head from a model folder or a Hugging Face Hub id, checked, in eval mode on ``map_location``.
+
+        ``hub_kwargs``: ``hf_hub_download``'s ``revision``, ``cache_dir``, ``token``,
+        ``force_download``, ``local_files_only``.
+
+        Raises:
+            CheckpointNotFoundError (a FileNotFoundError): no such folder (and not a hub id).
+            CheckpointError: a file is missing or unreadable, the config has unknown, missing or
+                mistyped keys, or the weights do not have the names, shapes and dtypes it asks for.
+        """
+        folder = resolve_folder(pretrained_model_name_or_path, **hub_kwargs)
+        read_config(folder, cls.config_class)  # checked before ModelHubMixin passes it on
+        return super().from_pretrained(folder, map_location=map_location)
+
+    @classmethod
+    def _from_pretrained(
+        cls, *, model_id: str, config: dict[str, Any], map_location: str | torch.device = "cpu", **model_kwargs: Any
+    ) -> Any:
+        """The head of a checked local folder; ``model_kwargs``: its sizes (ModelHubMixin reads
+        them from config.json) and the unused download arguments."""
+        sizes = {f.name: model_kwargs[f.name] for f in fields(cls.config_class)}
+        head = cls(**sizes)
+        folder = Path(model_id)
+        weights = folder / WEIGHTS_NAME
+        _check_weights(head, weights, folder / CONFIG_NAME)
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                state = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{weights} could not be read as safetensors ({err})") from err
+        head.load_state_dict(state, strict=True)
+        head.variant = config["variant"]
+        head._hub_mixin_config = config  # saved again (save_pretrained, push_to_hub) with its facts
+        return head.to(map_location).eval()
+
+
+def save_pretrained(head: HeadFolderMixin, folder: str | Path, **facts: Any) -> Path:
+    """Write ``head`` as a model folder (``head.save_pretrained``); returns the folder.
+
+    ``facts``: ``variant`` ('BB', 'BL', 'BL@336' or 'custom'; default: the head's), ``backbones``
+    (the frozen models it needs, e.g. ``{"sam": "vit_b", "clip": ...}``; default: the published
+    variant's), ``training`` (e.g. ``{"data": [...], "steps": 450000}``), ``metrics`` (e.g.
+    ``{"val/AP": 0.21}``). The weights are written as they are (dtype kept, bit-identical).
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file; a model folder is written to a directory path")
-    folder.mkdir(parents=True, exist_ok=True)
-    variant = variant or getattr(head, "variant", None) or infer_variant(head.config) or "custom"
-    if backbones is None:
-        backbones = _VARIANT_BACKBONES.get(variant)
-    config = {
-        "model_type": MODEL_TYPE,
-        "format_version": FOLDER_FORMAT_VERSION,
-        "variant": variant,
-        **head.config.to_dict(),
-        "backbones": backbones,
-        "training": training,
-        "metrics": metrics,
-    }
-    _check_config(config, folder / CONFIG_NAME)  # never write a folder we would refuse to read
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    _write_atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))
-    _write_atomic(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    _write_atomic(folder / CARD_NAME, lambda tmp: tmp.write_text(model_card(config)))
-    return folder
-
-
-def _write_atomic(path: Path, write) -> None:
-    # a crash never leaves a half-written file under the final name
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
-_CARD = """---
-library_name: regionspot_pl
-tags:
-- regionspot
-- open-vocabulary
-- region-recognition
-- segment-anything
-- clip
----
-
-# RegionSpot head ({variant})
-
-The trained part of RegionSpot ("Recognize Any Regions", Yang et al., NeurIPS 2024): region tokens
-of a frozen SAM cross-attend to the feature map of a frozen CLIP and are projected into CLIP's
-text space, where any class name can be scored. The frozen SAM and CLIP are not in this folder;
-use the ones below.
-
-| | |
-|---|---|
-{table}
-
-## Results
-
-{results}
-## Use
-
-```python
-from regionspot_pl import load_head
-head = load_head("THIS_FOLDER")  # a local folder or a Hugging Face Hub id
-```
-
-```bash
-python -m regionspot_pl.predict --head THIS_FOLDER --image IMG --boxes "x1,y1,x2,y2" \\
-    --vocab "cat,dog" --sam-type SAM_TYPE --sam-checkpoint SAM.pth --clip-model CLIP_DIR --out OUT.png
-```
-
-Files: `config.json` (sizes and the facts above), `model.safetensors` (weights, the official
-RegionSpot parameter names), this card.
-"""
-
-
-def model_card(config: dict[str, Any]) -> str:
-    """README.md text for a folder's config: what the head is, what it needs, how it was made."""
-    sizes = ", ".join(f"{f.name} {config[f.name]}" for f in fields(HeadConfig))
-    backbones = config.get("backbones") or {}
-    training = config.get("training") or {}
-    metrics = config.get("metrics") or {}
-    rows = [
-        ("variant", config["variant"]),
-        ("SAM (frozen)", backbones.get("sam", "not recorded")),
-        ("CLIP (frozen)", backbones.get("clip", "not recorded")),
-        ("CLIP input size", backbones.get("clip_image_size", "not recorded")),
-        ("training data", ", ".join(map(str, training.get("data", []))) or "not recorded"),
-        ("training steps", training.get("steps", "not recorded")),
-        ("made from", training.get("source", "not recorded")),
-        ("head sizes", sizes),
-    ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    if metrics:
-        scores = "\n".join(f"| {k} | {float(v):.4f} |" for k, v in sorted(metrics.items()))
-        results = f"| metric | value |\n|---|---|\n{scores}\n"
-    else:
-        results = (
-            "Not evaluated when this folder was written; measure it with "
-            "`python -m regionspot_pl.test --head THIS_FOLDER ...`.\n"
-        )
-    return _CARD.format(variant=config["variant"], table=table, results=results)
+    head.save_pretrained(folder, **facts)
+    return Path(folder)
 
 
 # ------------------------------------------------------------------------------------- reading
-def load_pretrained(ref: str | Path, map_location: str | torch.device = "cpu") -> RegionSpotHead:
-    """Load a head from a model folder or a Hugging Face Hub id; eval mode.
-
-    Raises:
-        CheckpointNotFoundError (a FileNotFoundError): no such folder (and not a hub id).
-        CheckpointError: a file is missing or unreadable, the config has unknown, missing or
-            mistyped keys, or the weights do not have the shapes the config asks for.
-    """
-    folder = resolve_folder(ref)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    config = read_config(folder)
-    head_config = HeadConfig(**{f.name: config[f.name] for f in fields(HeadConfig)})
-    head = RegionSpotHead(**head_config.to_dict())
-    _check_weights(head, weights_path, config_path)
-    state = {}
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights_path} could not be read as safetensors ({err})") from err
-    head.load_state_dict(state, strict=True)
-    head.variant = config["variant"]
-    return head.to(map_location).eval()
-
-
-def resolve_folder(ref: str | Path) -> Path:
-    """A local model folder, or the local copy of a hub repository's config, weights and card."""
+def resolve_folder(ref: str | Path, **hub_kwargs: Any) -> Path:
+    """A local model folder, or the local copy of a hub repository's config and weights."""
     path = Path(ref)
     if path.is_dir():
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -228,15 +205,15 @@ def resolve_folder(ref: str | Path) -> Path:
             f"head folder not found: {path} (give a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, "
             "a head .pt file, or a Hugging Face Hub id owner/name)"
         )
-    return _download(str(ref))
+    return _download(str(ref), **hub_kwargs)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, **hub_kwargs: Any) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        config = hf_hub_download(repo_id, CONFIG_NAME)
-        hf_hub_download(repo_id, WEIGHTS_NAME)
+        config = hf_hub_download(repo_id, CONFIG_NAME, **hub_kwargs)
+        hf_hub_download(repo_id, WEIGHTS_NAME, **hub_kwargs)
     except Exception as err:  # offline, no such repository, no access, ...
         raise CheckpointNotFoundError(
             f"{repo_id!r} is no local file or folder, and the Hugging Face Hub did not provide "
@@ -245,16 +222,19 @@ def _download(repo_id: str) -> Path:
     return Path(config).parent
 
 
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """A folder's config.json, checked (see :func:`load_pretrained`)."""
+def read_config(folder: str | Path, sizes: type) -> dict[str, Any]:
+    """A folder's config.json, checked (:func:`check_config`)."""
     path = Path(folder) / CONFIG_NAME
     config = read_json(path, "head config", CheckpointError)
-    _check_config(config, path)
+    check_config(config, path, sizes)
     return config
 
 
-def _check_config(config: object, path: Path) -> None:
-    """Keys, types and values of a head folder's config; CheckpointError naming ``path``."""
+def check_config(config: object, path: Path, sizes: type) -> None:
+    """Keys, types and values of a head folder's config; CheckpointError naming ``path``.
+
+    ``sizes``: the dataclass of the head sizes (HeadConfig); its fields' defaults give the types.
+    """
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("model_type") != MODEL_TYPE:
@@ -267,28 +247,12 @@ def _check_config(config: object, path: Path) -> None:
             f"{path}: format_version {config.get('format_version')!r} is not supported "
             f"(this version reads {FOLDER_FORMAT_VERSION})"
         )
-    head_keys = [f.name for f in fields(HeadConfig)]
-    unknown = sorted(set(config) - set(head_keys) - set(_META_KEYS))
-    missing = [k for k in head_keys if k not in config]
+    size_keys = [f.name for f in fields(sizes)]
+    unknown = sorted(set(config) - set(size_keys) - set(_META_KEYS))
+    missing = [k for k in size_keys if k not in config]
     if unknown or missing:
         raise CheckpointError(f"{path}: unknown keys {unknown}, missing keys {missing}")
-    defaults = HeadConfig()
-    for key in head_keys:
-        value, kind = config[key], type(getattr(defaults, key))
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (kind is float or isinstance(value, int))
-        )  # fmt: skip
-        if not ok:
-            raise CheckpointError(f"{path}: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-        if kind is int and value < 1:
-            raise CheckpointError(f"{path}: {key} must be >= 1, got {value}")
-    if not (0 <= config["dropout"] < 1 and math.isfinite(config["dropout"])):
-        raise CheckpointError(f"{path}: dropout must be in [0, 1), got {config['dropout']}")
-    if config["clip_dim"] % config["num_heads"]:
-        raise CheckpointError(
-            f"{path}: clip_dim {config['clip_dim']} is not divisible by num_heads {config['num_heads']}"
-        )
+    _check_sizes(config, path, sizes())
     if not isinstance(config.get("variant"), str) or not config["variant"]:
         raise CheckpointError(f"{path}: variant must be a non-empty string, got {config.get('variant')!r}")
     for key in _CARD_KEYS:
@@ -296,7 +260,27 @@ def _check_config(config: object, path: Path) -> None:
             raise CheckpointError(f"{path}: {key} must be an object or null, got {config[key]!r}")
 
 
-def _check_weights(head: RegionSpotHead, weights: Path, config: Path) -> None:
+def _check_sizes(config: dict[str, Any], path: Path, defaults: Any) -> None:
+    """Each size of the type of its default (ints >= 1), dropout in [0, 1), heads dividing the width."""
+    for f in fields(defaults):
+        value, kind = config[f.name], type(getattr(defaults, f.name))
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (kind is float or isinstance(value, int))
+        )  # fmt: skip
+        if not ok:
+            raise CheckpointError(f"{path}: {f.name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+        if kind is int and value < 1:
+            raise CheckpointError(f"{path}: {f.name} must be >= 1, got {value}")
+    if not (0 <= config["dropout"] < 1 and math.isfinite(config["dropout"])):
+        raise CheckpointError(f"{path}: dropout must be in [0, 1), got {config['dropout']}")
+    if config["clip_dim"] % config["num_heads"]:
+        raise CheckpointError(
+            f"{path}: clip_dim {config['clip_dim']} is not divisible by num_heads {config['num_heads']}"
+        )
+
+
+def _check_weights(head: torch.nn.Module, weights: Path, config: Path) -> None:
     """Every tensor the config's head has, with its shape and a float dtype, nothing else."""
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     try:
@@ -320,36 +304,5 @@ def _check_weights(head: RegionSpotHead, weights: Path, config: Path) -> None:
                 f"{disagree}: {key!r} is {list(found[key])}, the config needs {list(shape)}; "
                 "the two files come from different heads"
             )
-        if dtypes[key] not in ("F16", "BF16", "F32", "F64"):
+        if dtypes[key] not in _FLOAT_DTYPES:
             raise CheckpointError(f"{weights}: {key!r} has dtype {dtypes[key]}, expected floats")
-
-
-# ------------------------------------------------------------------------------ card sources
-def fit_card(manifests: list[dict[str, Any]], steps: int | None) -> dict[str, Any]:
-    """``backbones`` and ``training`` for :func:`save_pretrained` from the training caches'
-    manifests (``fit``)."""
-    first = manifests[0].get("backbones", {}) if manifests else {}
-    clip = first.get("clip", {})
-    backbones = {
-        "sam": first.get("sam", {}).get("type"),
-        "clip": Path(clip["model"]).name if clip.get("model") else None,
-        "clip_id": clip.get("id"),
-        "clip_image_size": clip.get("image_size"),
-    }
-    data = [m.get("dataset") or "unnamed cache" for m in manifests]
-    training = {"data": data, "steps": steps, "source": "python -m regionspot_pl.fit"}
-    return {"backbones": {k: v for k, v in backbones.items() if v is not None}, "training": training}
-
-
-def official_card(variant: str, source: str | Path) -> dict[str, Any]:
-    """``backbones`` and ``training`` for a head converted from an official checkpoint."""
-    backbones = _VARIANT_BACKBONES.get(variant)
-    training = {
-        "data": ["Objects365", "OpenImages", "V3Det"],
-        "source": f"official RegionSpot checkpoint {Path(source).name} (python -m regionspot_pl.convert)",
-    }
-    return {"backbones": backbones, "training": training}
-
-
-# the name Hugging Face libraries give the loader
-from_pretrained = load_pretrained
