@@ -79,7 +79,8 @@ from regionspot_pl.cache.shards import (  # noqa: E402
     tar_members,
     validate_sample,
 )
-from regionspot_pl.data.annotations import Vocabulary, load_coco  # noqa: E402
+from regionspot_pl.data.annotations import Vocabulary  # noqa: E402
+from regionspot_pl.data.records import load_coco  # noqa: E402
 from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
 from regionspot_pl.evaluation.zero_shot import regionspot_logits  # noqa: E402
 from regionspot_pl.extract.run import (  # noqa: E402

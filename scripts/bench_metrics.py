@@ -39,7 +39,7 @@ LVIS_VAL = {"images": 19_809, "boxes": 244_707, "rare": 337, "common": 461, "fre
 DETS_PER_IMAGE = 300
 WIDTH, HEIGHT = 640, 480
 BACKENDS = ("hotcoco", "lvis")
-# Peak memory of the LVIS API's process at scale 1 (bbox): 22.4 GB measured; evaluation/metrics.py
+# Peak memory of the LVIS API's process at scale 1 (bbox): 22.4 GB measured; evaluation/backends.py
 # has since freed the caches accumulate() does not read and shared one placeholder for the box
 # polygons LVISResults would add: 15% less at scale 0.05, so ~20 GB expected at scale 1.
 LVIS_API_PEAK_GB = 20.0
@@ -147,12 +147,11 @@ def write_inputs(folder: Path, scale: float, seed: int, with_masks: bool) -> dic
 
 def _write_inputs_here(prefix: str, scale: float, seed: int, with_masks: bool) -> None:
     """Child process of write_inputs: PREFIX-gt.json, PREFIX-results.json, PREFIX-info.json."""
+    from regionspot_pl.utils.io import write_json_atomic
+
     gt, dets = synthetic_lvis(scale, seed, with_masks)
     for name, data in (("gt", gt), ("results", dets)):
-        tmp = Path(f"{prefix}-{name}.json.tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f)
-        tmp.replace(f"{prefix}-{name}.json")
+        write_json_atomic(f"{prefix}-{name}.json", data, indent=None)
     info = {
         "images": len(gt["images"]),
         "categories": len(gt["categories"]),

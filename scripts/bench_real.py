@@ -48,11 +48,12 @@ from regionspot_pl.backbones.common import PRECISION_DTYPES, autocast_for, resol
 from regionspot_pl.backbones.sam import OFFICIAL_SAM_CHECKPOINTS  # noqa: E402
 from regionspot_pl.backbones.tiny import tiny_clip_tokenizer  # noqa: E402
 from regionspot_pl.cache.shards import decode_sample  # noqa: E402
-from regionspot_pl.data.annotations import load_coco  # noqa: E402
+from regionspot_pl.data.records import load_coco  # noqa: E402
 from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
 from regionspot_pl.extract.run import ExtractConfig, FeatureExtractor, ImageFeaturesInput  # noqa: E402
 from regionspot_pl.model import RegionSpotHead  # noqa: E402
 from regionspot_pl.train.datamodule import collate_regions  # noqa: E402
+from regionspot_pl.utils.io import AtomicFile  # noqa: E402
 
 
 def write_real_backbones(folder: Path) -> dict[str, Path]:
@@ -62,8 +63,8 @@ def write_real_backbones(folder: Path) -> dict[str, Path]:
     if not sam_path.is_file():
         torch.manual_seed(0)
         state = sam_model_registry["vit_b"](checkpoint=None).state_dict()
-        torch.save({k: v.contiguous() for k, v in state.items()}, sam_path.with_suffix(".tmp"))
-        sam_path.with_suffix(".tmp").replace(sam_path)
+        with AtomicFile(sam_path) as tmp:
+            torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
     if not (clip_dir / "config.json").is_file():
         tokenizer = tiny_clip_tokenizer()  # a real CLIPTokenizer; the vocabulary does not change speed
         config = CLIPConfig(

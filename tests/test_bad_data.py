@@ -36,7 +36,8 @@ from regionspot_pl.cache.shards import (
     list_shards,
 )
 from regionspot_pl.cli import ConfigError
-from regionspot_pl.data.annotations import AnnotationError, load_coco, read_proposals
+from regionspot_pl.data.annotations import AnnotationError
+from regionspot_pl.data.records import load_coco, read_proposals
 from regionspot_pl.extract.run import ExtractConfig, ExtractError, ImageFeaturesInput, run_extraction
 from regionspot_pl.extract.run import main as extract_main
 from regionspot_pl.fit import main as fit_main
@@ -261,7 +262,10 @@ DROP = object()  # the field is left out
         ("ann", {"image_id": "1"}, r"annotation #0 \(id 7\) .* non-integer image_id"),
         ("image", {"width": DROP}, r"image #0 .* lacks 'width'"),
         ("image", {"height": -4}, r"image #0 .* positive integer 'width'/'height'"),
-        ("image", {"file_name": None}, r"image #0 .* neither 'file_name' nor 'coco_url'"),
+        ("image", {"file_name": DROP}, r"image #0 \(id 1\) .* neither 'file_name' nor 'coco_url'"),
+        ("image", {"file_name": None}, r"image #0 \(id 1\) .* has file_name None, not a non-empty path string"),
+        # a null file_name is a malformed record, not a cue to fall back to coco_url
+        ("image", {"file_name": None, "coco_url": "http://x/val2017/1.jpg"}, r"image #0 \(id 1\) .* file_name None"),
         ("image", {"file_name": 12}, r"image #0 .* not a non-empty path string"),
         ("cat", {"name": DROP}, r"category #0 .* is not \{\"id\": int, \"name\": non-empty str\}"),
     ],
@@ -358,7 +362,7 @@ def test_05_images_of_any_pillow_mode_reach_the_encoders_with_their_pixels(tmp_p
         image = Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
     name = "x.tif" if mode == "CMYK" else "x.png"
     image.save(tmp_path / name)
-    from regionspot_pl.data.annotations import ImageRecord
+    from regionspot_pl.data.records import ImageRecord
 
     rec = ImageRecord(1, name, 96, 40, np.array([[0, 0, 50, 30]], np.float32), np.array([0]), np.ones(1, np.float32))
     sam = SamTransform(64, torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375]))

@@ -43,7 +43,10 @@ def folder(tmp_path: Path) -> Path:
 EVALUATE_CASES = {
     "missing ground truth": (["nope.json", "good.json"], ["ground truth file not found", "nope.json"]),
     "ground truth not JSON": (["broken.json", "good.json"], ["broken.json is not valid JSON"]),
-    "ground truth without categories": (["gt_no_categories.json", "good.json"], ["ground truth lacks ['categories']"]),
+    "ground truth without categories": (
+        ["gt_no_categories.json", "good.json"],
+        ["gt_no_categories.json is not a COCO-format annotation file (it lacks 'categories')"],
+    ),
     "missing results": (["gt.json", "nope.json"], ["results file not found", "nope.json"]),
     "results not JSON": (["gt.json", "broken.json"], ["results file", "broken.json is not valid JSON"]),
     "results a dict": (["gt.json", "dict.json"], ["results must be a JSON list"]),

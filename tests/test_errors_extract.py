@@ -128,6 +128,15 @@ def annotation_file_not_coco(ctx):
 
 
 @case
+def image_file_name_null(ctx):
+    gt = json.loads(Path(ctx.demo_data["val_json"]).read_text())
+    gt["images"][0]["file_name"] = None  # a malformed record: not a missing image to skip
+    ctx.flags["--annotations"] = _write(ctx.tmp / "nullname.json", json.dumps(gt))
+    image_id = gt["images"][0]["id"]
+    return ("nullname.json", f"image #0 (id {image_id})", "has file_name None", "as 'file_name'")
+
+
+@case
 def image_folder_missing(ctx):
     ctx.flags["--images"] = ctx.tmp / "no_images"
     return ("--images", "no_images", "not found")

@@ -18,8 +18,13 @@ def inputs(demo_shards, demo_data, tmp_path_factory):
     manifest = json.loads((newer / "manifest.json").read_text())
     (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     other_gt = json.loads(demo_data["val_json"].read_text())
-    other_gt["categories"] = other_gt["categories"][:3]
+    other_gt["categories"] = sorted(other_gt["categories"], key=lambda c: c["id"])[:3]
+    kept = {c["id"] for c in other_gt["categories"]}
+    other_gt["annotations"] = [a for a in other_gt["annotations"] if a["category_id"] in kept]
     (root / "other_gt.json").write_text(json.dumps(other_gt))
+    null_name = json.loads(demo_data["val_json"].read_text())
+    null_name["images"][0]["file_name"] = None
+    (root / "null_name_gt.json").write_text(json.dumps(null_name))
     (root / "unknown_key.yaml").write_text("data:\n  batch_size: 2\n  batchsize: 4\n")
     (root / "wrong_type.yaml").write_text("data:\n  batch_size: two\n")
     (root / "not_mapping.yaml").write_text("- a\n- b\n")
@@ -75,7 +80,16 @@ def test_val_shards_without_annotations(inputs, cli_error):
 
 def test_val_annotations_of_another_vocabulary(inputs, cli_error):
     other = str(inputs["root"] / "other_gt.json")
-    cli_error(main, _argv(inputs, val=False) + ["--val-shards", inputs["val"], "--val-annotations", other], other)
+    argv = _argv(inputs, val=False) + ["--val-shards", inputs["val"], "--val-annotations", other]
+    cli_error(main, argv, other, inputs["val"], "lacks 37 of the 40 classes", "pass the annotation file")
+
+
+def test_val_annotations_with_a_null_file_name(inputs, cli_error):
+    """A malformed image record is refused in fit's validation reader too, naming it."""
+    bad = str(inputs["root"] / "null_name_gt.json")
+    image_id = json.loads((inputs["root"] / "null_name_gt.json").read_text())["images"][0]["id"]
+    argv = _argv(inputs, val=False) + ["--val-shards", inputs["val"], "--val-annotations", bad]
+    cli_error(main, argv, bad, f"image #0 (id {image_id})", "has file_name None", "as 'file_name'")
 
 
 def test_shards_of_a_newer_format(inputs, cli_error):

@@ -64,6 +64,34 @@ class Case:
         (other / "config.json").write_text(json.dumps(config))
         return other
 
+    def edited_annotations(self, name: str, edit: Callable[[dict], None]) -> Path:
+        """A copy of the demo val GT, edited."""
+        gt = json.loads(Path(self.annotations).read_text())
+        edit(gt)
+        return self.file(name, json.dumps(gt))
+
+    def fewer_classes(self) -> tuple[list, tuple[str, ...]]:
+        """The demo val GT without its last 10 categories (and their objects): a run refused
+        naming the file, the shards and the classes it lacks."""
+
+        def drop_ten(gt: dict) -> None:
+            gt["categories"] = sorted(gt["categories"], key=lambda c: c["id"])[:-10]
+            kept = {c["id"] for c in gt["categories"]}
+            gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in kept]
+
+        path = self.edited_annotations("fewer.json", drop_ten)
+        cats = sorted(json.loads(Path(self.annotations).read_text())["categories"], key=lambda c: c["id"])
+        first = cats[-10]
+        named = (str(path), str(self.shards), "lacks 10 of the 40 classes", f"{first['name']} (id {first['id']})")
+        return self.argv(annotations=path), (*named, "pass the annotation file the shards were extracted from")
+
+    def null_file_name(self) -> tuple[list, tuple[str, ...]]:
+        """The demo val GT with a null file_name: a malformed record, refused naming it."""
+        image_id = json.loads(Path(self.annotations).read_text())["images"][0]["id"]
+        path = self.edited_annotations("nullname.json", lambda gt: gt["images"][0].update(file_name=None))
+        named = (str(path), f"image #0 (id {image_id})", "has file_name None", "as 'file_name'")
+        return self.argv(annotations=path), named
+
     def foreign_annotations(self) -> Path:
         """The demo val GT with every image id moved, so no shard image is in it."""
         gt = json.loads(Path(self.annotations).read_text())
@@ -81,7 +109,9 @@ CASES: dict[str, Callable[[Case], tuple[list, tuple[str, ...]]]] = {
     "manifest of another format": lambda c: (c.argv(shards=c.manifest_copy(format_version=0)), ("cache format 0",)),
     "missing annotations": lambda c: (c.argv(annotations=c.tmp / "nogt.json"), ("annotation file not found", "nogt")),
     "annotations not JSON": lambda c: (c.argv(annotations=c.file("gt.json", "{")), ("gt.json", "not valid JSON")),
-    "annotations not COCO": lambda c: (c.argv(annotations=c.file("gt.json", "[]")), ("gt.json", "--annotations")),
+    "annotations not COCO": lambda c: (c.argv(annotations=c.file("gt.json", "[]")), ("gt.json", "not a COCO-format")),
+    "annotations lacking classes of the shards": Case.fewer_classes,
+    "annotations with a null file_name": Case.null_file_name,
     "annotations of other images": lambda c: (c.argv(annotations=c.foreign_annotations()), ("foreign.json", "not in")),
     "missing head": lambda c: (c.argv(head=c.tmp / "nohead.pt"), ("--head", "nohead.pt")),
     "head not a checkpoint": lambda c: (c.argv(head=c.file("head.txt", "hello")), ("--head", "head.txt")),

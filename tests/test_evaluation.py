@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from regionspot_pl.data.annotations import AnnotationError, read_ground_truth
 from regionspot_pl.evaluate import main
 from regionspot_pl.evaluation import (
     COCO_METRICS,
@@ -28,7 +29,8 @@ from regionspot_pl.evaluation import (
     format_metrics_table,
     score_regions,
 )
-from regionspot_pl.evaluation.metrics import BACKENDS, _numpy_float_alias
+from regionspot_pl.evaluation.backends import _numpy_float_alias
+from regionspot_pl.evaluation.metrics import BACKENDS
 
 # ---------------------------------------------------------------------------------------------
 # A tiny hand-made LVIS-style set: 3 images of 200x200, one category per frequency split, with
@@ -311,6 +313,27 @@ def test_bad_ground_truth(tmp_path: Path) -> None:
         evaluate_detections(gt, results)
     with pytest.raises(ResultsError, match="must be a JSON list"):
         evaluate_detections(make_lvis_gt(), {"bbox": {"AP": 1.0}})  # type: ignore[arg-type]
+
+
+def test_the_ground_truth_goes_through_the_one_annotation_reader(tmp_path: Path) -> None:
+    """The evaluators read the ground truth with data.annotations.read_ground_truth: a malformed
+    record is refused as extraction refuses it (naming it), a GroundTruthError that is also an
+    AnnotationError; NumPy scalars of an in-memory file score as the plain numbers do."""
+    gt = make_lvis_gt()
+    gt["annotations"][1]["bbox"] = [1.0, 2.0, 3.0]
+    path = write_json(tmp_path / "gt.json", gt)
+    with pytest.raises(GroundTruthError, match=r"gt.json: annotation #1 \(id 2\) .* has 3 numbers, not 4") as err:
+        evaluate_detections(path, perfect_results(make_lvis_gt()))
+    assert isinstance(err.value, AnnotationError)
+    with pytest.raises(AnnotationError, match=r"gt.json: annotation #1 \(id 2\) .* has 3 numbers, not 4"):
+        read_ground_truth(path)
+    plain = make_lvis_gt()
+    numpy_ids = make_lvis_gt()
+    for ann in numpy_ids["annotations"]:
+        ann.update(id=np.int64(ann["id"]), image_id=np.int64(ann["image_id"]), bbox=np.asarray(ann["bbox"]).tolist())
+        ann["category_id"] = np.int32(ann["category_id"])
+    results = noisy_results(plain)
+    assert evaluate_detections(numpy_ids, results) == evaluate_detections(plain, results)
 
 
 # ---------------------------------------------------------------------------------------------

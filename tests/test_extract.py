@@ -27,7 +27,8 @@ from regionspot_pl.cache.shards import (
     list_shards,
     validate_sample,
 )
-from regionspot_pl.data.annotations import AnnotationError, load_coco
+from regionspot_pl.data.annotations import AnnotationError
+from regionspot_pl.data.records import load_coco
 from regionspot_pl.extract.run import (
     COMMAND,
     ExtractConfig,

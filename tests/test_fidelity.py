@@ -29,7 +29,7 @@ from regionspot_pl.backbones.image import (
 )
 from regionspot_pl.cache.manifest import FORMAT_VERSION, MANIFEST, PROTOCOL, Manifest
 from regionspot_pl.cache.shards import ShardFormatError, iter_samples, list_shards
-from regionspot_pl.data.annotations import load_coco, read_proposals
+from regionspot_pl.data.records import load_coco, read_proposals
 from regionspot_pl.evaluation.scoring import detections_to_results, score_regions
 from regionspot_pl.extract.run import ExtractConfig, run_extraction
 from regionspot_pl.model.loss import region_focal_loss

@@ -211,7 +211,8 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys, caplog):
     # validation annotations of another vocabulary
     other = tmp_path / "other.json"
     gt = json.loads(Path(shards["val_json"]).read_text())
-    gt["categories"] = gt["categories"][:5]
+    gt["categories"] = sorted(gt["categories"], key=lambda c: c["id"])[:5]
+    gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in {c["id"] for c in gt["categories"]}]
     other.write_text(json.dumps(gt))
     cfg = _cfg(shards, tmp_path / "a", steps=2)
     cfg["data"]["val_annotations"] = str(other)

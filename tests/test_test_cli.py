@@ -27,6 +27,9 @@ from regionspot_pl.evaluation import LVIS_METRICS
 from regionspot_pl.evaluation.baselines import box_crops, crop_window
 from regionspot_pl.extract import run as extract
 from regionspot_pl.model import RegionSpotHead, load_head, region_logits, save_head
+from regionspot_pl.train.datamodule import collate_regions
+from regionspot_pl.train.module import RegionSpotModule
+from regionspot_pl.utils.io import batched
 
 NUM_VAL = 20
 PROPOSAL_SCORE = 0.5
@@ -188,6 +191,26 @@ def test_gt_scores_are_head_softmax(split, gt_run):
         probs, boxes = _head_probs(split, split["gt_shards"], image_id)
         assert len(dets[image_id]) == min(300, probs.size)
         _check_scores(dets[image_id], probs, boxes, cat_ids, 1.0)
+
+
+def test_fit_validation_makes_the_tests_detections(split, gt_run):
+    """fit's validation_step and the test share one path from logits to results: on the same
+    head, shards, texts and batches of 4 images they give the same detections, to the bit."""
+    manifest = Manifest.read(split["gt_shards"])
+    texts = text_embeddings(None, manifest.vocabulary.names, split["text_cache"], manifest.clip.id)
+    head = load_head(split["head"])
+    module = RegionSpotModule(
+        head=head.config.to_dict(), val_text_embeddings=texts, val_category_ids=manifest.vocabulary.category_ids
+    )
+    module.head.load_state_dict(head.state_dict())
+    module.eval()
+    for i, chunk in enumerate(batched(iter_samples(list_shards(split["gt_shards"])), 4)):
+        for sample in chunk:
+            sample["dataset_index"] = 0
+        with torch.no_grad():
+            module.validation_step(collate_regions(chunk), i)
+    expected = json.loads((gt_run / "detections_bbox.json").read_text())
+    assert expected and module._val_results == expected
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,25 +10,15 @@ DIR/ap_per_class.csv. GT and RESULTS may also be given as --gt and --results (or
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import Command, ConfigError, option, run_command
-from .evaluation.metrics import (
-    BACKENDS,
-    DEFAULT_BACKEND,
-    IOU_TYPES,
-    KINDS,
-    evaluate_results,
-    format_metrics_table,
-    load_ground_truth,
-    load_results,
-)
-from .evaluation.report import write_report
+from .evaluation.inputs import load_ground_truth, load_results
+from .evaluation.metrics import BACKENDS, DEFAULT_BACKEND, IOU_TYPES, KINDS, evaluate_results, format_metrics_table
+from .evaluation.report import write_metrics, write_report
 from .utils.io import OutputError
 
 
@@ -83,7 +73,7 @@ def run_evaluate(
         cannot score.
     """
     start = time.perf_counter()
-    gt_dict = load_ground_truth(gt)
+    ground_truth = load_ground_truth(gt)
     gt_s = time.perf_counter() - start
     dets = load_results(results)
     load_s = time.perf_counter() - start
@@ -94,7 +84,7 @@ def run_evaluate(
         # The last evaluation may let the official libraries write into the loaded dicts
         # rather than into copies, which saves memory at LVIS val size (docs/benchmarks.md).
         evaluations[t] = evaluate_results(
-            gt_dict,
+            ground_truth,
             dets,
             iou_type=t,
             kind=kind,
@@ -107,12 +97,9 @@ def run_evaluate(
     files: dict[str, Path] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        # NaN is not JSON: metrics with nothing to score are written as null.
-        payload = {t: {k: (None if math.isnan(v) else v) for k, v in e.metrics.items()} for t, e in evaluations.items()}
-        files["metrics"] = out / "metrics.json"
-        files["metrics"].write_text(json.dumps(payload, indent=2) + "\n")
+        files["metrics"] = write_metrics(out, evaluations)
         sources = {"ground truth": gt, "results": results}
-        files.update(write_report(out, evaluations, gt_dict, sources, seconds=metric_s))
+        files.update(write_report(out, evaluations, ground_truth.data, sources, seconds=metric_s))
     return {
         "evaluations": evaluations,
         "files": files,

@@ -136,7 +136,9 @@ def build_data(cfg: FitConfig) -> RegionDataModule:
     """The shards to train and validate on, checked against each other and the GT file."""
     dm = RegionDataModule(cfg.data, seed=cfg.seed)
     if dm.val is not None:
-        check_ground_truth(cfg.data.val_annotations, dm.val.vocabulary.category_ids, dm.val.image_ids(), dm.val.folder)
+        check_ground_truth(
+            cfg.data.val_annotations, dm.val.vocabulary, dm.val.image_ids(), dm.val.folder, same_vocabulary=True
+        )
     return dm
 
 

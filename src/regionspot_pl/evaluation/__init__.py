@@ -1,14 +1,12 @@
-"""Evaluation: RegionSpot's scoring rule and box / mask AP through the LVIS API or pycocotools."""
+"""Evaluation: RegionSpot's scoring rule and box / mask AP through hotcoco, the LVIS API or pycocotools.
 
-from .metrics import (
-    COCO_METRICS,
-    LVIS_METRICS,
-    EvaluationInputError,
-    GroundTruthError,
-    ResultsError,
-    evaluate_detections,
-    format_metrics_table,
-)
+``metrics`` (the public face) <- ``inputs`` (ground truth and detections, checked) and
+``backends`` (the libraries); ``scoring`` (logits -> ranked detections -> results), ``report``,
+``baselines`` and ``zero_shot`` (the test run) use them.
+"""
+
+from .inputs import EvaluationInputError, GroundTruthError, ResultsError
+from .metrics import COCO_METRICS, LVIS_METRICS, evaluate_detections, format_metrics_table
 from .scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
 
 __all__ = [

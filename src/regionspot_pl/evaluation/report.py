@@ -8,6 +8,8 @@
 - ap_per_class.csv: category_id, name, frequency, AP per IoU type (fractions; empty where the
   class has no ground truth), GT instances, GT images.
 
+Both commands write the metrics themselves with :func:`write_metrics` (OUT/metrics.json).
+
 Per-class AP is :attr:`Evaluation.per_class_ap`: the same computation for every backend.
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.io import write_json_atomic
 from .metrics import LVIS_METRICS, Evaluation
 
 FREQUENCY_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
@@ -30,7 +33,7 @@ FREQUENCY_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 FREQUENCY_COLOURS = {"r": "#D55E00", "c": "#E69F00", "f": "#0072B2", "": "#777777"}
 TOP = 20  # best and worst classes listed in the report
 
-REPORT, PLOT, TABLE = "report.md", "ap_per_class.png", "ap_per_class.csv"
+REPORT, PLOT, TABLE, METRICS = "report.md", "ap_per_class.png", "ap_per_class.csv", "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ def class_rows(gt: Mapping[str, Any], evaluations: Mapping[str, Evaluation]) -> 
             )
         )
     return rows
+
+
+def write_metrics(out: str | Path, evaluations: Mapping[str, Evaluation]) -> Path:
+    """OUT/metrics.json, written atomically: ``{iou_type: {metric: fraction}}`` with the metrics the
+    evaluator gives (COCO-style data has no APr/APc/APf); null where there was nothing to score."""
+    payload = {
+        t: {k: None if math.isnan(v) else float(v) for k, v in e.metrics.items()} for t, e in evaluations.items()
+    }
+    return write_json_atomic(Path(out) / METRICS, payload, indent=2)
 
 
 def write_report(

@@ -1,4 +1,7 @@
-"""RegionSpot's test-time scoring rule: from region-class logits to ranked detections.
+"""RegionSpot's test-time scoring rule: from region-class logits to ranked detections, and the
+steps both evaluations share (``test`` and ``fit``'s validation): :func:`batch_logits` (the head
+over a batch), :func:`detect` (one image's logits ranked) and :meth:`ImageDetections.results`
+(COCO/LVIS results).
 
 Boxes come from outside (GT boxes or a proposal source); the model only names them. Each
 (box, class) pair of an image is a candidate detection. As the reference does: the
@@ -11,12 +14,17 @@ that LVIS scores. One box may be reported under several classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ..model.head import RegionSpotHead, region_logits
 from ..utils.io import rle_to_json
+
+if TYPE_CHECKING:
+    from ..train.datamodule import RegionBatch
 
 # The reference ranks the (box, class) pairs by probability and keeps 900 before the proposal
 # score enters; a pair outside those 900 never becomes a detection, however good its box.
@@ -130,3 +138,65 @@ def detections_to_results(
         det["score"] = float(s)
         results.append(det)
     return results
+
+
+def batch_logits(head: RegionSpotHead, batch: RegionBatch, texts: Tensor) -> Tensor:
+    """[B, N, C] logits of each region of a collated batch against a vocabulary's text
+    embeddings [C, D]. Padded queries are masked out of the self-attention, so an image's logits
+    do not depend on the batch it lands in."""
+    regions = head(batch.sam, batch.clip, padding_mask=batch.padding_mask)  # [B, N, text_dim]
+    return region_logits(regions, texts)
+
+
+@dataclass
+class ImageDetections:
+    """One image's kept (box, class) pairs, as :func:`score_regions` returns them."""
+
+    image_id: int
+    boxes: Tensor  # [N, 4] xyxy, original pixels
+    box_idx: Tensor  # [K]
+    class_idx: Tensor  # [K]
+    scores: Tensor  # [K]
+    masks: list[dict] | None  # N COCO RLEs of the SAM masks, or None
+
+    def results(self, category_ids: Sequence[int], with_masks: bool = False) -> list[dict[str, Any]]:
+        """These detections in COCO/LVIS results format (:func:`detections_to_results`), with each
+        box's SAM mask when ``with_masks``."""
+        masks = self.masks if with_masks else None
+        return detections_to_results(
+            self.image_id, self.boxes, self.box_idx, self.class_idx, self.scores, category_ids, masks
+        )
+
+
+def detect(
+    image_id: int,
+    boxes: Tensor,
+    logits: Tensor,
+    box_scores: Tensor,
+    topk: int = MAX_DETS_PER_IMAGE,
+    masks: list[dict] | None = None,
+) -> ImageDetections:
+    """One image's detections: its N boxes [N, 4] and their logits [N, C] ranked by the scoring
+    rule (:func:`score_regions`; ``box_scores`` [N], 1 for GT boxes, multiply the probabilities)."""
+    box_idx, class_idx, scores = score_regions(logits, box_scores, topk)
+    return ImageDetections(int(image_id), boxes, box_idx, class_idx, scores, masks)
+
+
+def batch_detections(logits: Tensor, batch: RegionBatch, topk: int = MAX_DETS_PER_IMAGE) -> list[ImageDetections]:
+    """:func:`detect` for each image of a collated batch with boxes (``logits`` [B, N, C] of
+    :func:`batch_logits`; padding left out)."""
+    found = []
+    for i, meta in enumerate(batch.meta):
+        keep = batch.valid[i]
+        if keep.any():
+            found.append(
+                detect(
+                    meta["image_id"],
+                    batch.boxes[i][keep],
+                    logits[i][keep],
+                    batch.scores[i][keep],
+                    topk,
+                    meta.get("masks"),
+                )
+            )
+    return found

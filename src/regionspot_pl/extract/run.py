@@ -55,7 +55,8 @@ from ..cache.shards import (
     shard_name,
 )
 from ..cli import Command, ConfigError, from_dict, option, run_command
-from ..data.annotations import ImageRecord, ReadStats, Vocabulary, load_coco
+from ..data.annotations import Vocabulary
+from ..data.records import ImageRecord, ReadStats, load_coco
 from ..errors import RegionSpotError
 from ..utils.io import FolderLock, masks_to_rle
 

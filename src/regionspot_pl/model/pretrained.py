@@ -92,26 +92,20 @@ class HeadFolderMixin(ModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS))
         }
 
     def save_pretrained(
-        self,
-        save_directory: str | Path,
-        *,
-        config: dict[str, Any] | None = None,
-        variant: str | None = None,
-        backbones: dict[str, Any] | None = None,
-        training: dict[str, Any] | None = None,
-        metrics: dict[str, float] | None = None,
-        **hub_kwargs: Any,
+        self, save_directory: str | Path, *, config: dict[str, Any] | None = None, **kwargs: Any
     ) -> str | None:
-        """Write the folder (ModelHubMixin.save_pretrained; ``hub_kwargs``: its ``push_to_hub``,
-        ``repo_id`` ...). ``config``: a whole config.json to write; by default
-        :meth:`folder_config` of the other arguments. The files are replaced if present."""
+        """Write the folder (ModelHubMixin.save_pretrained). ``kwargs``: :meth:`folder_config`'s
+        facts (``variant``, ``backbones``, ``training``, ``metrics``) and the mixin's own
+        (``push_to_hub``, ``repo_id`` ...). ``config``: a whole config.json to write instead of
+        :meth:`folder_config` of the facts. The files are replaced if present."""
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise CheckpointError(f"{folder} is a file; a model folder is written to a directory path")
-        config = self.folder_config(variant, backbones, training, metrics) if config is None else config
+        facts = {key: kwargs.pop(key) for key in ("variant", *_CARD_KEYS) if key in kwargs}
+        config = self.folder_config(**facts) if config is None else config
         check_config(config, folder / CONFIG_NAME, self.config_class)  # never write a folder we would refuse
         self._hub_mixin_config = config  # what _save_pretrained writes, and push_to_hub uploads
-        return super().save_pretrained(folder, config=config, **hub_kwargs)
+        return super().save_pretrained(folder, config=config, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The three files, each atomically (ModelHubMixin then finds config.json and README.md

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 
 from ..cli import check_fields, option
+from ..data.annotations import GroundTruth
+from ..evaluation.inputs import load_ground_truth
 from ..evaluation.metrics import DEFAULT_BACKEND, evaluate_detections
-from ..evaluation.scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
-from ..model.head import HeadConfig, RegionSpotHead, region_logits
+from ..evaluation.scoring import MAX_DETS_PER_IMAGE, batch_detections, batch_logits
+from ..model.head import HeadConfig, RegionSpotHead
 from ..model.loss import region_focal_loss
 from .datamodule import RegionBatch
 
@@ -104,6 +106,7 @@ class RegionSpotModule(L.LightningModule):
         if val_text_embeddings is not None:
             self.register_buffer("val_text", val_text_embeddings.float(), persistent=False)
         self._val_results: list[dict] = []
+        self._val_gt: GroundTruth | None = None
         self._step_clock: float | None = None
 
     def text_for(self, dataset_index: int) -> Tensor:
@@ -111,8 +114,7 @@ class RegionSpotModule(L.LightningModule):
 
     def forward(self, batch: RegionBatch, texts: Tensor) -> Tensor:
         """[B, N, C] logits of each region against a vocabulary."""
-        regions = self.head(batch.sam, batch.clip, padding_mask=batch.padding_mask)
-        return region_logits(regions, texts)
+        return batch_logits(self.head, batch, texts)
 
     def training_step(self, batch: RegionBatch, batch_idx: int) -> Tensor:
         logits = self(batch, self.text_for(batch.dataset_index))
@@ -135,20 +137,10 @@ class RegionSpotModule(L.LightningModule):
         self._val_results = []
 
     def validation_step(self, batch: RegionBatch, batch_idx: int) -> None:
+        """The test's steps (evaluation.scoring): logits, each image's detections, results."""
         logits = self(batch, self.val_text)
-        for i, meta in enumerate(batch.meta):
-            keep = batch.valid[i]
-            if not keep.any():
-                continue
-            box_idx, class_idx, scores = score_regions(logits[i][keep], batch.scores[i][keep], self.hparams.topk)
-            self._val_results += detections_to_results(
-                int(meta["image_id"]),
-                batch.boxes[i][keep].cpu(),
-                box_idx.cpu(),
-                class_idx.cpu(),
-                scores.cpu(),
-                list(self.hparams.val_category_ids),
-            )
+        for detections in batch_detections(logits, batch, self.hparams.topk):
+            self._val_results += detections.results(self.hparams.val_category_ids)
 
     def on_validation_epoch_end(self) -> None:
         if not self.hparams.val_annotations:
@@ -160,10 +152,10 @@ class RegionSpotModule(L.LightningModule):
             results = [r for part in gathered for r in part]
         metrics = None
         if self.trainer.is_global_zero:
+            if self._val_gt is None:  # read and checked once, not at every validation
+                self._val_gt = load_ground_truth(self.hparams.val_annotations)
             metrics = (
-                evaluate_detections(
-                    self.hparams.val_annotations, results, iou_type="bbox", backend=self.hparams.metric_backend
-                )
+                evaluate_detections(self._val_gt, results, iou_type="bbox", backend=self.hparams.metric_backend)
                 if results
                 else {}
             )
