@@ -62,9 +62,7 @@ def load_ground_truth(gt: str | Path | Mapping[str, Any] | GroundTruth) -> Groun
     with gc_paused():
         try:
             return read_ground_truth(gt if isinstance(gt, str | Path) else dict(gt), what="ground truth file")
-        except GroundTruthError:
-            raise
-        except AnnotationError as err:
+        except AnnotationError as err:  # the same message, as the evaluators' error class
             raise GroundTruthError(str(err)) from None
 
 
