@@ -21,7 +21,8 @@ from regionspot_pl.backbones import (
     TEMPLATES,
     TINY_SAM_CONFIG,
     ClipEncoder,
-    SamRegionEncoder,
+    Prompts,
+    SamSegmenter,
     build_sam,
     clip_preprocess,
     load_clip,
@@ -50,8 +51,8 @@ def sam(tiny_backbones):
 
 
 @pytest.fixture(scope="module")
-def region_encoder(sam):
-    return SamRegionEncoder(sam)
+def segmenter(sam):
+    return SamSegmenter(sam)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def _predictor_reference(sam, image, boxes):
     hook = sam.mask_decoder.transformer.register_forward_hook(lambda m, args, out: seen.update(hs=out[0]))
     try:
         predictor.set_image(image)
-        masks, _, _ = predictor.predict_torch(
+        masks, iou, _ = predictor.predict_torch(
             None,
             None,
             boxes=predictor.transform.apply_boxes_torch(boxes, image.shape[:2]),
@@ -86,7 +87,12 @@ def _predictor_reference(sam, image, boxes):
     finally:
         pre.remove()
         hook.remove()
-    return seen["x"][0], predictor.features[0], seen["hs"][:, 1], masks[:, 0]
+    return seen["x"][0], predictor.features[0], seen["hs"][:, 1], masks[:, 0], iou[:, 0]
+
+
+def _decode_one(segmenter, embedding, prompts, image_size, **kwargs):
+    """``SamSegmenter.decode`` for one image: [256, h, w] embedding, one Prompts."""
+    return segmenter.decode(embedding[None], [prompts], [image_size], **kwargs)[0]
 
 
 # --------------------------------------------------------------------------------------- SAM
@@ -103,68 +109,82 @@ def test_build_vit_b_through_segment_anything():
     # random weights (~0.5 s): the official builder's architecture, frozen, 1024 input
     sam = build_sam("vit_b", None)
     assert not sam.training and all(not p.requires_grad for p in sam.parameters())
-    assert SamRegionEncoder(sam).img_size == 1024
+    assert SamSegmenter(sam).image_size == 1024
     assert len(sam.image_encoder.blocks) == 12
 
 
-def test_region_encoder_matches_sam_predictor(region_encoder, sam, image):
-    ref_input, ref_embedding, ref_tokens, ref_masks = _predictor_reference(sam, image, BOXES)
+def test_segmenter_matches_sam_predictor(segmenter, sam, image):
+    ref_input, ref_embedding, ref_tokens, ref_masks, ref_iou = _predictor_reference(sam, image, BOXES)
 
-    x = region_encoder.preprocess(image)
+    x = segmenter.transform(image)
     assert x.shape == (3, 512, 512) and x.dtype == torch.float32
     torch.testing.assert_close(x, ref_input, rtol=0, atol=0)
 
-    embedding = region_encoder.encode_images(x[None])
+    embedding = segmenter.encode_images(x[None])
     assert embedding.shape == (1, 256, 32, 32)
     torch.testing.assert_close(embedding[0], ref_embedding)
 
-    tokens, masks = region_encoder.encode_boxes(embedding[0], BOXES, IMAGE_HW)
-    assert tokens.shape == (4, 256) and tokens.dtype == torch.float32
-    assert masks.shape == (4, *IMAGE_HW) and masks.dtype == torch.bool
-    torch.testing.assert_close(tokens, ref_tokens)
-    assert torch.equal(masks, ref_masks)
-    assert masks.any()  # the comparison is not vacuous
+    decoded = _decode_one(segmenter, embedding[0], Prompts(boxes=BOXES), IMAGE_HW)
+    assert decoded.tokens.shape == (4, 256) and decoded.tokens.dtype == torch.float32
+    assert decoded.masks.shape == (4, *IMAGE_HW) and decoded.masks.dtype == torch.bool
+    assert decoded.iou.shape == (4,) and decoded.iou.dtype == torch.float32
+    torch.testing.assert_close(decoded.tokens, ref_tokens)
+    assert torch.equal(decoded.masks, ref_masks)
+    assert decoded.masks.any()  # the comparison is not vacuous
+    torch.testing.assert_close(decoded.iou, ref_iou)
 
 
-def test_encode_images_batched_equals_single(region_encoder, image):
+def test_encode_images_batched_equals_single(segmenter, image):
     other = np.ascontiguousarray(image[::-1])
-    batch = torch.stack([region_encoder.preprocess(image), region_encoder.preprocess(other)])
-    both = region_encoder.encode_images(batch)
-    torch.testing.assert_close(both[1:], region_encoder.encode_images(batch[1:]))
+    batch = torch.stack([segmenter.transform(image), segmenter.transform(other)])
+    both = segmenter.encode_images(batch)
+    torch.testing.assert_close(both[1:], segmenter.encode_images(batch[1:]))
 
 
-def test_encode_boxes_one_decoder_call_and_chunks(region_encoder, sam, image):
-    embedding = region_encoder.encode_images(region_encoder.preprocess(image)[None])[0]
+def test_decode_one_decoder_call_and_chunks(segmenter, sam, image):
+    embedding = segmenter.encode_images(segmenter.transform(image)[None])[0]
     calls = []
     hook = sam.mask_decoder.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        tokens, masks = region_encoder.encode_boxes(embedding, BOXES, IMAGE_HW)
+        whole = _decode_one(segmenter, embedding, Prompts(boxes=BOXES), IMAGE_HW)
         assert len(calls) == 1  # all boxes batched, no python loop over boxes
-        chunked = region_encoder.encode_boxes(embedding, BOXES, IMAGE_HW, chunk_size=3)
+        chunked = _decode_one(segmenter, embedding, Prompts(boxes=BOXES), IMAGE_HW, max_prompts_per_call=3)
         assert len(calls) == 3
     finally:
         hook.remove()
-    torch.testing.assert_close(chunked[0], tokens)
-    assert torch.equal(chunked[1], masks)
+    torch.testing.assert_close(chunked.tokens, whole.tokens)
+    assert torch.equal(chunked.masks, whole.masks)
+    torch.testing.assert_close(chunked.iou, whole.iou)
+    without = _decode_one(segmenter, embedding, Prompts(boxes=BOXES), IMAGE_HW, with_masks=False)
+    assert without.masks is None
+    torch.testing.assert_close(without.tokens, whole.tokens, rtol=0, atol=0)
 
 
-def test_encode_boxes_no_boxes(region_encoder, image):
-    embedding = region_encoder.encode_images(region_encoder.preprocess(image)[None])[0]
-    tokens, masks = region_encoder.encode_boxes(embedding, torch.zeros(0, 4), IMAGE_HW)
-    assert tokens.shape == (0, 256) and tokens.dtype == torch.float32
-    assert masks.shape == (0, *IMAGE_HW) and masks.dtype == torch.bool
+def test_decode_no_boxes(segmenter, image):
+    embedding = segmenter.encode_images(segmenter.transform(image)[None])[0]
+    decoded = _decode_one(segmenter, embedding, Prompts(boxes=torch.zeros(0, 4)), IMAGE_HW)
+    assert decoded.tokens.shape == (0, 256) and decoded.tokens.dtype == torch.float32
+    assert decoded.masks.shape == (0, *IMAGE_HW) and decoded.masks.dtype == torch.bool
+    assert decoded.iou.shape == (0,)
+    multi = _decode_one(segmenter, embedding, Prompts(boxes=torch.zeros(0, 4)), IMAGE_HW, multimask_output=True)
+    assert multi.tokens.shape == (0, 3, 256) and multi.masks.shape == (0, 3, *IMAGE_HW) and multi.iou.shape == (0, 3)
 
 
-def test_region_encoder_rejects_bad_input(region_encoder, image):
+def test_segmenter_rejects_bad_input(segmenter, image):
     with pytest.raises(ValueError, match="uint8"):
-        region_encoder.preprocess(image.astype(np.float32))
+        segmenter.transform(image.astype(np.float32))
     with pytest.raises(ValueError, match="HxWx3"):
-        region_encoder.preprocess(image[..., 0])
+        segmenter.transform(image[..., 0])
     with pytest.raises(ValueError, match=r"\[B, 3, 512, 512\]"):
-        region_encoder.encode_images(torch.zeros(1, 3, 256, 256))
-    embedding = torch.zeros(256, 32, 32)
+        segmenter.encode_images(torch.zeros(1, 3, 256, 256))
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
-        region_encoder.encode_boxes(embedding, torch.zeros(3, 2), IMAGE_HW)
+        Prompts(boxes=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"point_labels must be \[N, K\]"):
+        Prompts(point_coords=torch.zeros(3, 2, 2), point_labels=torch.ones(3, 1))
+    embeddings = torch.zeros(2, 256, 32, 32)
+    boxes, points = Prompts(boxes=BOXES), Prompts(point_coords=torch.ones(4, 1, 2), point_labels=torch.ones(4, 1))
+    with pytest.raises(ValueError, match="must be alike"):
+        segmenter.decode(embeddings, [boxes, points], [IMAGE_HW, IMAGE_HW])
 
 
 def test_missing_checkpoint_names_official_file_and_flag(tmp_path):
@@ -237,8 +257,10 @@ def test_clip_preprocess_matches_manual():
 
 
 def test_clip_feature_map_matches_hf(clip, tiny_backbones, image):
-    assert (clip.vision_dim, clip.text_dim, clip.image_size, clip.num_tokens) == (128, 64, 224, 197)
+    assert (clip.vision_dim, clip.text_dim, clip.image_size, clip.num_tokens, clip.grid) == (128, 64, 224, 197, 14)
+    assert clip.logit_scale == pytest.approx(float(clip.model.logit_scale.exp()))
     pixels = torch.stack([clip_preprocess(torch.from_numpy(image).permute(2, 0, 1), 224)] * 2)
+    torch.testing.assert_close(clip.preprocess(torch.from_numpy(image).permute(2, 0, 1)), pixels[0], rtol=0, atol=0)
     pixels[1] = pixels[1].flip(-1)
     features = clip.feature_map(pixels)
     assert features.shape == (2, 197, 128)
@@ -356,8 +378,8 @@ def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
 
 
-def test_encode_boxes_batch_equals_the_per_image_path(region_encoder):
-    """All boxes of several images in few decoder calls give each image's encode_boxes."""
+def test_decode_of_several_images_equals_the_per_image_path(segmenter):
+    """All boxes of several images in few decoder calls give each image's own decode."""
     gen = torch.Generator().manual_seed(0)
     sizes = [(300, 400), (512, 384), (200, 510)]
     embeddings = torch.randn(3, 256, 32, 32, generator=gen)
@@ -365,15 +387,17 @@ def test_encode_boxes_batch_equals_the_per_image_path(region_encoder):
     for (h, w), n in zip(sizes, (5, 0, 7)):
         xy = torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])
         boxes.append(torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])], 1))
+    prompts = [Prompts(boxes=b) for b in boxes]
     for per_call in (256, 4):  # one call for all 12 boxes; calls that straddle images
-        batched = region_encoder.encode_boxes_batch(embeddings, boxes, sizes, max_boxes_per_call=per_call)
-        for i, (tokens, masks) in enumerate(batched):
-            expected_tokens, expected_masks = region_encoder.encode_boxes(embeddings[i], boxes[i], sizes[i])
-            torch.testing.assert_close(tokens, expected_tokens, rtol=1e-5, atol=1e-5)
-            assert masks.shape == expected_masks.shape == (len(boxes[i]), *sizes[i])
-            assert (masks != expected_masks).sum() <= 1e-4 * masks.numel()  # float rounding at 0
+        batched = segmenter.decode(embeddings, prompts, sizes, max_prompts_per_call=per_call)
+        for i, decoded in enumerate(batched):
+            expected = _decode_one(segmenter, embeddings[i], prompts[i], sizes[i])
+            torch.testing.assert_close(decoded.tokens, expected.tokens, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(decoded.iou, expected.iou, rtol=1e-5, atol=1e-5)
+            assert decoded.masks.shape == expected.masks.shape == (len(boxes[i]), *sizes[i])
+            assert (decoded.masks != expected.masks).sum() <= 1e-4 * decoded.masks.numel()  # float rounding at 0
     with pytest.raises(ValueError, match="one of each per image"):
-        region_encoder.encode_boxes_batch(embeddings, boxes[:2], sizes)
+        segmenter.decode(embeddings, prompts[:2], sizes)
 
 
 def test_one_reading_of_device():

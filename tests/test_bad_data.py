@@ -368,7 +368,7 @@ def test_05_images_of_any_pillow_mode_reach_the_encoders_with_their_pixels(tmp_p
     sam = SamTransform(64, torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375]))
     item = ImageFeaturesInput([(0, rec)], str(tmp_path), sam)[0]
     assert "error" not in item, item.get("error")
-    clip = item["clip_image"].float()
+    clip = item["input"].vlm_image.float()
     assert clip.shape[0] == 3 and clip.min() < 20 and clip.max() > 230  # the ramp, not white
     assert (clip[0, :, -1].mean() - clip[0, :, 0].mean()) > 200
 

@@ -58,7 +58,7 @@ def test_settings_are_the_generators_parameters_with_its_defaults():
 
 def test_regions_are_the_generators_masks(setup):
     predictor, image = setup["predictor"], setup["image"]
-    regions = name_everything(predictor, image, VOCAB, SETTINGS.build(predictor.sam.sam))
+    regions = name_everything(predictor, image, VOCAB, SETTINGS.build(predictor.encoder.segmenter.sam))
     # the generator run independently, on its own SAM read from the same checkpoint
     sam = build_sam("tiny", setup["backbones"]["sam_checkpoint"])
     records = SamAutomaticMaskGenerator(sam, **vars(SETTINGS)).generate(image)
@@ -79,7 +79,7 @@ def test_regions_are_the_generators_masks(setup):
 
 def test_score_threshold_drops_regions(setup):
     predictor, image = setup["predictor"], setup["image"]
-    generator = SETTINGS.build(predictor.sam.sam)
+    generator = SETTINGS.build(predictor.encoder.segmenter.sam)
     every = name_everything(predictor, image, VOCAB, generator)
     # most masks of the random SAM cover the whole image, so most scores are equal: cut
     # between the two highest distinct scores

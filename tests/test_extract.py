@@ -35,6 +35,7 @@ from regionspot_pl.extract.run import (
     ExtractError,
     FeatureExtractor,
     ImageFeaturesInput,
+    load_extractor,
     main,
     run_extraction,
 )
@@ -133,11 +134,11 @@ def test_compiled_extractor_gives_the_eager_results(demo_shards, demo_data, tiny
     """--compile (torch.compile of SAM's decoder and both encoders) changes speed, not results:
     the same tokens up to float rounding and the same masks but for pixels at the threshold."""
     cfg = _config(demo_data, tiny_backbones, tmp_path / "c", split="val", compile=True, precision="fp32")
-    extractor = FeatureExtractor(cfg)
-    assert hasattr(extractor.sam.sam.mask_decoder, "_orig_mod")  # torch.compile's wrapper
+    extractor = load_extractor(cfg)
+    assert hasattr(extractor.encoder.segmenter.sam.mask_decoder, "_orig_mod")  # torch.compile's wrapper
     records, _, _ = load_coco(demo_data["val_json"])
     records = sorted(records, key=lambda r: -len(r.boxes))[:3]  # different box counts: dynamic shapes
-    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform)
+    dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.encoder.segmenter.transform)
     compiled = [decode_sample(s) for s in extractor([dataset[i] for i in range(len(records))], "demo_val")]
     eager = _samples(demo_shards["val"])
     assert len({len(r.boxes) for r in records}) > 1

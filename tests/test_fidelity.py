@@ -386,7 +386,8 @@ def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path
     padding happen on the device and give SamPredictor's input."""
     from segment_anything import SamPredictor
 
-    from regionspot_pl.extract.run import FeatureExtractor, ImageFeaturesInput
+    from regionspot_pl.extract.features import ImageFeaturesInput
+    from regionspot_pl.extract.run import load_extractor
 
     cfg = ExtractConfig(
         images=str(demo_data["val_images"]),
@@ -397,14 +398,16 @@ def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path
         clip_model=str(tiny_backbones["clip_dir"]),
         workers=0,
     )
-    extractor = FeatureExtractor(cfg)
+    extractor = load_extractor(cfg)
     records, _, _ = load_coco(demo_data["val_json"])
-    item = ImageFeaturesInput([(0, records[0])], cfg.images, extractor.sam.transform)[0]
-    assert item["sam_image"].dtype == item["clip_image"].dtype == torch.uint8
-    resized = item["clip_image"].permute(1, 2, 0).numpy()
-    assert tuple(item["resized_size"]) == resized.shape[:2] == resized_shape(records[0].height, records[0].width)
-    predictor = SamPredictor(extractor.sam.sam)
-    expected = extractor.sam.sam.preprocess(
+    encoder = extractor.encoder
+    inputs = ImageFeaturesInput([(0, records[0])], cfg.images, encoder.segmenter.transform)[0]["input"]
+    assert inputs.segmenter_image.dtype == inputs.vlm_image.dtype == torch.uint8
+    resized = inputs.vlm_image.permute(1, 2, 0).numpy()
+    assert inputs.resized_size == resized.shape[:2] == resized_shape(records[0].height, records[0].width)
+    assert inputs.original_size == (records[0].height, records[0].width)
+    predictor = SamPredictor(encoder.segmenter.sam)
+    expected = encoder.segmenter.sam.preprocess(
         torch.as_tensor(predictor.transform.apply_image(resized)).permute(2, 0, 1)[None].float()
     )
-    torch.testing.assert_close(extractor.sam.prepare([item["sam_image"]]), expected)
+    torch.testing.assert_close(encoder.segmenter_batch([inputs]), expected)

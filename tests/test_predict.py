@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from regionspot_pl.backbones.clip import ClipEncoder, text_embeddings
-from regionspot_pl.backbones.sam import SamRegionEncoder
+from regionspot_pl.backbones.sam_segmenter import SamSegmenter
 from regionspot_pl.cache.manifest import Manifest
 from regionspot_pl.cache.shards import iter_samples, list_shards
 from regionspot_pl.demo.scenes import generate_demo_dataset
@@ -66,7 +66,7 @@ def _image_path(setup: dict, sample: dict) -> Path:
 def test_scores_equal_cached_batch_path(setup):
     predictor: Predictor = setup["predictor"]
     names = setup["names"]
-    texts = text_embeddings(predictor.clip, names, setup["text_cache"], setup["clip_id"])
+    texts = text_embeddings(predictor.encoder.vlm, names, setup["text_cache"], setup["clip_id"])
     samples = list(iter_samples(setup["shards"]))
     assert len(samples) == NUM_IMAGES
     for sample in samples:
@@ -93,7 +93,7 @@ def test_scores_equal_cached_batch_path(setup):
 def test_image_features_computed_once(setup, monkeypatch):
     predictor: Predictor = setup["predictor"]
     calls = {"sam": 0, "clip": 0}
-    encode_images, feature_map = SamRegionEncoder.encode_images, ClipEncoder.feature_map
+    encode_images, feature_map = SamSegmenter.encode_images, ClipEncoder.feature_map
 
     def counting_sam(self, batch):
         calls["sam"] += 1
@@ -103,7 +103,7 @@ def test_image_features_computed_once(setup, monkeypatch):
         calls["clip"] += 1
         return feature_map(self, pixels)
 
-    monkeypatch.setattr(SamRegionEncoder, "encode_images", counting_sam)
+    monkeypatch.setattr(SamSegmenter, "encode_images", counting_sam)
     monkeypatch.setattr(ClipEncoder, "feature_map", counting_clip)
     sample = next(iter(iter_samples(setup["shards"])))
     predictor.set_image(Image.open(_image_path(setup, sample)))
@@ -119,7 +119,7 @@ def test_attention_maps(setup):
     sample = next(iter(iter_samples(setup["shards"])))
     predictor.set_image(np.array(Image.open(_image_path(setup, sample)).convert("RGB")))
     maps = predictor.attention_maps(sample["boxes"])
-    n, t = len(sample["boxes"]), predictor.clip.num_tokens
+    n, t = len(sample["boxes"]), predictor.encoder.vlm.num_tokens
     assert maps.shape == (n, t) and t == 1 + predictor.clip_grid**2
     torch.testing.assert_close(maps.sum(-1), torch.ones(n), atol=1e-5, rtol=0)
     assert (maps >= 0).all()

@@ -15,7 +15,8 @@ from regionspot_pl.backbones.clip import text_embeddings
 from regionspot_pl.backbones.image import masks_to_original, resize_for_backbones
 from regionspot_pl.model import RegionSpotHead, region_logits, save_pretrained
 from regionspot_pl.predict.cli import main, parse_points
-from regionspot_pl.predict.predictor import Predictor, region_prompts
+from regionspot_pl.predict.predictor import Predictor
+from regionspot_pl.predict.prompts import region_prompts
 
 VOCAB = ["red circle", "blue square", "green triangle", "background"]
 HW = (150, 220)  # non-square, so that x and y scale differently into the resized image
@@ -53,7 +54,7 @@ def sam_reference(predictor: Predictor, image: np.ndarray, multimask: bool = Fal
     one region's prompt scaled into it: (hs [T, 256], masks at the original size, iou)."""
     resized = resize_for_backbones(image)
     (height, width), (h, w) = image.shape[:2], resized.shape[:2]
-    reference = SamPredictor(predictor.sam.sam)
+    reference = SamPredictor(predictor.encoder.segmenter.sam)
     reference.set_image(resized)
     scaled = {}
     if "point_coords" in prompt:
@@ -62,7 +63,7 @@ def sam_reference(predictor: Predictor, image: np.ndarray, multimask: bool = Fal
     if "box" in prompt:
         scaled["box"] = np.asarray(prompt["box"], float) * [w / width, h / height, w / width, h / height]
     captured = []
-    transformer = predictor.sam.sam.mask_decoder.transformer
+    transformer = predictor.encoder.segmenter.sam.mask_decoder.transformer
     hook = transformer.register_forward_hook(lambda m, i, o: captured.append(o[0]))
     try:
         masks, iou, _ = reference.predict(**scaled, multimask_output=multimask)
@@ -137,7 +138,7 @@ def test_multimask_names_the_three_sam_masks(setup):
     assert tokens.shape == (2, 3, 256) and masks.shape == (2, 3, *HW) and iou.shape == (2, 3)
     results = predictor.predict(vocabulary=VOCAB, topk=len(VOCAB), point_coords=coords,
                                 point_labels=labels, multimask_output=True)  # fmt: skip
-    texts = text_embeddings(predictor.clip, VOCAB, predictor.text_cache, predictor.clip_id)
+    texts = text_embeddings(predictor.encoder.vlm, VOCAB, predictor.text_cache, predictor.clip_id)
     for r in range(2):
         hs, ref_masks, ref_iou = sam_reference(
             predictor, image, multimask=True, point_coords=coords[r], point_labels=labels[r]
@@ -150,7 +151,7 @@ def test_multimask_names_the_three_sam_masks(setup):
     # candidate j of every region is named by one head pass over the N tokens of index j
     for j in range(3):
         with torch.no_grad():
-            emb = predictor.head(tokens[:, j][None], predictor._clip_tokens[None])[0]
+            emb = predictor.head(tokens[:, j][None], predictor._features.image_tokens.float()[None])[0]
         probs = region_logits(emb, texts).softmax(-1)
         for r in range(2):
             got = [results[r]["scores"][j][results[r]["labels"][j].index(n)] for n in VOCAB]
@@ -180,7 +181,7 @@ def test_region_embeddings_are_the_predictors_embeddings(setup):
     emb = predictor.region_embeddings(boxes, point_coords=coords, point_labels=labels)
     assert emb.shape == (2, 64) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
-    texts = text_embeddings(predictor.clip, VOCAB, predictor.text_cache, predictor.clip_id)
+    texts = text_embeddings(predictor.encoder.vlm, VOCAB, predictor.text_cache, predictor.clip_id)
     probs = (100 * emb @ torch.nn.functional.normalize(texts, dim=-1).T).softmax(-1)
     results = predictor.predict(boxes, VOCAB, topk=len(VOCAB), point_coords=coords,
                                 point_labels=labels)  # fmt: skip
@@ -214,7 +215,7 @@ def test_bad_prompts_are_refused_with_what_is_wrong(setup):
     with pytest.raises(ValueError, match="vocabulary is empty"):
         predictor.predict(point_coords=[[[10, 10]]], vocabulary=[])
     assert predictor.predict(vocabulary=VOCAB) == []  # no regions, no work
-    fresh = Predictor(predictor.head, predictor.sam, predictor.clip, predictor.clip_id)
+    fresh = Predictor(predictor.head, predictor.encoder, predictor.clip_id)
     with pytest.raises(RuntimeError, match="no image set"):
         fresh.region_embeddings(point_coords=[[[1, 1]]])
 

@@ -77,12 +77,18 @@ def load_clip(model_dir: str | Path) -> tuple[CLIPModel, transformers.PreTrained
     return model, tokenizer
 
 
-def clip_preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
-    """[3, H, W] uint8 (or float in [0, 1]) -> [3, size, size] CLIP-normalized float32.
+def clip_preprocess(
+    image: torch.Tensor,
+    size: int,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """[3, H, W] uint8 (or float in [0, 1]) -> [3, size, size] normalized float32.
 
     The whole image is resized to a square (no crop, aspect ratio not kept) with torchvision's
     tensor ``resize``, bilinear and WITHOUT antialiasing: what the reference ran (torchvision
-    < 0.17 did not antialias tensors). Runs on the input's device.
+    < 0.17 did not antialias tensors); then ``(x - mean) / std`` per channel (CLIP's by
+    default). Runs on the input's device.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
@@ -91,9 +97,9 @@ def clip_preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
         )
     x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
     x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean_t) / std_t
 
 
 def clean_class_name(name: str) -> str:
@@ -112,13 +118,16 @@ def _pooled(output: torch.Tensor | object) -> torch.Tensor:
 
 
 class ClipEncoder(nn.Module):
-    """Frozen CLIP: vision feature map, L2-normalized text and image embeddings.
+    """Frozen Hugging Face CLIP as a :class:`~regionspot_pl.backbones.interfaces.VisionLanguageModel`:
+    vision feature map, L2-normalized text and image embeddings.
 
     Attributes:
         vision_dim: vision transformer width (768 for ViT-B/16, 1024 for ViT-L/14).
         text_dim: joint embedding dim (``projection_dim``; 512 for B/16, 768 for L/14).
         image_size: square input side of the vision model.
-        num_tokens: 1 + (image_size / patch_size)^2, class token included.
+        grid: side of the patch grid (image_size / patch_size).
+        num_tokens: 1 + grid^2, class token included.
+        mean, std: CLIP's pixel normalisation (of pixels in [0, 1]).
     """
 
     def __init__(self, model: CLIPModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
@@ -129,11 +138,26 @@ class ClipEncoder(nn.Module):
         self.vision_dim: int = int(vision.hidden_size)
         self.text_dim: int = int(model.config.projection_dim)
         self.image_size: int = int(vision.image_size)
-        self.num_tokens: int = 1 + (self.image_size // int(vision.patch_size)) ** 2
+        self.grid: int = self.image_size // int(vision.patch_size)
+        self.num_tokens: int = 1 + self.grid**2
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
 
     @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of CLIP's learnt log temperature (100 for the released models)."""
+        return float(self.model.logit_scale.detach().exp())
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] uint8 -> [3, image_size, image_size] float32 (``clip_preprocess``), on the image's device."""
+        return clip_preprocess(image, self.image_size, self.mean, self.std)
+
+    def compile(self) -> None:
+        """torch.compile the vision tower in place (same results up to float rounding)."""
+        self.model.vision_model = torch.compile(self.model.vision_model)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)

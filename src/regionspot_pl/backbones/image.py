@@ -3,12 +3,13 @@
 1. Read as detectron2 reads: EXIF orientation applied, RGB, uint8 (``read_image``).
 2. Resize with detectron2's test transform ``ResizeShortestEdge(800, max_size=1333)``: PIL
    bilinear, its rounding (``resized_shape``, ``resize_for_backbones``).
-3. SAM and CLIP both take that resized image; boxes are scaled into it (``scale_boxes``) and
-   SAM's masks, thresholded at the resized size, come back to the original size by
-   nearest-neighbour upsampling (``masks_to_original``).
+3. SAM and CLIP both take that resized image; boxes and points are scaled into it
+   (``scale_boxes``, ``scale_points``) and SAM's masks, thresholded at the resized size, come
+   back to the original size by nearest-neighbour upsampling (``masks_to_original``).
 
-Extraction, ``test`` and the predictor all go through here, so one image gives the same
-features whichever command computed them. Boxes stay in original pixels everywhere else.
+:class:`~regionspot_pl.backbones.encoder.RegionEncoder` runs these steps for extraction and the
+predictor, so one image gives the same features whichever command computed them. Boxes stay in
+original pixels everywhere else.
 """
 
 from __future__ import annotations
@@ -153,6 +154,14 @@ def scale_boxes(boxes: Tensor, original_size: tuple[int, int], resized_size: tup
     (height, width), (new_h, new_w) = original_size, resized_size
     factors = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height], dtype=torch.float64)
     return (boxes.to(torch.float64) * factors.to(boxes.device)).to(torch.float32)
+
+
+def scale_points(points: Tensor, original_size: tuple[int, int], resized_size: tuple[int, int]) -> Tensor:
+    """[..., 2] x, y in original pixels -> the resized image's pixels, scaled by (w / W, h / H)
+    as ``scale_boxes`` scales box corners."""
+    (height, width), (new_h, new_w) = original_size, resized_size
+    factors = torch.tensor([new_w / width, new_h / height], dtype=torch.float64)
+    return (points.to(torch.float64) * factors.to(points.device)).to(torch.float32)
 
 
 def masks_to_original(masks: Tensor, original_size: tuple[int, int]) -> Tensor:

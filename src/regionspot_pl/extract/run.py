@@ -28,28 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backbones.clip import ClipEncoder, clip_preprocess, load_clip, model_identity, text_embeddings
-from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, autocast_for, resolve_device, resolved_precision
-from ..backbones.image import (
-    ImageReadError,
-    ImageSizeError,
-    masks_to_original,
-    read_image,
-    resize_for_backbones,
-    resolve_image_path,
-    scale_boxes,
-)
-from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, SamRegionEncoder, SamTransform, build_sam
+from ..backbones.clip import ClipEncoder, load_clip, model_identity, text_embeddings
+from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device, resolved_precision
+from ..backbones.encoder import RegionEncoder
+from ..backbones.image import ImageReadError, resolve_image_path
+from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, build_sam
+from ..backbones.sam_segmenter import SamSegmenter
 from ..cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone
 from ..cache.shards import (
     AtomicShardWriter,
     ShardFormatError,
-    encode_sample,
     read_sidecar,
     shard_counts,
     shard_name,
@@ -58,7 +49,8 @@ from ..cli import Command, ConfigError, from_dict, option, run_command
 from ..data.annotations import Vocabulary
 from ..data.records import ImageRecord, ReadStats, load_coco
 from ..errors import RegionSpotError
-from ..utils.io import FolderLock, masks_to_rle
+from ..utils.io import FolderLock
+from .features import FeatureExtractor, ImageFeaturesInput
 
 log = logging.getLogger("regionspot_pl.extract")
 PROG = "python -m regionspot_pl.extract"
@@ -184,47 +176,6 @@ def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()[:16]
 
 
-class ImageFeaturesInput(Dataset):
-    """Decodes and resizes images for both encoders, inside DataLoader workers.
-
-    The image path of :mod:`regionspot_pl.backbones.image`: read (EXIF applied), detectron2's
-    test resize, then SAM's longest-side resize; both images stay uint8 so they cross to the
-    device at a quarter of float32's bytes and are normalized there. Holds only plain data and
-    SAM's weight-free transform, so it is cheap to send to workers.
-    """
-
-    def __init__(self, records: list[tuple[int, ImageRecord]], image_dir: str, sam_transform: SamTransform):
-        self.records = records
-        self.image_dir = Path(image_dir)
-        self.sam_transform = sam_transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        shard, rec = self.records[i]
-        item = {"shard": shard, "record": rec}
-        try:  # missing, truncated or wrong size: logged and counted by reason, not fatal
-            item["reason"] = "outside_images"  # a symlink leading out (names with '..' never get here)
-            path = resolve_image_path(self.image_dir, rec.file_name)
-            item["reason"] = "missing"
-            if not path.is_file():
-                raise ImageReadError(f"image file not found: {path}")
-            item["reason"] = "undecodable"
-            image, item["raw_orientation"] = read_image(path, (rec.height, rec.width))
-        except ImageReadError as err:
-            item["error"] = str(err)
-            if isinstance(err, ImageSizeError):
-                item["reason"] = "size_mismatch"
-            return item
-        del item["reason"]
-        resized = resize_for_backbones(image)
-        item["resized_size"] = resized.shape[:2]
-        item["sam_image"] = self.sam_transform.resize(resized)
-        item["clip_image"] = torch.from_numpy(resized).permute(2, 0, 1)
-        return item
-
-
 def _collate(items: list[dict]) -> list[dict]:
     return items
 
@@ -235,87 +186,22 @@ def plan_shards(records: list[ImageRecord], rank: int, world_size: int, shard_si
     return [mine[i : i + shard_size] for i in range(0, len(mine), shard_size)]
 
 
-class FeatureExtractor:
-    """Frozen SAM + CLIP on a device; turns a batch of prepared images into shard samples."""
-
-    def __init__(self, cfg: ExtractConfig) -> None:
-        self.device = torch.device(cfg.device)
-        self.precision = cfg.precision
-        self.with_masks = cfg.masks
-        self.sam = SamRegionEncoder(build_sam(cfg.sam_type, cfg.sam_checkpoint)).to(self.device)
-        clip_model, tokenizer = load_clip(cfg.clip_model)
-        self.clip = ClipEncoder(clip_model, tokenizer).to(self.device)
-        if cfg.clip_size is not None and cfg.clip_size != self.clip.image_size:
-            raise ExtractError(
-                f"--clip-size {cfg.clip_size} does not match the CLIP model in {cfg.clip_model}, "
-                f"which takes {self.clip.image_size}x{self.clip.image_size} input; pass --clip-size "
-                f"{self.clip.image_size} or a CLIP model of that size"
-            )
-        if cfg.compile:
-            self._compile()
-
-    def _compile(self) -> None:
-        """torch.compile SAM's mask decoder (dynamic shapes: the box count varies per image) and
-        both image encoders. The decoder runs once per box, and most of its time goes to small
-        elementwise operations (adds, copies, softmax, LayerNorm) that compiling fuses; outputs
-        equal eager up to float rounding (tests/test_extract.py). The modules are replaced in
-        place, so SAM's own code (and the region-token hook on the decoder's transformer) runs
-        unchanged inside the compiled graph."""
-        sam = self.sam.sam
-        sam.mask_decoder = torch.compile(sam.mask_decoder, dynamic=True)
-        sam.image_encoder = torch.compile(sam.image_encoder)
-        self.clip.model.vision_model = torch.compile(self.clip.model.vision_model)
-
-    @torch.inference_mode()
-    def encode(self, items: list[dict]) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
-        """Prepared items -> per image (SAM tokens [N, 256] float32, CLIP tokens [T, D] float16,
-        masks [N, H, W] bool at the original size, or None when masks are not stored), in order."""
-        sam_in = self.sam.prepare([it["sam_image"] for it in items])
-        clip_in = torch.stack(
-            [clip_preprocess(it["clip_image"].to(self.device, non_blocking=True), self.clip.image_size) for it in items]
+def load_extractor(cfg: ExtractConfig) -> FeatureExtractor:
+    """SAM and CLIP of ``cfg`` on its device at its precision (compiled with ``--compile``), as
+    the extractor of its shards; ``--clip-size`` must be the CLIP model's input size."""
+    segmenter = SamSegmenter(build_sam(cfg.sam_type, cfg.sam_checkpoint))
+    clip = ClipEncoder(*load_clip(cfg.clip_model))
+    if cfg.clip_size is not None and cfg.clip_size != clip.image_size:
+        raise ExtractError(
+            f"--clip-size {cfg.clip_size} does not match the CLIP model in {cfg.clip_model}, "
+            f"which takes {clip.image_size}x{clip.image_size} input; pass --clip-size "
+            f"{clip.image_size} or a CLIP model of that size"
         )
-        out = []
-        with autocast_for(self.device, self.precision):
-            # On a CPU a batch only adds memory traffic to SAM's ViT, whose matmuls already use
-            # every core one image at a time; on a GPU the batch is what fills the device
-            # (docs/benchmarks.md).
-            per_call = 1 if self.device.type == "cpu" else len(sam_in)
-            embeddings = torch.cat([self.sam.encode_images(chunk) for chunk in sam_in.split(per_call)])
-            clip_tokens = self.clip.feature_map(clip_in).half().cpu().numpy()
-            sizes = [tuple(it["resized_size"]) for it in items]
-            boxes = [
-                scale_boxes(
-                    torch.from_numpy(it["record"].boxes).to(self.device),
-                    (it["record"].height, it["record"].width),
-                    size,
-                )
-                for it, size in zip(items, sizes)
-            ]
-            # all boxes of the batch through SAM's decoder together: one call per image would
-            # leave a GPU waiting on launches (equal results, tests/test_backbones.py)
-            decoded = self.sam.encode_boxes_batch(embeddings, boxes, sizes)
-            for it, clip_row, (tokens, masks) in zip(items, clip_tokens, decoded):
-                rec: ImageRecord = it["record"]
-                # masks are upsampled only where they are stored (evaluation splits)
-                full = masks_to_original(masks, (rec.height, rec.width)) if self.with_masks else None
-                out.append((tokens.float().cpu().numpy(), clip_row, full))
-        return out
-
-    def __call__(self, items: list[dict], dataset: str) -> list[dict]:
-        """Prepared items (no errors) -> encoded webdataset samples, in the same order."""
-        return self.samples(items, self.encode(items), dataset)
-
-    def samples(self, items: list[dict], encoded: list[tuple], dataset: str) -> list[dict]:
-        """``encode``'s output -> webdataset samples (mask RLE, serialising): host work only, so
-        it can run beside the next batch's device work."""
-        samples = []
-        for it, (tokens, clip_tokens, masks) in zip(items, encoded):
-            rec: ImageRecord = it["record"]
-            meta = {"file_name": rec.file_name, "width": rec.width, "height": rec.height, "dataset": dataset}
-            if self.with_masks:
-                meta["masks"] = masks_to_rle(masks)
-            samples.append(encode_sample(rec.image_id, tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, meta))
-        return samples
+    encoder = RegionEncoder(segmenter, clip, cfg.device, cfg.precision)
+    if cfg.compile:
+        # SAM's decoder runs once per box: compiling fuses its many small operations
+        encoder.compile()
+    return FeatureExtractor(encoder, cfg.masks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,14 +314,14 @@ def _checked(cfg: ExtractConfig) -> tuple[ExtractConfig, list[list[ImageRecord]]
 
 
 def _manifest(cfg: ExtractConfig, vocab: Vocabulary, extractor: FeatureExtractor, read_stats: ReadStats) -> Manifest:
-    clip = extractor.clip
+    clip = extractor.encoder.vlm
     return Manifest(
         vocabulary=vocab,
         sam=SamBackbone(
             type=cfg.sam_type,
             checkpoint=str(Path(cfg.sam_checkpoint).resolve()),
             sha256_16=file_digest(cfg.sam_checkpoint),
-            image_size=extractor.sam.img_size,
+            image_size=extractor.encoder.segmenter.image_size,
         ),
         clip=ClipBackbone(
             model=str(Path(cfg.clip_model).resolve()),
@@ -500,7 +386,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     with FolderLock(out / LOCK.format(rank=cfg.rank), f"extraction folder {out} (rank {cfg.rank})"):
         for stale in out.glob(f"{cfg.dataset}-r{cfg.rank:03d}-*.tar.*.tmp"):  # of a killed run of this rank
             stale.unlink()
-        extractor = FeatureExtractor(cfg)
+        extractor = load_extractor(cfg)
         manifest = _manifest(cfg, vocab, extractor, read_stats)
         _check_same_run(out, manifest)
         manifest.write(out)
@@ -509,7 +395,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         manifest.write(out)
         _check_extracted(cfg, len(shards), out)
         if cfg.rank == 0:
-            text_embeddings(extractor.clip, list(vocab.names), cfg.text_cache, manifest.clip.id)
+            text_embeddings(extractor.encoder.vlm, list(vocab.names), cfg.text_cache, manifest.clip.id)
     summary["dropped"] = read_stats.dropped()
     summary["seconds"] = round(time.time() - start, 2)
     summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
@@ -594,7 +480,7 @@ def _pending(cfg: ExtractConfig, shards: list[list[ImageRecord]], out: Path) -> 
 
 def _loader(cfg: ExtractConfig, pending: list[tuple[int, ImageRecord]], extractor: FeatureExtractor) -> DataLoader:
     return DataLoader(
-        ImageFeaturesInput(pending, cfg.images, extractor.sam.transform),
+        ImageFeaturesInput(pending, cfg.images, extractor.encoder.segmenter.transform),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         collate_fn=_collate,

@@ -33,7 +33,8 @@ from ..backbones.image import ImageReadError
 from ..cli import ConfigError, check_fields, option
 from ..errors import RegionSpotError
 from ..utils.io import masks_to_rle
-from .predictor import ImageLike, Predictor, VocabularyLike, load_image, read_vocabulary
+from .predictor import Predictor
+from .prompts import ImageLike, VocabularyLike, load_image, read_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -167,7 +168,7 @@ def label_images(
     from . import viz  # matplotlib is needed only here
 
     names = read_vocabulary(vocabulary)
-    generator = settings.build(predictor.sam.sam)
+    generator = settings.build(predictor.encoder.segmenter.sam)  # SAM's own generator
     data: dict[str, Any] = {
         "info": {"description": "regions found by SAM's automatic mask generator, named by "
                  "RegionSpot (python -m regionspot_pl.predict --everything)",
