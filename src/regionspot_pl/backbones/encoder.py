@@ -183,6 +183,8 @@ class RegionEncoder:
 
     def embed(self, inputs: Sequence[ImageInput]) -> list[ImageFeatures]:
         """Both models on B images -> one :class:`ImageFeatures` each."""
+        if not inputs:
+            return []
         embeddings = self.embed_images(self.segmenter_batch(inputs))
         tokens = self.image_tokens(self.vlm_batch(inputs))
         return [
@@ -203,6 +205,8 @@ class RegionEncoder:
         ``max_prompts_per_call`` allows. ``with_masks=False`` skips the masks (None)."""
         if len(features) != len(prompts):
             raise ValueError(f"{len(features)} images but {len(prompts)} prompt sets: give one per image")
+        if not features:
+            return []
         in_resized = [p.to(self.device).scaled(f.original_size, f.resized_size) for f, p in zip(features, prompts)]
         with autocast_for(self.device, self.precision):
             decoded = self.segmenter.decode(

@@ -25,9 +25,6 @@ class SamSegmenter(nn.Module):
     """Frozen SAM as a :class:`~regionspot_pl.backbones.interfaces.PromptableSegmenter`: images
     -> embeddings; prompts of several images -> region tokens, masks, predicted IoUs, batched.
 
-    RegionSpot's region token is the output of SAM's mask decoder two-way transformer for the
-    mask token SAM answers with (the first one when ``multimask_output=False``).
-
     Attributes:
         sam: segment-anything's ``Sam``.
         image_size: SAM's square input side (1024 for the official models, 512 for ``tiny``).
@@ -95,6 +92,8 @@ class SamSegmenter(nn.Module):
                 f"{embeddings.shape[0]} embeddings, {len(prompts)} prompt sets and "
                 f"{len(image_sizes)} sizes: give one of each per image"
             )
+        if not prompts:
+            return []
         if len({p.signature for p in prompts}) > 1:
             raise ValueError("the prompts of one decode call must be alike: all with boxes or none, K points each")
         owner = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(prompts)])
