@@ -25,10 +25,11 @@ lint: install
 	$(PY) -m ruff format --check src tests scripts
 	$(PY) -m ruff check src tests scripts
 
-# make extract DATASET=o365 [ARGS="--device cuda --batch-size 16"]
+# make extract DATASET=o365 [ARGS="--device cuda --batch_size 16"]: the data preset NAME
+# (./configs/data/NAME.yaml if there is one, else the one shipped in the package)
 extract: install
-	@test -n "$(DATASET)" || { echo "usage: make extract DATASET=<name of configs/data/NAME.yaml>"; exit 2; }
-	$(PY) -m regionspot_pl.extract --config configs/data/$(DATASET).yaml $(ARGS)
+	@test -n "$(DATASET)" || { echo "usage: make extract DATASET=<a data preset: coco, lvis_val, o365, openimages, v3det>"; exit 2; }
+	$(PY) -m regionspot_pl.extract --preset $(DATASET) $(ARGS)
 
 demo: install
 	$(PY) scripts/demo.py $(ARGS)

@@ -12,7 +12,7 @@ random others), jittered, with random scores. Masks (segm) are the boxes' rectan
 
 Both files are written as JSON under --work (kept for reruns of the same scale and seed). Each
 backend then runs in a fresh process, the code path of ``python -m regionspot_pl.evaluate GT
-RESULTS --metric-backend B`` (``evaluate.run_evaluate``), so that each starts from the same
+RESULTS --metric_backend B`` (``evaluate.run_evaluate``), so that each starts from the same
 memory and the ratio covers what a user waits for: the process's wall time (start-up and
 imports, reading both JSON files, validation, the evaluator) and its parts. The backends'
 metrics and per-class APs are compared (largest difference). Prints a table and one JSON line.
@@ -194,10 +194,10 @@ def worker(backend: str, gt: str, results: str, iou_types: list[str], arrays: st
     except OSError:
         pass
     start = time.perf_counter()
-    from regionspot_pl.evaluate import run_evaluate
+    from regionspot_pl.evaluate import EvaluateConfig, run_evaluate
 
     import_s = time.perf_counter() - start
-    result = run_evaluate(gt, results, iou_types, max_dets=DETS_PER_IMAGE, backend=backend)
+    result = run_evaluate(EvaluateConfig(gt, results, iou_types, max_dets=DETS_PER_IMAGE, metric_backend=backend))
     evaluations = result["evaluations"]
     np.savez(
         arrays, **{f"{t}_{k}": getattr(e, k) for t, e in evaluations.items() for k in ("per_class_ap", "category_ids")}

@@ -153,24 +153,24 @@ def main(argv: list[str] | None = None) -> int:
                 str(OUT / "shards" / split),
                 "--dataset",
                 f"demo_{split}",
-                "--sam-type",
+                "--sam_type",
                 "tiny",
-                "--sam-checkpoint",
+                "--sam_checkpoint",
                 str(backbones / "sam_tiny.pth"),
-                "--clip-model",
+                "--clip_model",
                 str(backbones / "clip_tiny"),
-                "--shard-size",
+                "--shard_size",
                 "50",
-                "--batch-size",
+                "--batch_size",
                 "8",
                 "--workers",
                 "2",
-                "--text-cache",
+                "--text_cache",
                 str(OUT / "text_embeddings.h5"),
             ],
         )
     head = OUT / "run" / "head.pt"
-    times["fit"] = stage("fit", PY + ["regionspot_pl.fit", "--config", "configs/fit/demo.yaml"], head)
+    times["fit"] = stage("fit", PY + ["regionspot_pl.fit", "--stage", "demo"], head)
     test_out = OUT / "test"
     times["test"] = stage(
         "test",
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             str(test_out),
             "--device",
             "cpu",
-            "--text-cache",
+            "--text_cache",
             str(OUT / "text_embeddings.h5"),
         ],
         test_out / "metrics.json",

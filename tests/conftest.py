@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning  # noqa: F401
 import pytest
 
 from regionspot_pl.backbones.tiny import write_tiny_backbones
+
+# Lightning adds a handler writing to sys.stderr when first imported. The commands import it only
+# when they run, which in a test is while pytest captures stderr: the handler would keep that test's
+# stream after it is closed. Imported here, before any test, it writes to the real stderr.
 
 
 @pytest.fixture(scope="session")

@@ -191,7 +191,7 @@ def test_missing_checkpoint_names_official_file_and_flag(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         build_sam("vit_b", tmp_path / "nope.pth")
     assert OFFICIAL_SAM_CHECKPOINTS["vit_b"] == "sam_vit_b_01ec64.pth"
-    assert "sam_vit_b_01ec64.pth" in str(err.value) and "--sam-checkpoint" in str(err.value)
+    assert "sam_vit_b_01ec64.pth" in str(err.value) and "--sam_checkpoint" in str(err.value)
 
 
 def test_checkpoint_of_another_type_is_rejected_before_building(tiny_backbones, monkeypatch):
@@ -199,7 +199,7 @@ def test_checkpoint_of_another_type_is_rejected_before_building(tiny_backbones, 
     import regionspot_pl.backbones.sam as sam_module
 
     monkeypatch.setitem(sam_module.sam_model_registry, "vit_b", _must_not_build)
-    with pytest.raises(ValueError, match=r"does not fit --sam-type vit_b.*--sam-type tiny"):
+    with pytest.raises(ValueError, match=r"does not fit --sam_type vit_b.*--sam_type tiny"):
         build_sam("vit_b", tiny_backbones["sam_checkpoint"])
 
 
@@ -224,10 +224,10 @@ def test_unusable_checkpoints(tmp_path, tiny_backbones):
     del state["mask_decoder.iou_token.weight"]
     broken = tmp_path / "broken.pth"
     torch.save(state, broken)
-    with pytest.raises(ValueError, match="(?s)does not fit --sam-type tiny.*iou_token"):
+    with pytest.raises(ValueError, match="(?s)does not fit --sam_type tiny.*iou_token"):
         build_sam("tiny", broken)
 
-    with pytest.raises(ValueError, match="unknown --sam-type"):
+    with pytest.raises(ValueError, match="unknown --sam_type"):
         build_sam("vit_x", None)
 
 
@@ -360,9 +360,9 @@ def test_load_clip_errors(tmp_path):
 
 
 def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys):
-    paths = tiny_main([str(tmp_path), "--seed", "0"])
-    printed = capsys.readouterr().out
-    assert str(paths["sam_checkpoint"]) in printed and str(paths["clip_dir"]) in printed
+    assert tiny_main([str(tmp_path), "--seed", "0"]) == 0
+    paths = {name: Path(path) for name, path in (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())}
+    assert paths == {"sam_checkpoint": tmp_path / "sam_tiny.pth", "clip_dir": tmp_path / "clip_tiny"}
     reference = tiny_backbones
     assert paths["sam_checkpoint"].read_bytes() == reference["sam_checkpoint"].read_bytes()
     files = sorted(p.name for p in reference["clip_dir"].iterdir())

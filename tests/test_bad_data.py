@@ -35,11 +35,11 @@ from regionspot_pl.cache.shards import (
     iter_samples,
     list_shards,
 )
-from regionspot_pl.cli import ConfigError
+from regionspot_pl.config import ConfigError
 from regionspot_pl.data.annotations import AnnotationError
 from regionspot_pl.data.records import load_coco, read_proposals
+from regionspot_pl.extract.cli import main as extract_main
 from regionspot_pl.extract.run import ExtractConfig, ExtractError, ImageFeaturesInput, run_extraction
-from regionspot_pl.extract.run import main as extract_main
 from regionspot_pl.fit import main as fit_main
 from regionspot_pl.fit import run
 from regionspot_pl.train.datamodule import DataConfig, DataConfigError, RegionDataModule, ShardStream
@@ -88,15 +88,15 @@ def _extract_argv(tiny_backbones, images, ann, out, *extra) -> list[str]:
         str(ann),
         "--out",
         str(out),
-        "--sam-type",
+        "--sam_type",
         "tiny",
-        "--sam-checkpoint",
+        "--sam_checkpoint",
         str(tiny_backbones["sam_checkpoint"]),
-        "--clip-model",
+        "--clip_model",
         str(tiny_backbones["clip_dir"]),
         "--workers",
         "0",
-        "--text-cache",
+        "--text_cache",
         str(Path(out).parent / "text.h5"),
         *extra,
     ]
@@ -186,30 +186,32 @@ def test_02_batch_size_zero_or_negative_is_refused_at_once(shards, tmp_path, cap
     cfg = _fit_cfg(shards["train"], tmp_path / "fit", batch_size=size)
     start = time.monotonic()
     assert fit_main(["--config", _fit_yaml(tmp_path, cfg)]) == 2
-    assert "--batch-size (data.batch_size" in _error_line(capsys) and time.monotonic() - start < 30
+    line = _error_line(capsys)
+    assert f"--data.batch_size is {size}; it must be >= 1 (data.batch_size in " in line
+    assert time.monotonic() - start < 30
     with pytest.raises(DataConfigError, match="it must be >= 1"):
         DataConfig([str(shards["train"])], batch_size=size)
 
 
 def test_02_other_numbers_are_checked_before_the_work(shards, tiny_backbones, demo_data, tmp_path, capsys):
     for key, value, match in (
-        ("workers", -1, "--workers"),
-        ("max_boxes_per_image", 0, "--max-boxes-per-image"),
-        ("mix_weights", [float("nan")], "--mix-weights"),
+        ("workers", -1, "--data.workers is -1"),
+        ("max_boxes_per_image", 0, "--data.max_boxes_per_image is 0"),
+        ("mix_weights", [float("nan")], "--data.mix_weights item is nan; it must be a finite number"),
     ):
         with pytest.raises(ConfigError, match=match):
             run(_fit_cfg(shards["train"], tmp_path / "a", **{key: value}))
     bad = _fit_cfg(shards["train"], tmp_path / "b")
     bad["trainer"]["max_steps"] = 0
-    with pytest.raises(ConfigError, match="--max-steps"):
+    with pytest.raises(ConfigError, match="--trainer.max_steps is 0"):
         run(bad)
     images, ann = demo_data["val_images"], demo_data["val_json"]
     for flag, value in (
-        ("--shard-size", "0"),
-        ("--batch-size", "-1"),
+        ("--shard_size", "0"),
+        ("--batch_size", "-1"),
         ("--workers", "-2"),
         ("--limit", "0"),
-        ("--read-timeout", "0"),
+        ("--read_timeout", "0"),
     ):
         assert extract_main(_extract_argv(tiny_backbones, images, ann, tmp_path / "x", flag, value)) == 2
         assert f"{flag} " in _error_line(capsys)
@@ -575,7 +577,7 @@ def test_11_an_atomic_file_left_by_an_error_is_removed_and_the_old_file_kept(tmp
 # ------------------------------------------------------------------- 12: test --topk 0
 
 
-@pytest.mark.parametrize("flag,value", [("--topk", "0"), ("--batch-size", "0")])
+@pytest.mark.parametrize("flag,value", [("--topk", "0"), ("--batch_size", "0")])
 def test_12_test_refuses_a_zero_count(shards, tmp_path, capsys, flag, value):
     head = save_head(
         RegionSpotHead(clip_dim=128, text_dim=64, **{k: v for k, v in TINY_MODEL.items() if k != "variant"}),
@@ -597,7 +599,7 @@ def test_12_test_refuses_a_zero_count(shards, tmp_path, capsys, flag, value):
     ]
     assert test_cli.main(argv) == 2
     line = _error_line(capsys)
-    assert line.startswith(f"error: {flag} (") and "it must be >= 1" in line
+    assert line == f"error: {flag} is 0; it must be >= 1"
 
 
 # ---------------------------------------------------------------- nothing waits forever

@@ -72,7 +72,7 @@ def test_skips_when_already_generated_and_redraws_on_change(tmp_path: Path) -> N
 
 
 def test_rejects_a_val_split_too_small_to_hold_every_class(tmp_path: Path) -> None:
-    with pytest.raises(DemoDataError, match="--num-val >= 14"):
+    with pytest.raises(DemoDataError, match="--num_val >= 14"):
         generate_demo_dataset(tmp_path, num_train=10, num_val=3)
 
 
@@ -221,6 +221,6 @@ def test_render_preview(small_set: dict[str, Path]) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path), "--num-train", "6", "--num-val", "14", "--image-size", "96"]) == 0
+    assert main([str(tmp_path), "--num_train", "6", "--num_val", "14", "--image_size", "96"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert Path(printed["train_json"]).is_file()

@@ -1,5 +1,5 @@
 """Bad input to ``evaluate`` (and ``demo.scenes``) ends in one ``error:`` line naming the file or
-flag, exit code 2 and no traceback (``--print-config`` of each: tests/test_errors_predict.py)."""
+flag, exit code 2 and no traceback (``--print_config`` of each: tests/test_configs.py)."""
 
 from __future__ import annotations
 
@@ -54,14 +54,15 @@ EVALUATE_CASES = {
     "results on unknown images": (["gt.json", "unknown_image.json"], ["image ids absent from the ground truth: [7]"]),
     "results without score": (["gt.json", "no_score.json"], ["1 lack 'score'"]),
     "results with a bad box": (["gt.json", "bad_box.json"], ["invalid 'bbox'"]),
-    "unknown iou type": (["gt.json", "good.json", "--iou-type", "bbox", "mask"], ["--iou-type 'mask'"]),
-    "max dets below 1": (["gt.json", "good.json", "--max-dets", "0"], ["--max-dets", "must be >= 1"]),
-    "unknown backend": (["gt.json", "good.json", "--metric-backend", "pycoco"], ["--metric-backend", "'pycoco'"]),
-    "unknown kind": (["gt.json", "good.json", "--kind", "voc"], ["--kind", "'voc'"]),
+    "unknown iou type": (["gt.json", "good.json", "--iou_type", "[bbox,mask]"], ["--iou_type", "bbox, segm, got mask"]),
+    "max dets below 1": (["gt.json", "good.json", "--max_dets", "0"], ["--max_dets is 0", "must be >= 1"]),
+    "unknown backend": (["gt.json", "good.json", "--metric_backend", "pycoco"], ["--metric_backend", "got pycoco"]),
+    "unknown kind": (["gt.json", "good.json", "--kind", "voc"], ["--kind", "auto, lvis, coco, got voc"]),
     "out is a file name": (["gt.json", "good.json", "--out", "m.json"], ["--out is an output folder"]),
     "out inside a file": (["gt.json", "good.json", "--out", "@a_file/report"], ["a_file"]),
-    "no files": ([], ["give the ground truth and the results"]),
-    "one file": (["gt.json"], ["give the ground truth and the results"]),
+    "no files": ([], ["arguments are required: gt, results", "--help"]),
+    "one file": (["gt.json"], ["arguments are required: results"]),
+    "list flag given one word": (["gt.json", "good.json", "--iou_type", "segm"], ["--iou_type", "a list such as"]),
 }
 
 
@@ -82,19 +83,19 @@ def test_evaluate_good_input_passes(folder, capsys):
     assert "AP" in capsys.readouterr().out
 
 
-def test_evaluate_takes_the_files_as_flags_or_from_a_config(folder, capsys):
+def test_evaluate_takes_the_files_as_positionals_or_from_a_config(folder, capsys):
     config = folder / "eval.yaml"
     config.write_text(f"gt: {folder / 'gt.json'}\nresults: {folder / 'good.json'}\nkind: coco\n")
     assert evaluate.main(["--config", str(config)]) == 0
-    assert evaluate.main(["--gt", str(folder / "gt.json"), "--results", str(folder / "good.json")]) == 0
+    assert evaluate.main([str(folder / "gt.json"), str(folder / "good.json"), "--config", str(config)]) == 0
 
 
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["OUT", "--num-val", "1"], ["--num-val >= 14"]),
-        (["OUT", "--image-size", "32"], ["--image-size", "must be >= 64"]),
-        ([], ["give the folder to write: OUT_DIR"]),
+        (["OUT", "--num_val", "1"], ["--num_val >= 14"]),
+        (["OUT", "--image_size", "32"], ["--image_size is 32", "must be >= 64"]),
+        ([], ["arguments are required: out_dir"]),
     ],
     ids=["too few val images", "images too small", "no folder"],
 )

@@ -26,8 +26,8 @@ VOCAB = ["red circle", "blue square", "green triangle", "background"]
 # stability scores low, so the default thresholds would keep none, and its masks nearly all
 # cover the whole image, so SAM's NMS would keep one; 1.0 keeps all 4 x 4 points x 3 masks
 SETTINGS = GeneratorSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
-FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-         "--box-nms-thresh", "1.0"]  # fmt: skip
+FLAGS = ["--generator.points_per_side", "4", "--generator.pred_iou_thresh", "0",
+         "--generator.stability_score_thresh", "0", "--generator.box_nms_thresh", "1.0"]  # fmt: skip
 HW = (96, 128)
 
 
@@ -117,10 +117,10 @@ def test_label_images_writes_a_coco_data_set(setup, tmp_path):
 
 def _cli(setup, *extra: str) -> list[str]:
     return [
-        "--everything", "--vocab", ",".join(VOCAB), "--head", str(setup["head"]),
-        "--sam-type", "tiny", "--sam-checkpoint", str(setup["backbones"]["sam_checkpoint"]),
-        "--clip-model", str(setup["backbones"]["clip_dir"]),
-        "--text-cache", str(setup["root"] / "text.h5"), *FLAGS, *extra,
+        "--everything", "true", "--vocab", ",".join(VOCAB), "--head", str(setup["head"]),
+        "--sam_type", "tiny", "--sam_checkpoint", str(setup["backbones"]["sam_checkpoint"]),
+        "--clip_model", str(setup["backbones"]["clip_dir"]),
+        "--text_cache", str(setup["root"] / "text.h5"), *FLAGS, *extra,
     ]  # fmt: skip
 
 
@@ -137,7 +137,7 @@ def test_cli_image_and_folder(setup, tmp_path, capsys):
 
     pictures, folder_json = tmp_path / "pictures", tmp_path / "all.json"
     args = _cli(setup, "--images", str(setup["images"]), "--out", str(pictures),
-                "--json", str(folder_json), "--score-thresh", "0.3")  # fmt: skip
+                "--json", str(folder_json), "--score_thresh", "0.3")  # fmt: skip
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "name everything" in captured.err  # the progress bar
@@ -163,10 +163,10 @@ def test_cli_everything_bad_input(setup, tmp_path, capsys):
         (["--image", image, "--images", str(tmp_path), "--json", js], "one of --image IMG or --images"),
         (["--images", str(empty), "--json", js], "no images (.jpg"),
         (["--images", str(tmp_path / "nope"), "--json", js], "image folder not found"),
-        (["--image", image, "--out", "o.png", "--json", js, "--pred-iou-thresh", "2"],
-         "--pred-iou-thresh must be in [0, 1], got 2.0"),
-        (["--image", image, "--out", "o.png", "--json", js, "--score-thresh", "-1"],
-         "--score-thresh (score_thresh) is -1.0; it must be >= 0"),
+        (["--image", image, "--out", "o.png", "--json", js, "--generator.pred_iou_thresh", "2"],
+         "--generator.pred_iou_thresh is 2.0; it must be in [0, 1]"),
+        (["--image", image, "--out", "o.png", "--json", js, "--score_thresh", "-1"],
+         "--score_thresh is -1.0; it must be in [0, 1]"),
         (["--image", str(tmp_path / "missing.png"), "--out", "o.png", "--json", js],
          "image file not found"),
     ]  # fmt: skip

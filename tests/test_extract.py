@@ -29,14 +29,13 @@ from regionspot_pl.cache.shards import (
 )
 from regionspot_pl.data.annotations import AnnotationError
 from regionspot_pl.data.records import load_coco
+from regionspot_pl.extract.cli import COMMAND, main
 from regionspot_pl.extract.run import (
-    COMMAND,
     ExtractConfig,
     ExtractError,
     FeatureExtractor,
     ImageFeaturesInput,
     load_extractor,
-    main,
     run_extraction,
 )
 
@@ -256,9 +255,9 @@ def _argv(demo_data, tiny_backbones, out, *extra) -> list[str]:
         f"--images={demo_data['val_images']}",
         f"--annotations={demo_data['val_json']}",
         f"--out={out}",
-        "--sam-type=tiny",
-        f"--sam-checkpoint={tiny_backbones['sam_checkpoint']}",
-        f"--clip-model={tiny_backbones['clip_dir']}",
+        "--sam_type=tiny",
+        f"--sam_checkpoint={tiny_backbones['sam_checkpoint']}",
+        f"--clip_model={tiny_backbones['clip_dir']}",
         *extra,
     ]
 
@@ -266,12 +265,12 @@ def _argv(demo_data, tiny_backbones, out, *extra) -> list[str]:
 def test_torchrun_environment_sets_rank(monkeypatch, demo_data, tiny_backbones, tmp_path):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    cfg, _ = COMMAND.parse(_argv(demo_data, tiny_backbones, tmp_path))
+    cfg = COMMAND.parse(_argv(demo_data, tiny_backbones, tmp_path))
     assert (cfg.rank, cfg.world_size) == (1, 3)
-    cfg, _ = COMMAND.parse(_argv(demo_data, tiny_backbones, tmp_path, "--rank=2"))
+    cfg = COMMAND.parse(_argv(demo_data, tiny_backbones, tmp_path, "--rank=2"))
     assert cfg.rank == 2  # a flag overrides the environment
     monkeypatch.setenv("LOCAL_RANK", "1")
-    cfg, _ = COMMAND.parse(_argv(demo_data, tiny_backbones, tmp_path, "--device=cuda"))
+    cfg = COMMAND.parse(_argv(demo_data, tiny_backbones, tmp_path, "--device=cuda"))
     assert cfg.device == "cuda:1"  # each torchrun process on its own GPU
 
 
@@ -349,7 +348,7 @@ def test_cli_runs_from_a_config_file(demo_data, tiny_backbones, tmp_path, capsys
         f"clip_model: {tiny_backbones['clip_dir']}\nshard_size: 8\ndevice: cpu\nworkers: 1\n"
         f"text_cache: {tmp_path / 'text.h5'}\n"
     )
-    assert main(["--config", str(cfg), "--limit", "5", "--no-masks"]) == 0
+    assert main(["--config", str(cfg), "--limit", "5", "--masks", "false"]) == 0
     assert "extraction done: images 5" in capsys.readouterr().out
     samples = _samples(tmp_path / "shards")
     assert len(samples) == 5 and all("masks" not in s["meta"] for s in samples.values())

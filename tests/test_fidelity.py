@@ -371,14 +371,13 @@ def test_nearest_upsampling_matches_math():
 
 def test_masks_only_where_they_are_used_and_o365_is_v1():
     """Training sets store no masks (training reads tokens, boxes, labels); evaluation splits do."""
-    from regionspot_pl.cli import load_yaml
+    from regionspot_pl.extract.cli import COMMAND
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "data"
     for name in ("o365", "openimages", "v3det"):
-        assert load_yaml(root / f"{name}.yaml")["masks"] is False
+        assert COMMAND.parse(["--preset", name]).masks is False
     for name in ("lvis_val", "coco"):
-        assert load_yaml(root / f"{name}.yaml")["masks"] is True
-    assert load_yaml(root / "o365.yaml")["annotations"].endswith("/objects365_train.json")
+        assert COMMAND.parse(["--preset", name]).masks is True
+    assert COMMAND.parse(["--preset", "o365"]).annotations.endswith("/objects365_train.json")
 
 
 def test_images_cross_to_the_device_as_uint8(demo_data, tiny_backbones, tmp_path):

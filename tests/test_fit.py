@@ -20,9 +20,8 @@ from regionspot_pl import RegionSpotHead, load_head, save_head
 from regionspot_pl.backbones.common import resolved_precision
 from regionspot_pl.cache.manifest import ClipBackbone
 from regionspot_pl.cache.shards import ShardFormatError, iter_samples, list_shards
-from regionspot_pl.cli import ConfigError
 from regionspot_pl.data.annotations import AnnotationError
-from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, resolve_precision, run, size_head
+from regionspot_pl.fit import COMMAND, FitError, ModelConfig, main, run
 from regionspot_pl.model.head import VARIANTS, HeadMismatchError
 from regionspot_pl.train.datamodule import (
     DataConfig,
@@ -34,6 +33,7 @@ from regionspot_pl.train.datamodule import (
     shards_for_epoch,
 )
 from regionspot_pl.train.module import OptimConfig, RegionSpotModule, lr_factor
+from regionspot_pl.train.run import resolve_precision, size_head
 
 
 def _cfg(shards, out, steps, val=True, **optim):
@@ -166,7 +166,7 @@ def test_mixing_follows_the_configured_weights(shards):
     assert abs(np.mean(np.array(drawn) == 0) - 0.75) < 0.06
     batch = next(iter(batches))
     assert batch.valid.sum(1).max() <= 3  # the cap on boxes per image
-    with pytest.raises(ValueError, match="mixing weights"):
+    with pytest.raises(ValueError, match=r"mix_weights \[1.0\] are invalid: give 2"):
         MixedBatches(streams, [1.0], 2, None, 0)
 
 
@@ -233,28 +233,29 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys, caplog):
     dm = RegionDataModule(DataConfig([str(shards["train"])], workers=8))
     with caplog.at_level("WARNING", logger="regionspot_pl.data"):
         assert dm.train_workers(world=1) == 6 and dm.train_workers(world=2) == 3
-    assert "--workers 8 capped at 3" in caplog.text
+    assert "--data.workers 8 capped at 3" in caplog.text
     with pytest.raises(ShardFormatError, match="fewer than the 7 ranks"):
         dm.train_workers(world=7)
     # the CLI reports instead of a traceback
-    assert main(["--stage", "warmup", "--train-shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")]) == 2
+    nowhere = str(tmp_path / "nowhere")
+    assert main(["--stage", "warmup", "--data.train_shards", f"[{nowhere}]", "--out", str(tmp_path / "e")]) == 2
     assert "shard folder not found" in capsys.readouterr().err
     assert (
         main(
             [
                 "--stage",
                 "warmup",
-                "--model",
+                "--model.variant",
                 "auto",
-                "--train-shards",
-                str(shards["train"]),
+                "--data.train_shards",
+                f"[{shards['train']}]",
                 "--resume",
                 "last",
                 "--out",
                 str(tmp_path / "f"),
-                "--val-shards",
+                "--data.val_shards",
                 str(shards["val"]),
-                "--val-annotations",
+                "--data.val_annotations",
                 str(shards["val_json"]),
             ]
         )
@@ -270,11 +271,13 @@ def test_bad_input_is_refused_with_the_cause(shards, tmp_path, capsys, caplog):
 
 
 def test_stage_configs_resolve():
-    warm, _ = COMMAND.parse(["--stage", "warmup", "--max-steps", "7", "--devices", "2", "--model", "bl"])
+    warm = COMMAND.parse(
+        ["--stage", "warmup", "--trainer.max_steps", "7", "--trainer.devices", "2", "--model.variant", "BL"]
+    )
     assert warm.model.variant == "BL" and warm.trainer.max_steps == 7 and warm.trainer.devices == 2
     assert warm.optim.lr == 2.5e-5 and warm.optim.milestones == [350000, 420000]
     assert warm.data.train_shards == ["cache/shards/o365"]
-    adv, _ = COMMAND.parse(["--stage", "advanced"])
+    adv = COMMAND.parse(["--stage", "advanced"])
     assert adv.init_from == "runs/warmup/head.pt" and len(adv.data.train_shards) == 3
     assert adv.model.variant == "auto" and adv.trainer.max_steps == 450_000
 
@@ -354,7 +357,7 @@ def test_a_variant_that_does_not_fit_names_the_one_that_does():
     clip = ClipBackbone("clip-vit-base-patch16", "id", 224, 197, 768, 512)
     with pytest.raises(HeadMismatchError, match="the BL head expects .* width 1024.*use the BB head"):
         size_head(ModelConfig("BL"), clip)
-    with pytest.raises(ConfigError, match="published sizes"):
+    with pytest.raises(FitError, match="published sizes"):
         size_head(ModelConfig("auto", ffn_dim=64), clip)
 
 
@@ -365,11 +368,18 @@ def test_one_shard_and_the_stage_defaults_train_with_the_workers_capped(shards, 
     first = list_shards(shards["train"])[0]
     for path in (first, first.with_suffix(".json"), shards["train"] / "manifest.json"):
         shutil.copy(path, one)
-    argv = ["--stage", "warmup", "--train-shards", str(one), "--val-shards", str(shards["val"])]
-    argv += ["--val-annotations", str(shards["val_json"]), "--max-steps", "3", "--out", str(tmp_path / "run")]
+    argv = ["--stage", "warmup", "--data.train_shards", f"[{one}]", "--data.val_shards", str(shards["val"])]
+    argv += [
+        "--data.val_annotations",
+        str(shards["val_json"]),
+        "--trainer.max_steps",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     with caplog.at_level("WARNING", logger="regionspot_pl.data"):
-        assert main([*argv, "--no-enable-progress-bar", "--accelerator", "cpu"]) == 0
-    assert "--workers 4 capped at 1" in caplog.text
+        assert main([*argv, "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]) == 0
+    assert "--data.workers 4 capped at 1" in caplog.text
     summary = json.loads((tmp_path / "run" / "fit_summary.json").read_text())
     assert summary["variant"] == "custom" and "val/AP" in summary["metrics"]
     assert json.loads((tmp_path / "run" / "head" / "config.json").read_text())["variant"] == "custom"

@@ -10,7 +10,6 @@ them), score ties, and more detections per image than the cap.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,13 +258,12 @@ def test_ignore_flags_go_to_the_lvis_api_with_a_warning() -> None:
 
 def test_fit_takes_the_backend_and_rejects_an_unknown_one(tmp_path) -> None:
     from regionspot_pl import fit
-    from regionspot_pl.cli import ConfigError
+    from regionspot_pl.config import ConfigError
     from regionspot_pl.train.module import RegionSpotModule
 
-    demo = str(Path(__file__).resolve().parents[1] / "configs" / "fit" / "demo.yaml")
-    assert fit.COMMAND.parse(["--config", demo, "--metric-backend", "lvis"])[0].metric_backend == "lvis"
-    assert fit.COMMAND.parse(["--config", demo])[0].metric_backend == "hotcoco"
-    with pytest.raises(ConfigError, match="--metric-backend .*'pycoco'; expected one of: hotcoco, lvis"):
+    assert fit.COMMAND.parse(["--stage", "demo", "--metric_backend", "lvis"]).metric_backend == "lvis"
+    assert fit.COMMAND.parse(["--stage", "demo"]).metric_backend == "hotcoco"
+    with pytest.raises(ConfigError, match="--metric_backend must be one of hotcoco, lvis, got pycoco"):
         fit.run({"out": str(tmp_path), "metric_backend": "pycoco"})
     head = {"clip_dim": 32, "text_dim": 16, "ffn_dim": 32, "num_heads": 2}
     assert RegionSpotModule(head=head).hparams.metric_backend == "hotcoco"

@@ -178,10 +178,10 @@ def test_head_clip_dim_mismatch(setup, tmp_path):
 def _cli_args(setup: dict, image: Path, boxes: str, out: Path, vocab: str | None = None) -> list[str]:
     return [
         "--image", str(image), "--boxes", boxes, "--vocab", vocab or ",".join(setup["names"][:6]),
-        "--head", str(setup["head"]), "--sam-type", "tiny",
-        "--sam-checkpoint", str(setup["backbones"]["sam_checkpoint"]),
-        "--clip-model", str(setup["backbones"]["clip_dir"]), "--out", str(out), "--topk", "2",
-        "--text-cache", str(setup["text_cache"]),
+        "--head", str(setup["head"]), "--sam_type", "tiny",
+        "--sam_checkpoint", str(setup["backbones"]["sam_checkpoint"]),
+        "--clip_model", str(setup["backbones"]["clip_dir"]), "--out", str(out), "--topk", "2",
+        "--text_cache", str(setup["text_cache"]),
     ]  # fmt: skip
 
 
@@ -191,7 +191,7 @@ def test_cli_end_to_end(setup, tmp_path, capsys):
     out = tmp_path / "pred.png"
     attention = tmp_path / "attn.png"
     args = _cli_args(setup, _image_path(setup, sample), boxes, out) + [
-        "--attention-out",
+        "--attention_out",
         str(attention),
     ]
     assert main(args) == 0
@@ -244,8 +244,8 @@ def test_viz_pictures(tmp_path):
 
 def test_scores_equal_the_test_cli_batch_path(setup):
     """The same numbers as `python -m regionspot_pl.test` computes: its batched head pass over the shards."""
+    from regionspot_pl.evaluation.zero_shot import regionspot_logits
     from regionspot_pl.model import load_head
-    from regionspot_pl.test import regionspot_logits
 
     texts = text_embeddings(None, setup["names"], setup["text_cache"], setup["clip_id"])
     shards = [str(p) for p in setup["shards"]]

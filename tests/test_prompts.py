@@ -14,9 +14,10 @@ from segment_anything import SamPredictor
 from regionspot_pl.backbones.clip import text_embeddings
 from regionspot_pl.backbones.image import masks_to_original, resize_for_backbones
 from regionspot_pl.model import RegionSpotHead, region_logits, save_pretrained
-from regionspot_pl.predict.cli import main, parse_points
+from regionspot_pl.predict.cli import main
 from regionspot_pl.predict.predictor import Predictor
 from regionspot_pl.predict.prompts import region_prompts
+from regionspot_pl.predict.run import parse_points
 
 VOCAB = ["red circle", "blue square", "green triangle", "background"]
 HW = (150, 220)  # non-square, so that x and y scale differently into the resized image
@@ -237,17 +238,17 @@ def test_parse_points_groups_regions_by_semicolon():
 def _cli(setup, *extra: str) -> list[str]:
     return [
         "--image", str(setup["root"] / "scene.png"), "--vocab", ",".join(VOCAB),
-        "--head", str(setup["head"]), "--sam-type", "tiny",
-        "--sam-checkpoint", str(setup["backbones"]["sam_checkpoint"]),
-        "--clip-model", str(setup["backbones"]["clip_dir"]),
-        "--text-cache", str(setup["root"] / "text.h5"), "--topk", "2", *extra,
+        "--head", str(setup["head"]), "--sam_type", "tiny",
+        "--sam_checkpoint", str(setup["backbones"]["sam_checkpoint"]),
+        "--clip_model", str(setup["backbones"]["clip_dir"]),
+        "--text_cache", str(setup["root"] / "text.h5"), "--topk", "2", *extra,
     ]  # fmt: skip
 
 
 def test_cli_points_boxes_and_multimask(setup, tmp_path, capsys):
     out = tmp_path / "points.png"
     args = _cli(setup, "--points", "50,50;160,70 115,25,0", "--out", str(out),
-                "--attention-out", str(tmp_path / "attn.png"))  # fmt: skip
+                "--attention_out", str(tmp_path / "attn.png"))  # fmt: skip
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [p["point_coords"] for p in printed] == [[[50, 50]], [[160, 70], [115, 25]]]
@@ -258,7 +259,7 @@ def test_cli_points_boxes_and_multimask(setup, tmp_path, capsys):
     assert (tmp_path / "attn.png").is_file()
 
     both = _cli(setup, "--boxes", "10,10,90,90;110,20,210,120", "--points", "50,50;160,70 115,25,0",
-                "--multimask", "--out", str(out))  # fmt: skip
+                "--multimask", "true", "--out", str(out))  # fmt: skip
     assert main(both) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed[1]["box"] == [110, 20, 210, 120] and printed[1]["point_labels"] == [1, 0]

@@ -115,7 +115,7 @@ def test_per_class_ap_matches_between_backends_in_the_csv(lvis_set, tmp_path: Pa
     tables = {}
     for backend in ("hotcoco", "lvis"):
         out = tmp_path / backend
-        assert evaluate_cli.main([str(gt_path), str(res_path), "--metric-backend", backend, "--out", str(out)]) == 0
+        assert evaluate_cli.main([str(gt_path), str(res_path), "--metric_backend", backend, "--out", str(out)]) == 0
         tables[backend] = read_csv(out / "ap_per_class.csv")
         assert ("LVIS API (lvis)" in (out / "report.md").read_text()) == (backend == "lvis")
     assert [r["category_id"] for r in tables["hotcoco"]] == [r["category_id"] for r in tables["lvis"]]
@@ -151,7 +151,7 @@ def test_test_cli_writes_the_report_with_either_backend(demo_data, demo_shards, 
     for backend in ("hotcoco", "lvis"):
         out = tmp_path / backend
         flags = {"--shards": demo_shards["val"], "--annotations": demo_data["val_json"], "--head": head, "--out": out,
-                 "--device": "cpu", "--text-cache": demo_shards["text_cache"], "--metric-backend": backend}  # fmt: skip
+                 "--device": "cpu", "--text_cache": demo_shards["text_cache"], "--metric_backend": backend}  # fmt: skip
         argv = [str(word) for pair in flags.items() for word in pair]
         assert test_cli.main(argv) == 0
         printed = capsys.readouterr().out
@@ -178,4 +178,4 @@ def test_test_cli_rejects_an_unknown_backend_in_the_config(demo_data, demo_shard
         f"shards: {demo_shards['val']}\nannotations: {demo_data['val_json']}\nhead: unused.pt\n"
         "metric_backend: pycocotools\n"
     )
-    cli_error(test_cli.main, ["--config", config], "'pycocotools'", "hotcoco", "test.yaml")
+    cli_error(test_cli.main, ["--config", config], "got pycocotools", "hotcoco", "test.yaml")

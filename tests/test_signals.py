@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from regionspot_pl.cache.shards import iter_samples, list_shards
 from regionspot_pl.extract.run import ExtractConfig, run_extraction
 from regionspot_pl.fit import run
-from regionspot_pl.utils.stopping import GracefulStop, Stopped, stop_on_signals
+from regionspot_pl.train.graceful_stop import GracefulStop
+from regionspot_pl.utils.stopping import Stopped, stop_on_signals
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -81,7 +82,7 @@ def test_sigterm_stops_extract_and_the_rerun_completes_it_as_an_uninterrupted_ru
         "batch_size": 2,
         "text_cache": tmp_path / "text.h5",
     }
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    argv = [f"--{k}={v}" for k, v in flags.items()]
     proc = subprocess.Popen(
         [sys.executable, "-m", "regionspot_pl.extract", *argv],
         env=ENV,

@@ -2,35 +2,27 @@
 
 DST ending in .pt or .pth: a head file (our torch format). Any other DST: a model folder with
 config.json, model.safetensors and a README.md model card, loadable by path or, once uploaded,
-by Hugging Face Hub id. Every --head flag (predict, test, fit --init-from) takes either.
-SRC and DST may also be given as --src and --dst (or in --config).
+by Hugging Face Hub id. Every --head flag (predict, test, fit --init_from) takes either.
+SRC and DST may also be given as keys src and dst of a --config file.
 """
-
-from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 
-from .cli import Command, ConfigError, option, run_command
-from .model.checkpoint import CheckpointError, convert_official
+from .config import Command, run_command
 
 
 @dataclass
 class ConvertConfig:
     """The settings of ``python -m regionspot_pl.convert``."""
 
-    src: str | None = option(None, "official RegionSpot checkpoint (.pth with key 'model'); also the first positional")
-    dst: str | None = option(
-        None,
-        "head file to write (DST.pt / DST.pth) or model folder to write (any other DST); also the second positional",
-    )
-
-    def check(self) -> None:
-        if self.src is None or self.dst is None:
-            raise ConfigError("give the checkpoint to convert and where to write it: SRC.pth DST (or --src and --dst)")
+    src: str
+    """official RegionSpot checkpoint (.pth with key 'model')"""
+    dst: str
+    """head file to write (DST.pt / DST.pth) or model folder to write (any other DST)"""
 
 
-COMMAND = Command(ConvertConfig, "python -m regionspot_pl.convert", __doc__, positionals=("src", "dst"))
+COMMAND = Command(ConvertConfig, "python -m regionspot_pl.convert", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: ConvertConfig) -> int:
     """Convert SRC into DST; 0 on success."""
+    from .model.checkpoint import CheckpointError, convert_official
+
     try:
         variant, path = convert_official(config.src, config.dst)
     except OSError as err:  # DST not writable, SRC not readable; the message names the file

@@ -4,7 +4,7 @@ Library code raises a subclass of :class:`RegionSpotError` for bad input: a miss
 file, a flag out of range, shards that do not fit a head, an unreadable image, a bad box, an
 empty vocabulary. The message names the input and says what to do. Only a command's ``main()``
 turns one into a single ``error: ...`` line on stderr and exit code 2
-(:func:`regionspot_pl.cli.run_command`); anything else that escapes is a bug and keeps its traceback.
+(:func:`regionspot_pl.config.run_command`); anything else that escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

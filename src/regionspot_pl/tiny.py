@@ -1,27 +1,40 @@
 """``python -m regionspot_pl.tiny DIR [--seed N]``: write random tiny SAM + CLIP backbones.
 
 For tests and CPU smoke runs of the whole pipeline: give the other commands
-``--sam-type tiny --sam-checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory.
+``--sam_type tiny --sam_checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory.
 """
 
-from __future__ import annotations
+import sys
+from dataclasses import dataclass
 
-import argparse
-from collections.abc import Sequence
-
-from .backbones.tiny import write_tiny_backbones
+from .config import Command, run_command
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m regionspot_pl.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", metavar="DIR", help="directory to write sam_tiny.pth and clip_tiny/ into")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    args = parser.parse_args(argv)
-    paths = write_tiny_backbones(args.out_dir, seed=args.seed)
-    for name, path in paths.items():
+@dataclass
+class TinyConfig:
+    """The settings of ``python -m regionspot_pl.tiny``."""
+
+    out_dir: str
+    """directory to write sam_tiny.pth and clip_tiny/ into"""
+    seed: int = 0
+    """random seed (same seed, same bytes)"""
+
+
+COMMAND = Command(TinyConfig, "python -m regionspot_pl.tiny", __doc__)
+
+
+def run(config: TinyConfig) -> int:
+    """Write the backbones; print their paths ('name: path' lines)."""
+    from .backbones.tiny import write_tiny_backbones
+
+    for name, path in write_tiny_backbones(config.out_dir, seed=config.seed).items():
         print(f"{name}: {path}")
-    return paths
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(COMMAND, argv, run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

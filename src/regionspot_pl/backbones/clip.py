@@ -231,7 +231,7 @@ class LazyTextEncoder:
             if not self.model_dir.is_dir():
                 raise BackboneNotFoundError(
                     f"this vocabulary is not in the text cache, and the CLIP folder {self.model_dir} that would "
-                    "compute it is missing: pass --clip-model DIR"
+                    "compute it is missing: pass --clip_model DIR"
                 )
             self._encoder = ClipEncoder(*load_clip(self.model_dir)).to(self.device)
         return self._encoder.encode_texts(*args, **kwargs)

@@ -118,7 +118,7 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
         the ``Sam`` in eval mode with ``requires_grad`` False on every parameter.
     """
     if sam_type not in SAM_TYPES:
-        raise BackboneError(f"unknown --sam-type {sam_type!r}; choose one of {', '.join(SAM_TYPES)}")
+        raise BackboneError(f"unknown --sam_type {sam_type!r}; choose one of {', '.join(SAM_TYPES)}")
     state = None
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -130,8 +130,8 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
                 else "download it from the segment-anything release"
             )
             raise BackboneNotFoundError(
-                f"SAM checkpoint {str(path)!r} not found; --sam-type {sam_type} expects the "
-                f"official file {official} ({hint}) and its path in --sam-checkpoint"
+                f"SAM checkpoint {str(path)!r} not found; --sam_type {sam_type} expects the "
+                f"official file {official} ({hint}) and its path in --sam_checkpoint"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -145,14 +145,14 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
         sig = _signature(state) if isinstance(state, dict) else None
         if sig is None:
             raise BackboneError(
-                f"checkpoint {str(path)!r} does not fit --sam-type {sam_type}: it is not a SAM "
+                f"checkpoint {str(path)!r} does not fit --sam_type {sam_type}: it is not a SAM "
                 f"state dict (no 'image_encoder.pos_embed'); expected the official {official}"
             )
         if sig != _SIGNATURES[sam_type]:
             found = [t for t, s in _SIGNATURES.items() if s == sig]
-            guess = f"it looks like --sam-type {found[0]}" if found else "it matches no known type"
+            guess = f"it looks like --sam_type {found[0]}" if found else "it matches no known type"
             raise BackboneError(
-                f"checkpoint {str(path)!r} does not fit --sam-type {sam_type}: image encoder "
+                f"checkpoint {str(path)!r} does not fit --sam_type {sam_type}: image encoder "
                 f"width/depth/grid {sig}, expected {_SIGNATURES[sam_type]}; {guess}"
             )
 
@@ -161,7 +161,7 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
         try:
             sam.load_state_dict(state)
         except RuntimeError as err:
-            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit --sam-type {sam_type}: {err}") from err
+            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit --sam_type {sam_type}: {err}") from err
     sam.eval()
     sam.requires_grad_(False)
     return sam

@@ -33,21 +33,20 @@ Design choices (why):
   frequencies are those of train, as in LVIS v1).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..cli import Command, ConfigError, option, run_command
+from ..config import Command, run_command
 from ..errors import RegionSpotError
+from ..utils.checks import Range, check_settings
 from ..utils.io import masks_to_rle, write_json_atomic
 from .categories import Category, demo_categories, frequency_of
 from .drawing import render_image
@@ -231,13 +230,36 @@ def _dump(obj: Any, path: Path) -> None:
     write_json_atomic(path, obj, indent=None)
 
 
+@dataclass
+class DemoConfig:
+    """The settings of ``python -m regionspot_pl.demo.scenes`` (the defaults of generate_demo_dataset)."""
+
+    out_dir: str
+    """folder to write the scene set into"""
+    num_train: Annotated[int, Range(1)] = 600
+    """training images"""
+    num_val: Annotated[int, Range(1)] = 120
+    """validation images (enough that every class is in val)"""
+    image_size: Annotated[int, Range(64)] = 256
+    """side of the square images, in pixels"""
+    seed: int = 0
+    """seed of the scenes"""
+    force: bool = False
+    """redraw even if already generated"""
+    preview: bool = False
+    """also write OUT_DIR/preview.png"""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
 def generate_demo_dataset(
     out_dir: str | Path,
-    num_train: int = 600,
-    num_val: int = 120,
-    image_size: int = 256,
-    seed: int = 0,
-    force: bool = False,
+    num_train: int = DemoConfig.num_train,
+    num_val: int = DemoConfig.num_val,
+    image_size: int = DemoConfig.image_size,
+    seed: int = DemoConfig.seed,
+    force: bool = DemoConfig.force,
 ) -> dict[str, Path]:
     """Write the demo scene set under ``out_dir`` (see the module docstring); return its paths.
 
@@ -285,11 +307,11 @@ def _check_sizes(num_train: int, num_val: int, image_size: int, num_classes: int
     """DemoDataError unless the set can hold every class in val and its images are large enough."""
     if num_train < 1 or num_val * _MIN_OBJECTS < num_classes:
         raise DemoDataError(
-            f"need --num-train >= 1 and --num-val >= {math.ceil(num_classes / _MIN_OBJECTS)} "
+            f"need --num_train >= 1 and --num_val >= {math.ceil(num_classes / _MIN_OBJECTS)} "
             f"(so every one of the {num_classes} classes is in val); got {num_train}, {num_val}"
         )
     if image_size < 64:
-        raise DemoDataError(f"--image-size must be >= 64, got {image_size}")
+        raise DemoDataError(f"--image_size must be >= 64, got {image_size}")
 
 
 def _is_complete(paths: dict[str, Path], params: dict[str, Any]) -> bool:
@@ -350,40 +372,19 @@ def render_preview(out_dir: str | Path, n: int = 8, split: str = "train", cols: 
     return path
 
 
-@dataclass
-class DemoConfig:
-    """The settings of ``python -m regionspot_pl.demo.scenes``."""
-
-    out_dir: str | None = option(None, "folder to write the scene set into; also the positional OUT_DIR")
-    num_train: int = option(600, "training images", minimum=1)
-    num_val: int = option(120, "validation images (enough that every class is in val)", minimum=1)
-    image_size: int = option(256, "side of the square images, in pixels", minimum=64)
-    seed: int = option(0, "seed of the scenes")
-    force: bool = option(False, "redraw even if already generated")
-    preview: bool = option(False, "also write OUT_DIR/preview.png")
-
-    def check(self) -> None:
-        if self.out_dir is None:
-            raise ConfigError("give the folder to write: OUT_DIR (or --out-dir)")
-
-
-COMMAND = Command(DemoConfig, "python -m regionspot_pl.demo.scenes", __doc__.splitlines()[0], positionals=("out_dir",))
+COMMAND = Command(DemoConfig, "python -m regionspot_pl.demo.scenes", __doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m regionspot_pl.demo.scenes OUT_DIR [--num-train N ...] [--preview]``."""
     return run_command(COMMAND, argv, run)
 
 
 def run(config: DemoConfig) -> int:
     """Write the scene set (and the preview); print its paths as JSON."""
-    paths = generate_demo_dataset(
-        config.out_dir, config.num_train, config.num_val, config.image_size, config.seed, force=config.force
-    )
+    paths = generate_demo_dataset(**{k: v for k, v in vars(config).items() if k != "preview"})  # same names
     if config.preview:
         paths["preview"] = render_preview(config.out_dir)
-    json.dump({k: str(v) for k, v in paths.items()}, sys.stdout, indent=1)
-    print()
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
     return 0
 
 

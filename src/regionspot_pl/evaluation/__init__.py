@@ -5,6 +5,8 @@
 ``baselines`` and ``zero_shot`` (the test run) use them.
 """
 
+from typing import Any
+
 from .inputs import EvaluationInputError, GroundTruthError, ResultsError
 from .metrics import COCO_METRICS, LVIS_METRICS, evaluate_detections, format_metrics_table
 from .scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
@@ -22,7 +24,16 @@ __all__ = [
     "score_regions",
 ]
 
-# The CLIP crop baselines of Table 1 (python -m regionspot_pl.test --method clip-box|clip-mask).
-from .baselines import BASELINES, box_crops, crop_logits, crop_window  # noqa: E402
+# The CLIP crop baselines of Table 1 (python -m regionspot_pl.test --method clip-box|clip-mask):
+# imported on first use, as they bring in CLIP (transformers), which scoring a results file
+# (python -m regionspot_pl.evaluate) does not need.
+_BASELINE_NAMES = ("BASELINES", "box_crops", "crop_logits", "crop_window")
+__all__ += list(_BASELINE_NAMES)
 
-__all__ += ["BASELINES", "box_crops", "crop_logits", "crop_window"]
+
+def __getattr__(name: str) -> Any:
+    if name in _BASELINE_NAMES:
+        from . import baselines
+
+        return getattr(baselines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ class ImageLogits:
     boxes: np.ndarray  # float32 [N, 4] xyxy pixels
     scores: np.ndarray  # float32 [N] box scores (1 for GT boxes)
     logits: Tensor  # [N, C] on CPU
-    masks: list[dict] | None  # N COCO RLEs of the SAM masks, or None (--no-masks shards)
+    masks: list[dict] | None  # N COCO RLEs of the SAM masks, or None (shards extracted with --masks false)
 
 
 def regionspot_logits(

@@ -211,7 +211,7 @@ def _backend_for(gt: GroundTruth, kind: str, backend: str) -> str:
     if flagged:
         warnings.warn(
             f"{flagged} ground-truth annotations carry 'ignore', which hotcoco does not read: "
-            "scoring with the LVIS API instead (as --metric-backend lvis; slower)",
+            "scoring with the LVIS API instead (as --metric_backend lvis; slower)",
             stacklevel=3,
         )
         return "lvis"

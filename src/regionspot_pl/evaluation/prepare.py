@@ -1,4 +1,4 @@
-"""Steps 1 and 2 of a test run (:mod:`.zero_shot`): its settings (:class:`TestConfig`), every input
+"""Steps 1 and 2 of a test run (:mod:`.zero_shot`; its settings: :mod:`.settings`): every input
 read and checked before any model runs (:func:`resolve_inputs`), then the models and the
 vocabulary's text embeddings (:func:`build_models`).
 
@@ -20,70 +20,11 @@ from torch import Tensor
 from ..backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_identity, text_embeddings
 from ..backbones.common import resolve_device
 from ..cache.manifest import ShardFolder
-from ..cli import ConfigError, option
 from ..data.annotations import GroundTruth, Vocabulary, check_classes, check_images, read_ground_truth
-from ..errors import RegionSpotError
 from ..model.checkpoint import CheckpointError, load_head
 from ..model.head import RegionSpotHead, check_head_fits
 from .baselines import BASELINES
-from .metrics import BACKENDS, DEFAULT_BACKEND
-from .scoring import MAX_DETS_PER_IMAGE
-
-METHODS: tuple[str, ...] = ("regionspot", *BASELINES)
-# What --batch-size counts when it is not given: images per head batch (regionspot), box crops
-# per CLIP image-tower batch (the baselines).
-DEFAULT_BATCH = {"regionspot": 16, "clip-box": 128, "clip-mask": 128}
-
-
-class TestError(RegionSpotError, ValueError):
-    """A test run is misconfigured: missing inputs, or parts that do not fit together."""
-
-    __test__ = False  # not a pytest test class, whatever its name
-
-
-@dataclass
-class TestConfig:
-    """Settings of ``python -m regionspot_pl.test`` (flags, and the keys of configs/test/*.yaml)."""
-
-    __test__ = False
-
-    shards: str | None = option(None, "shard folder of the split (python -m regionspot_pl.extract --out)")
-    annotations: str | None = option(None, "GT of the split (LVIS/COCO JSON): categories, and the AP reference")
-    head: str | None = option(None, "head checkpoint (fit's head.pt, or convert's output); regionspot only")
-    clip_model: str | None = option(None, "CLIP folder for the text side (default: the one the shards' manifest names)")
-    vocab: str | None = option(None, "class names, one a line, in category-id order (default: the annotations')")
-    method: str = option(
-        "regionspot", f"regionspot, or a CLIP crop baseline of Table 1 ({', '.join(BASELINES)})", choices=METHODS
-    )
-    topk: int = option(
-        MAX_DETS_PER_IMAGE, f"detections kept per image (at most {MAX_DETS_PER_IMAGE}, what LVIS scores)", minimum=1
-    )
-    out: str | None = option(None, "output folder (default: runs/test/SPLIT, or runs/test/DATASET of the shards)")
-    device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    images: str | None = option(None, "original images, for the crop baselines (default: the shards' manifest's)")
-    batch_size: int | None = option(
-        None,
-        "images per head batch (regionspot), or crops per CLIP batch (baselines); null: "
-        + ", ".join(f"{m} {n}" for m, n in DEFAULT_BATCH.items()),
-        minimum=1,
-    )
-    text_cache: str | None = option(None, "HDF5 text-embedding cache (default: the one the shards' manifest names)")
-    workers: int = option(2, "image decoding workers for the crop baselines", minimum=0)
-    metric_backend: str = option(
-        DEFAULT_BACKEND, "hotcoco, or lvis (the official LVIS API / pycocotools, the reference)", choices=BACKENDS
-    )
-
-    def check(self) -> None:
-        """The inputs every run needs (cli.Command runs this after parsing; run_test again)."""
-        needed = ["shards", "annotations"] + (["head"] if self.method == "regionspot" else [])
-        for key in needed:
-            if not getattr(self, key):
-                raise ConfigError(f"no {key} given: pass --{key.replace('_', '-')} or set '{key}' in the config")
-
-    def batch(self) -> int:
-        """--batch-size, or the method's default (``DEFAULT_BATCH``)."""
-        return DEFAULT_BATCH[self.method] if self.batch_size is None else self.batch_size
-
+from .settings import TestConfig, TestError
 
 # --------------------------------------------------------------------------------------------
 # Step 1: inputs, read and checked before any model runs
@@ -99,7 +40,7 @@ class Inputs:
     gt: GroundTruth
     vocab: Vocabulary
     device: torch.device
-    has_masks: bool  # the shards hold a SAM mask per box (not extracted with --no-masks)
+    has_masks: bool  # the shards hold a SAM mask per box (not extracted with --masks false)
     shard_image_ids: set[int] | None  # None for streamed shards (known only once read)
     images: str | None  # the original images (baselines only)
     clip_dir: str  # the CLIP of the text side (and of the crops)
@@ -118,7 +59,7 @@ def resolve_inputs(config: TestConfig) -> Inputs:
     has_masks = extraction.get("masks", True) is not False
     if config.method == "clip-mask" and not has_masks:
         raise TestError(
-            f"clip-mask needs the SAM masks, but the shards in {folder.folder} were extracted with --no-masks: "
+            f"clip-mask needs the SAM masks, but the shards in {folder.folder} were extracted with --masks false: "
             "re-extract them with masks, or use --method clip-box"
         )
     gt = read_ground_truth(config.annotations)
@@ -185,12 +126,12 @@ def _image_folder(config: TestConfig, extraction: dict) -> str | None:
 
 
 def _clip_dir(config: TestConfig, folder: ShardFolder) -> str:
-    """The text side's CLIP: the one the shards were extracted with, unless --clip-model names another."""
+    """The text side's CLIP: the one the shards were extracted with, unless --clip_model names another."""
     clip_dir = str(config.clip_model or folder.clip.model)
     if config.method in BASELINES and not Path(clip_dir).is_dir():
         raise TestError(
             f"CLIP folder not found: {clip_dir} (the {config.method} baseline embeds the crops with CLIP: "
-            "pass --clip-model DIR, a Hugging Face CLIP snapshot)"
+            "pass --clip_model DIR, a Hugging Face CLIP snapshot)"
         )
     return clip_dir
 
@@ -244,7 +185,7 @@ def _check_head(head: RegionSpotHead, inputs: Inputs, text_dim: int | None) -> N
     if inputs.same_clip:
         clip_name = f"the shards' CLIP ({clip.model})"
     else:
-        clip_name = f"the shards' CLIP features ({clip.model}) with the text side of --clip-model {inputs.clip_dir}"
+        clip_name = f"the shards' CLIP features ({clip.model}) with the text side of --clip_model {inputs.clip_dir}"
     text_dim = head.config.text_dim if text_dim is None else text_dim
     check_head_fits(head.config, clip.vision_dim, text_dim, clip_name, f"the head {inputs.config.head}")
 

@@ -27,19 +27,10 @@ from ..utils.io import write_json_atomic
 from .inputs import EvaluationInputError
 from .logits import ImageLogits, baseline_logits, regionspot_logits
 from .metrics import Evaluation, evaluate_results
-from .prepare import (
-    DEFAULT_BATCH,
-    METHODS,
-    Inputs,
-    Models,
-    TestConfig,
-    TestError,
-    build_models,
-    note_uncovered,
-    resolve_inputs,
-)
+from .prepare import Inputs, Models, build_models, note_uncovered, resolve_inputs
 from .report import write_metrics, write_report
 from .scoring import MAX_DETS_PER_IMAGE, ImageDetections, detect
+from .settings import DEFAULT_BATCH, METHODS, TestConfig, TestError
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -133,7 +124,8 @@ def write_outputs(inputs: Inputs, scored: Scored) -> TestResult:
     iou_types = ["bbox", "segm"] if inputs.has_masks else ["bbox"]
     if not inputs.has_masks:
         print(
-            f"note: the shards in {config.shards} were extracted with --no-masks: no mask AP, no detections_segm.json"
+            f"note: the shards in {config.shards} were extracted with --masks false: "
+            "no mask AP, no detections_segm.json"
         )
         (out / "detections_segm.json").unlink(missing_ok=True)  # not a stale file of an earlier run
     files: dict[str, Path] = {}

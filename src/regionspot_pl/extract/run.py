@@ -1,13 +1,8 @@
-"""Offline extraction: frozen SAM + CLIP features of a dataset into WebDataset shards.
-
-    python -m regionspot_pl.extract --config configs/data/o365.yaml   # settings from YAML
-    python -m regionspot_pl.extract --images DIR --annotations FILE --out DIR --sam-type vit_b
-        --sam-checkpoint sam_vit_b_01ec64.pth --clip-model DIR            # or as flags
-
-Flags override the YAML; --print-config shows the resolved settings as YAML.
+"""Offline extraction: frozen SAM + CLIP features of a dataset into WebDataset shards
+(:func:`run_extraction`; the command line is :mod:`regionspot_pl.extract.cli`).
 
 Each rank takes every ``world_size``-th image (sorted by id) and groups its images into shards
-of ``--shard-size``, in order. A shard's content is therefore a pure function of the inputs:
+of ``--shard_size``, in order. A shard's content is therefore a pure function of the inputs:
 a rerun skips the shards that exist (they were renamed into place only when complete) and
 rewrites the rest identically, so a run killed at any moment loses nothing finished and never
 duplicates a sample.
@@ -18,13 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
-import os
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -32,10 +24,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbones.clip import ClipEncoder, load_clip, model_identity, text_embeddings
-from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device, resolved_precision
+from ..backbones.common import resolve_device, resolved_precision
 from ..backbones.encoder import RegionEncoder
 from ..backbones.image import ImageReadError, resolve_image_path
-from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES, build_sam
+from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, build_sam
 from ..backbones.sam_segmenter import SamSegmenter
 from ..cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone
 from ..cache.shards import (
@@ -45,126 +37,15 @@ from ..cache.shards import (
     shard_counts,
     shard_name,
 )
-from ..cli import Command, ConfigError, from_dict, option, run_command
 from ..data.annotations import Vocabulary
 from ..data.records import ImageRecord, ReadStats, load_coco
-from ..errors import RegionSpotError
 from ..utils.io import FolderLock
 from .features import FeatureExtractor, ImageFeaturesInput
+from .settings import ExtractConfig, ExtractError
 
 log = logging.getLogger("regionspot_pl.extract")
-PROG = "python -m regionspot_pl.extract"
-STOP_HINT = "the finished shards are kept; run the same command again to continue"
 LOCK = ".extract-r{rank:03d}.lock"
 PREFLIGHT_IMAGES = 16  # the first images of the plan looked up before the backbones are loaded
-REQUIRED = ("images", "annotations", "out", "sam_checkpoint", "clip_model")
-
-
-class ExtractError(RegionSpotError, ValueError):
-    """An extraction is misconfigured, found nothing usable, or its folder is taken."""
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"${name} is {value!r}, not an integer (torchrun sets it; unset it or fix it)") from None
-
-
-@dataclass
-class ExtractConfig:
-    """Everything an extraction run depends on (stored in the manifest): the schema of the
-    command's flags and of its ``--config`` YAML (``configs/data/*.yaml``)."""
-
-    images: str | None = option(None, "folder the annotation file_names are relative to (required)")
-    annotations: str | None = option(None, "COCO-format JSON: categories, images, annotations (required)")
-    out: str | None = option(None, "output folder for the shards and manifest.json (required)")
-    sam_type: str = option("vit_b", "the SAM variant of --sam-checkpoint", choices=SAM_TYPES)
-    sam_checkpoint: str | None = option(None, f"SAM .pth, e.g. {OFFICIAL_SAM_CHECKPOINTS['vit_b']} (required)")
-    clip_model: str | None = option(None, "local Hugging Face CLIP folder, save_pretrained layout (required)")
-    clip_size: int | None = option(
-        None, "CLIP input size; must match the model (default: the model's own)", choices=(224, 336)
-    )
-    boxes: str | None = option(
-        None,
-        "proposals to use instead of the ground-truth boxes: COCO results (image_id, bbox xywh, score) or the "
-        "reference's GLIP file",
-    )
-    dataset: str | None = option(
-        None, "dataset name stored with each sample and in the shard names (default: the annotation file's stem)"
-    )
-    shard_size: int = option(1000, "images per shard", minimum=1)
-    device: str = option("cpu", "cpu, cuda or cuda:N; under torchrun, cuda means cuda:$LOCAL_RANK")
-    batch_size: int = option(8, "images per encoder batch", minimum=1)
-    workers: int = option(2, "image decoding processes (0: decode in the main process)", minimum=0)
-    rank: int | None = option(None, "this process's rank (default: $RANK from torchrun, else 0)", minimum=0)
-    world_size: int | None = option(None, "number of ranks (default: $WORLD_SIZE from torchrun, else 1)", minimum=1)
-    masks: bool = option(
-        True, "store the box-prompted SAM masks: evaluation splits need them for mask AP, training sets do not"
-    )
-    precision: str = option(
-        "auto",
-        "backbone precision; auto: bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU",
-        choices=PRECISIONS,
-    )
-    compile: bool = option(
-        False,
-        "torch.compile SAM's mask decoder and both image encoders: a one-off compile at the start, then each "
-        "batch runs fused kernels (speeds in docs/benchmarks.md)",
-    )
-    text_cache: str = option(DEFAULT_TEXT_CACHE, "HDF5 cache of the vocabulary's CLIP text embeddings (rank 0 writes)")
-    limit: int | None = option(None, "only the first N images by id (smoke runs)", minimum=1)
-    read_timeout: float = option(
-        600.0, "seconds without a decoded batch from the image readers before the run fails", minimum=1
-    )
-
-    # Fields that decide the content of the shards: a rerun into the same --out must agree.
-    # (The precision actually used, the backbones' content and the input files' content are
-    # checked too, in _check_same_run.)
-    CONTENT_FIELDS = (
-        "annotations",
-        "boxes",
-        "sam_type",
-        "clip_size",
-        "dataset",
-        "shard_size",
-        "world_size",
-        "masks",
-        "limit",
-    )
-
-    def __post_init__(self) -> None:
-        """torchrun's environment: $RANK and $WORLD_SIZE where no rank is given, one GPU per process."""
-        if self.rank is None:
-            self.rank = _env_int("RANK", 0)
-        if self.world_size is None:
-            self.world_size = _env_int("WORLD_SIZE", 1)
-        if self.device == "cuda" and "LOCAL_RANK" in os.environ:
-            self.device = f"cuda:{_env_int('LOCAL_RANK', 0)}"
-
-    def check(self) -> None:
-        """The rules between fields (every value's own type, choices and minimum are checked by
-        :func:`regionspot_pl.cli.from_dict`, here too for a config built in code)."""
-        from_dict(type(self), asdict(self), "ExtractConfig")
-        missing = [_flag(key) for key in REQUIRED if not getattr(self, key)]
-        if missing:
-            raise ConfigError(f"missing {', '.join(missing)}: pass them as flags or as keys of a --config file")
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(
-                f"--rank {self.rank} is outside --world-size {self.world_size}: ranks are 0..{self.world_size - 1}"
-            )
-        if not math.isfinite(self.read_timeout):
-            raise ConfigError(f"--read-timeout {self.read_timeout} must be a finite number of seconds")
-
-
-COMMAND = Command(ExtractConfig, PROG, __doc__)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -188,13 +69,13 @@ def plan_shards(records: list[ImageRecord], rank: int, world_size: int, shard_si
 
 def load_extractor(cfg: ExtractConfig) -> FeatureExtractor:
     """SAM and CLIP of ``cfg`` on its device at its precision (compiled with ``--compile``), as
-    the extractor of its shards; ``--clip-size`` must be the CLIP model's input size."""
+    the extractor of its shards; ``--clip_size`` must be the CLIP model's input size."""
     segmenter = SamSegmenter(build_sam(cfg.sam_type, cfg.sam_checkpoint))
     clip = ClipEncoder(*load_clip(cfg.clip_model))
     if cfg.clip_size is not None and cfg.clip_size != clip.image_size:
         raise ExtractError(
-            f"--clip-size {cfg.clip_size} does not match the CLIP model in {cfg.clip_model}, "
-            f"which takes {clip.image_size}x{clip.image_size} input; pass --clip-size "
+            f"--clip_size {cfg.clip_size} does not match the CLIP model in {cfg.clip_model}, "
+            f"which takes {clip.image_size}x{clip.image_size} input; pass --clip_size "
             f"{clip.image_size} or a CLIP model of that size"
         )
     encoder = RegionEncoder(segmenter, clip, cfg.device, cfg.precision)
@@ -220,7 +101,7 @@ _INPUT_PATHS = (
 
 
 def _check_paths(cfg: ExtractConfig) -> None:
-    """Every input path exists and is of its kind; ``--out`` and ``--text-cache`` can be written."""
+    """Every input path exists and is of its kind; ``--out`` and ``--text_cache`` can be written."""
     for key, kind in _INPUT_PATHS:
         value = getattr(cfg, key)
         if value is None:
@@ -230,15 +111,13 @@ def _check_paths(cfg: ExtractConfig) -> None:
             continue
         problem = f"is not a {kind}" if path.exists() else "not found"
         if key == "sam_checkpoint":
-            problem += f" (--sam-type {cfg.sam_type} takes the official {OFFICIAL_SAM_CHECKPOINTS[cfg.sam_type]})"
-        raise ExtractError(
-            f"{_flag(key)} {value}: {problem}; pass the right path, or edit `{key}:` in the --config file"
-        )
+            problem += f" (--sam_type {cfg.sam_type} takes the official {OFFICIAL_SAM_CHECKPOINTS[cfg.sam_type]})"
+        raise ExtractError(f"--{key} {value}: {problem}; pass the right path as --{key} or `{key}:` in a --config file")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ExtractError(f"--out {cfg.out} is a file, not a folder: pass another --out")
     cache = Path(cfg.text_cache)
     if cache.exists() and not (cache.is_file() and h5py.is_hdf5(cache)):
-        raise ExtractError(f"--text-cache {cache} is not an HDF5 file: pass another --text-cache, or delete it")
+        raise ExtractError(f"--text_cache {cache} is not an HDF5 file: pass another --text_cache, or delete it")
 
 
 def _previous_manifest(out: Path) -> Manifest | None:
@@ -275,7 +154,7 @@ def _plan(cfg: ExtractConfig) -> tuple[list[list[ImageRecord]], Vocabulary, Read
     if not shards:
         raise ExtractError(
             f"rank {cfg.rank} of {cfg.world_size} gets no image ({len(records)} images in all): "
-            "use a --world-size of at most the number of images"
+            "use a --world_size of at most the number of images"
         )
     _preflight_images(cfg, [rec for shard in shards for rec in shard][:PREFLIGHT_IMAGES])
     return shards, vocab, read_stats
@@ -455,7 +334,7 @@ class _ShardOutput:
 
 
 def _loader_batches(loader: DataLoader, cfg: ExtractConfig) -> Iterator[list[dict]]:
-    """The loader's batches; a stalled read (no batch within --read-timeout) or a dead reader
+    """The loader's batches; a stalled read (no batch within --read_timeout) or a dead reader
     process becomes an ExtractError instead of a wait without end or a bare RuntimeError."""
     batches = iter(loader)
     while True:
@@ -465,7 +344,7 @@ def _loader_batches(loader: DataLoader, cfg: ExtractConfig) -> Iterator[list[dic
             return
         except RuntimeError as err:
             raise ExtractError(
-                f"the image readers failed: {err}. A stalled read of {cfg.images} (no image within --read-timeout "
+                f"the image readers failed: {err}. A stalled read of {cfg.images} (no image within --read_timeout "
                 f"{cfg.read_timeout:g} s) or a reader killed (out of memory?); "
                 "finished shards are kept: rerun to resume"
             ) from err
@@ -555,7 +434,7 @@ def _check_extracted(cfg: ExtractConfig, num_shards: int, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The command
+# The summary line
 # --------------------------------------------------------------------------------------------
 
 
@@ -571,19 +450,3 @@ def format_summary(summary: dict) -> str:
             key, value = "dropped at reading", ", ".join(f"{n} {r}" for r, n in value.items())
         parts.append(f"{key} {value}")
     return "extraction done: " + ", ".join(parts)
-
-
-def _run(cfg: ExtractConfig) -> int:
-    print(format_summary(run_extraction(cfg)))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The CLI: bad input is one ``error:`` line and exit 2; SIGTERM/SIGINT stop it with the
-    finished shards kept (exit 128 + the signal number)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(COMMAND, argv, _run, stop_hint=STOP_HINT)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

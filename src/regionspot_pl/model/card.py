@@ -44,7 +44,7 @@ head = load_head("THIS_FOLDER")  # a local folder or a Hugging Face Hub id
 
 ```bash
 python -m regionspot_pl.predict --head THIS_FOLDER --image IMG --boxes "x1,y1,x2,y2" \\
-    --vocab "cat,dog" --sam-type SAM_TYPE --sam-checkpoint SAM.pth --clip-model CLIP_DIR --out OUT.png
+    --vocab "cat,dog" --sam_type SAM_TYPE --sam_checkpoint SAM.pth --clip_model CLIP_DIR --out OUT.png
 ```
 
 Files: `config.json` (sizes and the facts above), `model.safetensors` (weights, the official

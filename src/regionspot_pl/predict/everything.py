@@ -20,60 +20,26 @@ stability_score). ``pycocotools.coco.COCO`` loads it as a labelled data set; its
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from segment_anything import SamAutomaticMaskGenerator
-from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from ..backbones.image import ImageReadError
-from ..cli import ConfigError, check_fields, option
 from ..errors import RegionSpotError
 from ..utils.io import masks_to_rle
 from .predictor import Predictor
 from .prompts import ImageLike, VocabularyLike, load_image, read_vocabulary
+from .settings import GeneratorSettings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageFolderError(RegionSpotError, FileNotFoundError):
     """An image folder is missing or holds no images."""
-
-
-@dataclass(frozen=True)
-class GeneratorSettings:
-    """``SamAutomaticMaskGenerator``'s parameters, with its defaults (see its docstring)."""
-
-    points_per_side: int = option(32, "a grid of N x N point prompts over the image", minimum=1)
-    points_per_batch: int = option(64, "point prompts per decoder call (memory)", minimum=1)
-    pred_iou_thresh: float = option(0.88, "keep masks whose SAM-predicted IoU is at least this", minimum=0)
-    stability_score_thresh: float = option(0.95, "keep masks whose stability score is at least this", minimum=0)
-    stability_score_offset: float = option(1.0, "logit offset the stability score binarizes at")
-    box_nms_thresh: float = option(0.7, "box IoU above which a duplicate mask is dropped (1: keep all)", minimum=0)
-    crop_n_layers: int = option(0, "also run on 2^i x 2^i image crops, i = 1..N", minimum=0)
-    crop_nms_thresh: float = option(0.7, "box IoU above which a duplicate mask of another crop is dropped", minimum=0)
-    crop_overlap_ratio: float = option(
-        512 / 1500, "overlap of neighbouring crops, as a fraction of the image side", minimum=0
-    )
-    crop_n_points_downscale_factor: int = option(1, "the grid side shrinks by this per crop layer", minimum=1)
-    min_mask_region_area: int = option(0, "remove islands and fill holes under this many pixels (opencv)", minimum=0)
-
-    def check(self) -> None:
-        """ConfigError naming the first setting of the wrong type or out of its range (settings
-        made in Python get the checks that flags and YAML get)."""
-        check_fields(self)
-        unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio")
-        for name in unit:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-
-    def build(self, sam: Sam) -> SamAutomaticMaskGenerator:
-        """The generator on ``sam``, giving binary masks."""
-        self.check()
-        return SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **asdict(self))
 
 
 def mask_box(bbox: list[float]) -> list[float]:

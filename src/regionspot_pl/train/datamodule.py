@@ -24,38 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..cache.manifest import ClipBackbone, ShardFolder
 from ..cache.shards import ShardFormatError, decoded_samples
-from ..cli import check_fields, option
-from ..errors import RegionSpotError
+from .settings import DataConfig, DataConfigError
 
 log = logging.getLogger("regionspot_pl.data")
-
-
-class DataConfigError(RegionSpotError, ValueError):
-    """A data setting is out of range (batch size, workers, weights, caps)."""
-
-
-@dataclass
-class DataConfig:
-    """What ``fit`` reads: the shard folders and how they are batched."""
-
-    train_shards: list[str] = option([], "shard folders to train on (python -m regionspot_pl.extract --out)")
-    mix_weights: list[float] | None = option(
-        None, "sampling weight of each --train-shards folder (default: equal)", minimum=0
-    )
-    val_shards: str | None = option(None, "shard folder to validate on")
-    val_annotations: str | None = option(None, "GT file of the validation shards (LVIS/COCO JSON)")
-    batch_size: int = option(2, "images per device per step (8 GPUs x 2 = the paper's 16)", minimum=1)
-    workers: int = option(4, "loader workers per device; capped at the shards each rank gets", minimum=0)
-    max_boxes_per_image: int | None = option(
-        None, "cap on box prompts per image (default: all, as the paper)", minimum=1
-    )
-    shuffle_buffer: int = option(256, "samples in each reader's shuffle buffer", minimum=0)
-    read_timeout: float = option(
-        600.0, "seconds a loader worker may take for a batch before the run fails instead of waiting", minimum=1e-3
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, DataConfigError)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -83,8 +54,9 @@ def check_mix_weights(weights: list[float], count: int) -> None:
     )
     if not ok:
         raise DataConfigError(
-            f"mixing weights {list(weights)} are invalid: give {count} finite, non-negative "
-            "numbers (--mix-weights, one per --train-shards folder), not all zero"
+            "mix_weights",
+            f"{list(weights)} are invalid: give {count} finite, non-negative numbers "
+            "(--data.mix_weights, one per --data.train_shards folder), not all zero",
         )
 
 
@@ -302,7 +274,7 @@ class RegionDataModule(L.LightningDataModule):
     def __init__(self, config: DataConfig, seed: int = 0) -> None:
         super().__init__()
         if not config.train_shards:
-            raise ShardFormatError("no training shard folders given (--train-shards DIR [DIR ...])")
+            raise ShardFormatError("no training shard folders given (--data.train_shards [DIR,...])")
         self.config, self.seed = config, seed
         self.train = [ShardFolder.read(f) for f in config.train_shards]
         self.val = ShardFolder.read(config.val_shards) if config.val_shards else None
@@ -341,11 +313,11 @@ class RegionDataModule(L.LightningDataModule):
             smallest = min(self.train, key=lambda info: len(info.shards))
             raise ShardFormatError(
                 f"{smallest.folder} has {len(smallest.shards)} shards, fewer than the {world} ranks: some ranks would "
-                "get no data. Train on fewer devices or re-extract with a smaller --shard-size"
+                "get no data. Train on fewer devices or re-extract with a smaller --shard_size"
             )
         if self.config.workers > per_rank:
             log.warning(
-                "--workers %d capped at %d: the smallest training folder has %d shards for each of %d ranks",
+                "--data.workers %d capped at %d: the smallest training folder has %d shards for each of %d ranks",
                 self.config.workers,
                 per_rank,
                 per_rank,

@@ -6,14 +6,12 @@ from __future__ import annotations
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from ..cli import check_fields, option
 from ..data.annotations import GroundTruth
 from ..evaluation.inputs import load_ground_truth
 from ..evaluation.metrics import DEFAULT_BACKEND, evaluate_detections
@@ -21,42 +19,7 @@ from ..evaluation.scoring import MAX_DETS_PER_IMAGE, batch_detections, batch_log
 from ..model.head import HeadConfig, RegionSpotHead
 from ..model.loss import region_focal_loss
 from .datamodule import RegionBatch
-
-
-@dataclass
-class OptimConfig:
-    """The paper's optimizer and schedule. ``warmup_iters`` and ``milestones`` are given for a run
-    of ``schedule_steps`` (the paper's 450K) and scale with the run's length, so a run of any
-    ``max_steps`` follows the same curve, compressed or stretched (a run resumed with another
-    ``max_steps`` follows that run's curve from the step it reached)."""
-
-    lr: float = option(2.5e-5, "AdamW base learning rate (the paper's, for 16 images a step)", minimum=0)
-    weight_decay: float = option(1e-4, "AdamW weight decay", minimum=0)
-    warmup_iters: int = option(1000, "linear warm-up length, in steps of a run of schedule_steps", minimum=0)
-    warmup_factor: float = option(0.01, "learning-rate multiplier at step 0 of the warm-up", minimum=0)
-    milestones: list[int] = option(
-        [350_000, 420_000], "steps (of a run of schedule_steps) where the rate is multiplied by gamma", minimum=0
-    )
-    gamma: float = option(0.1, "learning-rate multiplier at each milestone", minimum=0)
-    schedule_steps: int = option(
-        450_000, "the run length warmup_iters and milestones are given for; they scale to max_steps", minimum=1
-    )
-    clip_grad_norm: float = option(1.0, "clip gradients to this global L2 norm", minimum=0)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def for_run(self, max_steps: int) -> dict:
-        """The settings of a run of ``max_steps``: warm-up and milestones scaled to it."""
-        scale = max_steps / self.schedule_steps
-        return {
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "warmup_iters": round(self.warmup_iters * scale),
-            "warmup_factor": self.warmup_factor,
-            "milestones": [round(m * scale) for m in self.milestones],
-            "gamma": self.gamma,
-        }
+from .settings import OptimConfig
 
 
 def lr_factor(step: int, warmup_iters: int, warmup_factor: float, milestones: Sequence[int], gamma: float) -> float:
