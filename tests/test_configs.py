@@ -70,6 +70,17 @@ def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
+def test_help_shows_each_setting_with_its_docstring_range_and_default():
+    from regionspot_pl import fit
+
+    text = " ".join(fit.COMMAND.parser().format_help().split())
+    assert (
+        "--trainer.max_steps MAX_STEPS training steps (the paper: 450K) (type: Annotated[int, >= 1], default: 450000)"
+        in text
+    )
+    assert "--data.read_timeout" in text and "--model.variant {auto,BB,BL,BL@336}" in text and "--stage NAME" in text
+
+
 def test_the_choices_of_the_settings_are_the_librarys():
     """Choices written as Literal types in the light settings modules are those the library runs."""
     from regionspot_pl.evaluation.baselines import BASELINES

@@ -5,6 +5,10 @@ line shows it in ``--help`` (``type: Annotated[int, >= 1]``) and checks the type
 ``__post_init__`` calls :func:`check_settings`, which checks the range and the ``Literal``
 choices, so a setting made in a notebook is refused as one read from a flag. A failure is a
 :class:`SettingError` carrying the field's name, which a command turns into its flag.
+
+A settings module leaves out ``from __future__ import annotations``: jsonargparse reads postponed
+hints without their ``Annotated`` extras, and ``--help`` would not show the ranges (they would
+still be checked).
 """
 
 from __future__ import annotations
