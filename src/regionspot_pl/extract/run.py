@@ -10,61 +10,38 @@ duplicates a sample.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
-import h5py
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backbones.clip import ClipEncoder, load_clip, model_identity, text_embeddings
-from ..backbones.common import resolve_device, resolved_precision
+from ..backbones.clip import ClipEncoder, load_clip, text_embeddings
 from ..backbones.encoder import RegionEncoder
-from ..backbones.image import ImageReadError, resolve_image_path
-from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS, build_sam
+from ..backbones.sam import build_sam
 from ..backbones.sam_segmenter import SamSegmenter
-from ..cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone
 from ..cache.shards import (
     AtomicShardWriter,
-    ShardFormatError,
     read_sidecar,
     shard_counts,
     shard_name,
 )
-from ..data.annotations import Vocabulary
-from ..data.records import ImageRecord, ReadStats, load_coco
+from ..data.records import ImageRecord
 from ..utils.io import FolderLock
 from .features import FeatureExtractor, ImageFeaturesInput
+from .plan import checked_plan
+from .resume import build_manifest, check_same_run
 from .settings import ExtractConfig, ExtractError
 
 log = logging.getLogger("regionspot_pl.extract")
 LOCK = ".extract-r{rank:03d}.lock"
-PREFLIGHT_IMAGES = 16  # the first images of the plan looked up before the backbones are loaded
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file, first 16 hex digits (backbone identity in the manifest)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _collate(items: list[dict]) -> list[dict]:
     return items
-
-
-def plan_shards(records: list[ImageRecord], rank: int, world_size: int, shard_size: int) -> list[list[ImageRecord]]:
-    """This rank's images (every world_size-th by id), grouped into shards in order."""
-    mine = sorted(records, key=lambda r: r.image_id)[rank::world_size]
-    return [mine[i : i + shard_size] for i in range(0, len(mine), shard_size)]
 
 
 def load_extractor(cfg: ExtractConfig) -> FeatureExtractor:
@@ -86,168 +63,6 @@ def load_extractor(cfg: ExtractConfig) -> FeatureExtractor:
 
 
 # --------------------------------------------------------------------------------------------
-# Check the inputs: everything here runs before the backbones load, so a bad flag, path,
-# annotation file or image folder fails in seconds, naming the file and the fix.
-# --------------------------------------------------------------------------------------------
-
-# (field, "file" or "folder") of every input path
-_INPUT_PATHS = (
-    ("images", "folder"),
-    ("annotations", "file"),
-    ("boxes", "file"),
-    ("sam_checkpoint", "file"),
-    ("clip_model", "folder"),
-)
-
-
-def _check_paths(cfg: ExtractConfig) -> None:
-    """Every input path exists and is of its kind; ``--out`` and ``--text_cache`` can be written."""
-    for key, kind in _INPUT_PATHS:
-        value = getattr(cfg, key)
-        if value is None:
-            continue
-        path = Path(value)
-        if path.is_dir() if kind == "folder" else path.is_file():
-            continue
-        problem = f"is not a {kind}" if path.exists() else "not found"
-        if key == "sam_checkpoint":
-            problem += f" (--sam_type {cfg.sam_type} takes the official {OFFICIAL_SAM_CHECKPOINTS[cfg.sam_type]})"
-        raise ExtractError(f"--{key} {value}: {problem}; pass the right path as --{key} or `{key}:` in a --config file")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ExtractError(f"--out {cfg.out} is a file, not a folder: pass another --out")
-    cache = Path(cfg.text_cache)
-    if cache.exists() and not (cache.is_file() and h5py.is_hdf5(cache)):
-        raise ExtractError(f"--text_cache {cache} is not an HDF5 file: pass another --text_cache, or delete it")
-
-
-def _previous_manifest(out: Path) -> Manifest | None:
-    """The manifest of an extraction already in ``out`` (None when there is none); one this
-    version cannot continue (another cache format or feature protocol, unreadable) is an error."""
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        return Manifest.read(out)
-    except ShardFormatError as err:
-        raise ExtractError(
-            f"--out {out} holds an extraction this run cannot continue ({err}). "
-            "Use another --out, or delete the folder to start over."
-        ) from err
-
-
-def _plan(cfg: ExtractConfig) -> tuple[list[list[ImageRecord]], Vocabulary, ReadStats]:
-    """Read the annotations and plan this rank's shards; returns (shards, vocabulary, read stats)."""
-    records, vocab, read_stats = load_coco(cfg.annotations, cfg.boxes)
-    if read_stats.images_outside:
-        log.warning(
-            "%d images dropped: their file_name leads outside --images (e.g. %s)",
-            read_stats.images_outside,
-            ", ".join(map(repr, read_stats.outside_examples)),
-        )
-    if cfg.limit is not None:
-        records = sorted(records, key=lambda r: r.image_id)[: cfg.limit]
-        labelled = sum(int((r.labels >= 0).sum()) for r in records)
-        if cfg.boxes is None and labelled == 0:
-            raise ExtractError(
-                f"the first {cfg.limit} images of {cfg.annotations} (--limit) hold no box with a class: raise --limit"
-            )
-    shards = plan_shards(records, cfg.rank, cfg.world_size, cfg.shard_size)
-    if not shards:
-        raise ExtractError(
-            f"rank {cfg.rank} of {cfg.world_size} gets no image ({len(records)} images in all): "
-            "use a --world_size of at most the number of images"
-        )
-    _preflight_images(cfg, [rec for shard in shards for rec in shard][:PREFLIGHT_IMAGES])
-    return shards, vocab, read_stats
-
-
-def _preflight_images(cfg: ExtractConfig, first: list[ImageRecord]) -> None:
-    """The first images of the plan must be found: when none is, --images is the wrong folder,
-    and every image would be skipped one by one after the backbones have loaded."""
-    found = 0
-    for rec in first:
-        try:
-            found += resolve_image_path(cfg.images, rec.file_name).is_file()
-        except ImageReadError:
-            pass
-    if first and not found:
-        raise ExtractError(
-            f"none of the first {len(first)} images of {cfg.annotations} is under --images {cfg.images} "
-            f"(e.g. {Path(cfg.images) / first[0].file_name}): pass the folder their file_names are relative to"
-        )
-
-
-def _checked(cfg: ExtractConfig) -> tuple[ExtractConfig, list[list[ImageRecord]], Vocabulary, ReadStats]:
-    """The settings (with their dataset name) and the plan, every input checked."""
-    cfg.check()
-    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or Path(cfg.annotations).stem)
-    _check_paths(cfg)
-    resolve_device(cfg.device)
-    _previous_manifest(Path(cfg.out))
-    shards, vocab, read_stats = _plan(cfg)
-    return cfg, shards, vocab, read_stats
-
-
-# --------------------------------------------------------------------------------------------
-# The manifest, and resuming into a folder
-# --------------------------------------------------------------------------------------------
-
-
-def _manifest(cfg: ExtractConfig, vocab: Vocabulary, extractor: FeatureExtractor, read_stats: ReadStats) -> Manifest:
-    clip = extractor.encoder.vlm
-    return Manifest(
-        vocabulary=vocab,
-        sam=SamBackbone(
-            type=cfg.sam_type,
-            checkpoint=str(Path(cfg.sam_checkpoint).resolve()),
-            sha256_16=file_digest(cfg.sam_checkpoint),
-            image_size=extractor.encoder.segmenter.image_size,
-        ),
-        clip=ClipBackbone(
-            model=str(Path(cfg.clip_model).resolve()),
-            id=model_identity(cfg.clip_model),
-            image_size=clip.image_size,
-            tokens=clip.num_tokens,
-            vision_dim=clip.vision_dim,
-            text_dim=clip.text_dim,
-        ),
-        text_cache=str(Path(cfg.text_cache).resolve()),
-        precision=resolved_precision(extractor.device, cfg.precision),
-        dataset=cfg.dataset,
-        annotations={
-            "sha256_16": file_digest(cfg.annotations),
-            "boxes_sha256_16": file_digest(cfg.boxes) if cfg.boxes else None,
-            **read_stats.to_dict(),
-        },
-        config=asdict(cfg),
-    )
-
-
-def _check_same_run(out: Path, manifest: Manifest) -> None:
-    """Refuse to resume into a folder that holds a different extraction."""
-    old = _previous_manifest(out)
-    if old is None:
-        return
-    diffs = [k for k in ExtractConfig.CONTENT_FIELDS if old.config.get(k) != manifest.config.get(k)]
-    old_precision = old.precision if old.precision != "auto" else None
-    if old_precision is not None and old_precision != manifest.precision:
-        diffs.append(
-            f"precision ({old_precision} -> {manifest.precision}; pass --precision {old_precision} to continue it)"
-        )
-    if old.sam.sha256_16 != manifest.sam.sha256_16:
-        diffs.append("sam weights")
-    if old.clip.id != manifest.clip.id:
-        diffs.append("clip weights")
-    for key, what in (("sha256_16", "annotation file content"), ("boxes_sha256_16", "proposals file content")):
-        if old.annotations.get(key) != manifest.annotations[key]:
-            diffs.append(what)
-    if diffs:
-        raise ExtractError(
-            f"{out} already holds shards of a different extraction (differs in: {', '.join(diffs)}). "
-            "Use another --out, or delete the folder to start over."
-        )
-
-
-# --------------------------------------------------------------------------------------------
 # Run: the backbones over this rank's pending shards
 # --------------------------------------------------------------------------------------------
 
@@ -259,15 +74,15 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     and host): a second extraction of the same rank into the same folder is refused.
     """
     start = time.time()
-    cfg, shards, vocab, read_stats = _checked(cfg)
+    cfg, shards, vocab, read_stats = checked_plan(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out / LOCK.format(rank=cfg.rank), f"extraction folder {out} (rank {cfg.rank})"):
         for stale in out.glob(f"{cfg.dataset}-r{cfg.rank:03d}-*.tar.*.tmp"):  # of a killed run of this rank
             stale.unlink()
         extractor = load_extractor(cfg)
-        manifest = _manifest(cfg, vocab, extractor, read_stats)
-        _check_same_run(out, manifest)
+        manifest = build_manifest(cfg, vocab, extractor, read_stats)
+        check_same_run(out, manifest)
         manifest.write(out)
         summary = _extract_pending(cfg, shards, extractor, out, len(vocab))
         manifest.counts = shard_counts(out)
