@@ -29,10 +29,10 @@ RegionSpot-BL-size shards); nothing is downloaded. Stages (scripts/benchmarks/):
   2 cores; with less memory available it runs at the largest scale that fits, and says so);
   ``--metric-scale`` shrinks it.
 
-``--quick`` runs every stage at tiny sizes, once (the metric step at 0.002 = 40 images, 4 images
-to extract, one training step of 2 images), without what alone takes 10 s or more on a CPU (``--compile``'s
-compilation, real-size CLIP and SAM on the fly): its numbers say little, it shows that the
-benchmark runs. CPU timings on a shared machine are noisy: read the ratios (both sides
+``--quick`` runs every stage at tiny sizes, once (the metric step at 0.002 = 40 images, 2 images
+to extract, 4 to evaluate, one training step of 2 images), without what alone takes 10 s or more
+on a CPU (``--compile``'s compilation, real-size CLIP and SAM on the fly): its numbers say
+little, it shows that the benchmark runs. CPU timings on a shared machine are noisy: read the ratios (both sides
 measured in this run), take absolute numbers as indicative. Prints one table; writes it to
 bench_out/bench.json.
 """
@@ -67,7 +67,7 @@ class Sizes:
     """How much each stage does: the default run, or ``--quick``'s tiny one."""
 
     images: int = 48  # demo train images to extract
-    val_images: int = 14
+    val_images: int = 14  # demo val images (the set has 14 or more) to evaluate on
     metric_scale: float = 1.0  # of LVIS v1 val
     reps: int = 2  # extraction passes, ours and naive
     options: tuple[str, ...] = tuple(OPTIONS)
@@ -83,7 +83,7 @@ class Sizes:
 
 
 QUICK = Sizes(
-    images=4, val_images=14, metric_scale=0.002, reps=1, options=("--precision bf16",), bl_train=32, bl_eval=16,
+    images=2, val_images=4, metric_scale=0.002, reps=1, options=("--precision bf16",), bl_train=32, bl_eval=4,
     load_samples=(64, 32), load_rounds=1, train_steps=1, train_batch=2, on_the_fly_batches=0, with_sam=False,
     eval_repeat=1,
 )  # fmt: skip
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sizes]:
 def run_stages(table: Table, out: Path, sizes: Sizes) -> None:
     # first, while this process is small: the LVIS API's process needs ~20 GB at full size
     bench_metric_step(table, out / "metrics", sizes.metric_scale)
-    data, backbones = demo_inputs(out, sizes.images, sizes.val_images)
+    data, backbones = demo_inputs(out, sizes.images, max(14, sizes.val_images))
     bench_extraction(table, out, data, backbones, sizes.images, sizes.reps, list(sizes.options))
     train = demo_shards(out, data, backbones, "train", sizes.images, max(1, sizes.images // 4))
     val = demo_shards(out, data, backbones, "val", sizes.val_images, max(1, sizes.val_images // 2))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from regionspot_pl.convert import main as convert_main
-from regionspot_pl.data.annotations import load_coco
+from regionspot_pl.data.records import load_coco
 from regionspot_pl.model import RegionSpotHead, load_head, save_head
 
 ROOT = Path(__file__).resolve().parents[1]

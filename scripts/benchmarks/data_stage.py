@@ -23,7 +23,8 @@ def demo_inputs(out: Path, num_train: int, num_val: int) -> tuple[dict, dict]:
 
 
 def demo_shards(out: Path, data: dict, backbones: dict, split: str, num_images: int, shard_size: int) -> Path:
-    """The ``split``'s shards in ``out/shards/{split}-{num_images}``, extracted unless already there."""
+    """The first ``num_images`` of the ``split`` in shards in ``out/shards/{split}-{num_images}``,
+    extracted unless already there."""
     folder = out / "shards" / f"{split}-{num_images}"
     try:
         Manifest.read(folder)
@@ -43,6 +44,7 @@ def demo_shards(out: Path, data: dict, backbones: dict, split: str, num_images: 
                 batch_size=BATCH,
                 workers=0,
                 text_cache=str(out / "text_embeddings.h5"),
-            )  # fmt: skip
+                limit=num_images,
+            )
         )
     return folder
