@@ -76,7 +76,8 @@ class Sizes:
     load_samples: tuple[int, int] = (3000, 512)  # read per measurement: demo, BL
     load_rounds: int = 3
     train_steps: int = 4
-    train_batch: int = 16
+    train_batch: int = 16  # images per BL head step, trained and counted
+    matmul_size: int = 2048  # of the square matrices the CPU's matmul rate is measured on
     on_the_fly_batches: int = 2
     with_sam: bool = True
     eval_repeat: int = 3
@@ -85,7 +86,7 @@ class Sizes:
 QUICK = Sizes(
     images=2, val_images=4, metric_scale=0.002, reps=1, options=("--precision bf16",), bl_train=32, bl_eval=4,
     load_samples=(64, 32), load_rounds=1, train_steps=1, train_batch=2, on_the_fly_batches=0, with_sam=False,
-    eval_repeat=1,
+    eval_repeat=1, matmul_size=1024,
 )  # fmt: skip
 
 
@@ -115,14 +116,14 @@ def run_stages(table: Table, out: Path, sizes: Sizes) -> None:
     # first, while this process is small: the LVIS API's process needs ~20 GB at full size
     bench_metric_step(table, out / "metrics", sizes.metric_scale)
     data, backbones = demo_inputs(out, sizes.images, max(14, sizes.val_images))
-    bench_extraction(table, out, data, backbones, sizes.images, sizes.reps, list(sizes.options))
+    bench_extraction(table, out, data, backbones, sizes.images, sizes.reps, list(sizes.options), sizes.matmul_size)
     train = demo_shards(out, data, backbones, "train", sizes.images, max(1, sizes.images // 4))
     val = demo_shards(out, data, backbones, "val", sizes.val_images, max(1, sizes.val_images // 2))
     bl_train = write_bl_shards(out / "bl_train", sizes.bl_train)
     bl_eval = write_bl_shards(out / "bl_eval", sizes.bl_eval, shard_size=16)
     demo_samples, bl_samples = sizes.load_samples
     bench_loading(table, {"demo": train, "BL": bl_train}, {"demo": demo_samples, "BL": bl_samples}, sizes.load_rounds)
-    bench_flops(table)
+    bench_flops(table, sizes.train_batch)
     bench_training(table, bl_train, sizes.train_steps, sizes.on_the_fly_batches, sizes.with_sam, sizes.train_batch)
     bench_evaluation(table, val, bl_eval, sizes.eval_repeat)
 

@@ -38,7 +38,7 @@ START_TIMEOUT_S = 300
 HELD_EXTRACT = """
 import os, sys, time
 from pathlib import Path
-from regionspot_pl import extract
+from regionspot_pl.extract import run as extract
 
 encode, calls = extract.FeatureExtractor.encode, []
 

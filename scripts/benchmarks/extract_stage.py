@@ -218,10 +218,12 @@ class ExtractionBench:
 
 
 def bench_extraction(
-    table: Table, out: Path, data: dict, backbones: dict, num_images: int, reps: int, options: list[str]
-) -> dict:
+    table: Table, out: Path, data: dict, backbones: dict, num_images: int, reps: int, options: list[str],
+    matmul_size: int = 2048,
+) -> dict:  # fmt: skip
     """The extraction rows: ours against naive, the ``options`` (names of OPTIONS), the decoder's
-    arithmetic against the CPU's matmul rate, loader workers, and each part."""
+    arithmetic against the CPU's matmul rate (measured on ``matmul_size`` square matrices),
+    loader workers, and each part."""
     bench = ExtractionBench.build(out, data, backbones, num_images)
     ours, naive = bench.alternate(reps)
     e2e = {w: bench.end_to_end(w) for w in (0, 2)}
@@ -239,7 +241,7 @@ def bench_extraction(
         seconds_ours=ours_total, seconds_naive=naive_total, images=n_img, boxes=n_box,
     )  # fmt: skip
     _option_rows(table, variants, num_images, e2e_fp32, naive_total / reps)
-    _decoder_rows(table, bench.decoder_gflop_per_box(), n_box, ours["decoder"], naive["decoder"])
+    _decoder_rows(table, bench.decoder_gflop_per_box(), n_box, ours["decoder"], naive["decoder"], matmul_size)
     table.add(
         "extract: run_extraction's loop (DataLoader), workers 2 vs 0",
         f"w2 {num_images / e2e[2]:.1f} img/s",
@@ -278,9 +280,9 @@ def _option_rows(table: Table, variants: dict, num_images: int, e2e_fp32: float,
     )
 
 
-def _decoder_rows(table: Table, per_box: float, boxes: int, ours_s: float, naive_s: float) -> None:
+def _decoder_rows(table: Table, per_box: float, boxes: int, ours_s: float, naive_s: float, size: int) -> None:
     """The decoder's arithmetic against what this CPU's matmul units deliver: how much room is left."""
-    rate = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    rate = {dtype: matmul_gflops(dtype, n=size) for dtype in (torch.float32, torch.bfloat16)}
     fp32, work_gflop = rate[torch.float32], per_box * boxes
     table.add(
         f"extract: decoder arithmetic ({per_box:.2f} GFLOP/box counted) vs CPU fp32 matmul rate",
@@ -291,7 +293,7 @@ def _decoder_rows(table: Table, per_box: float, boxes: int, ours_s: float, naive
         gflop_per_box=per_box,
     )
     table.add(
-        "cpu: measured matmul rate (2048 x 2048, torch), bf16 vs fp32",
+        f"cpu: measured matmul rate ({size} x {size}, torch), bf16 vs fp32",
         f"bf16 {rate[torch.bfloat16]:.0f} GFLOP/s",
         f"fp32 {fp32:.0f} GFLOP/s",
         rate[torch.bfloat16] / fp32,

@@ -30,15 +30,15 @@ def backbone_gflops(boxes: int = 16) -> tuple[float, float, float]:
     return sam_enc, per_box, clip
 
 
-def bench_flops(table: Table) -> dict:
+def bench_flops(table: Table, head_batch: int = 16) -> dict:
     """FLOPs of real-size SAM ViT-B, CLIP ViT-L/14 (``backbone_gflops``) and the BL head step
-    (counted while it runs for real)."""
+    (counted while it runs for real, on a batch of ``head_batch`` images)."""
     boxes = BL["boxes"]
     sam_enc, per_box, clip = backbone_gflops()
     per_image = sam_enc + clip + boxes * per_box
     head, optimizer, texts = bl_head_and_texts()
-    batch = bl_batch(np.random.default_rng(2), 16)
-    head_per_image = counted_gflop(lambda: head_step(head, optimizer, batch, texts)) / 16
+    batch = bl_batch(np.random.default_rng(2), head_batch)
+    head_per_image = counted_gflop(lambda: head_step(head, optimizer, batch, texts)) / head_batch
 
     need = EXTRACT_TARGET * per_image / 1e3
     table.add(
