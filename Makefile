@@ -31,13 +31,16 @@ extract: install
 	@test -n "$(DATASET)" || { echo "usage: make extract DATASET=<a data preset: coco, lvis_val, o365, openimages, v3det>"; exit 2; }
 	$(PY) -m regionspot_pl.extract --preset $(DATASET) $(ARGS)
 
+# make demo [ARGS="--quick"]: --quick runs the same stages at tiny sizes, in seconds, without the AP check
 demo: install
 	$(PY) scripts/demo.py $(ARGS)
 
+# make bench [ARGS="--quick"]: --quick runs every stage at tiny sizes (a check, in well under a minute)
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
-	$(PY) scripts/bench_host.py
+	$(PY) scripts/bench_host.py $(filter --quick,$(ARGS))
 
-# real-size SAM ViT-B + CLIP ViT-L/14 (random weights) on the GPU if there is one (docs/benchmarks.md)
+# real-size SAM ViT-B + CLIP ViT-L/14 (random weights) on the GPU if there is one (docs/benchmarks.md);
+# ARGS="--tiny": the same code on the tiny backbones, in seconds
 bench-real: install
 	$(PY) scripts/bench_real.py $(ARGS)

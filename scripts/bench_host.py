@@ -1,6 +1,6 @@
 """CPU time per image of extraction's host path, at real image sizes (part of `make bench`).
 
-    python scripts/bench_host.py [--images 24] [--boxes 16]
+    python scripts/bench_host.py [--images 24] [--boxes 16] [--quick]
 
 Everything extraction does on the host for one image, stage by stage, in one process: JPEG
 decode (``read_image``), detectron2's test resize, SAM's longest-side resize (both PIL, in loader
@@ -117,9 +117,13 @@ def time_stages(paths: list[Path], hw: tuple[int, int], boxes: int, out: Path) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=24, help="images per size")
+    p.add_argument("--images", type=int, help="images per size (default 24, quick 2)")
     p.add_argument("--boxes", type=int, default=16, help="boxes per image (O365 averages 15.8)")
+    p.add_argument(
+        "--quick", action="store_true", help="2 images per size: a check that it runs (make bench ARGS=--quick)"
+    )
     args = p.parse_args(argv)
+    args.images = args.images or (2 if args.quick else 24)
     torch.set_num_threads(1)  # one loader worker's view: one core per image
     print(f"host path per image, one core, {args.boxes} boxes/image (ms; torch threads 1)")
     with tempfile.TemporaryDirectory() as tmp:

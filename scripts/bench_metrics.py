@@ -47,72 +47,68 @@ LVIS_API_PEAK_GB = 20.0
 
 def synthetic_lvis(scale: float, seed: int = 0, with_masks: bool = False) -> tuple[dict, list[dict]]:
     """(GT dict, detections list) of an LVIS-val-sized problem shrunk by ``scale`` in images."""
-    from pycocotools import mask as mask_utils
-
     rng = np.random.default_rng(seed)
     freqs = ["r"] * LVIS_VAL["rare"] + ["c"] * LVIS_VAL["common"] + ["f"] * LVIS_VAL["frequent"]
-    num_cats = len(freqs)
     categories = [{"id": i + 1, "name": f"class_{i + 1}", "frequency": f} for i, f in enumerate(freqs)]
     # Frequent classes hold most boxes, as in LVIS.
     weight = np.array([{"r": 1.0, "c": 8.0, "f": 60.0}[f] for f in freqs])
     weight /= weight.sum()
-    num_images = max(1, round(LVIS_VAL["images"] * scale))
-    mean_boxes = LVIS_VAL["boxes"] / LVIS_VAL["images"]
-
-    def rle(box: list[float]) -> dict:
-        r = mask_utils.frPyObjects(np.array([box], dtype=np.float64), HEIGHT, WIDTH)[0]  # [x, y, w, h] -> rectangle
-        return {"size": r["size"], "counts": r["counts"].decode("ascii")}
-
     images, annotations, detections = [], [], []
-    for image_id in range(1, num_images + 1):
-        n = max(1, int(rng.poisson(mean_boxes)))
-        pos = rng.choice(num_cats, size=min(n, int(rng.integers(1, 8))), replace=False, p=weight) + 1
-        labels = rng.choice(pos, size=n)
-        wh = rng.uniform(8, 300, size=(n, 2))
-        xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([WIDTH, HEIGHT]) - wh)
-        boxes = np.concatenate([xy, wh], axis=1)
-        neg = np.setdiff1d(rng.choice(num_cats, size=10, replace=False) + 1, pos)
-        images.append(
-            {
-                "id": image_id,
-                "width": WIDTH,
-                "height": HEIGHT,
-                "neg_category_ids": neg.tolist(),
-                "not_exhaustive_category_ids": [],
-            }
-        )
-        for box, label in zip(boxes.tolist(), labels.tolist()):
-            ann = {
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": int(label),
-                "bbox": box,
-                "area": box[2] * box[3],
-                "iscrowd": 0,
-            }
-            if with_masks:
-                ann["segmentation"] = rle(box)
-            annotations.append(ann)
-        # 300 (box, class) pairs: each box under its own class, the negatives, and random classes.
-        box_of = rng.integers(0, n, size=DETS_PER_IMAGE)
-        pool = np.concatenate([pos, neg]) if len(neg) else pos
-        classes = np.where(
-            rng.random(DETS_PER_IMAGE) < 0.5,
-            rng.choice(pool, size=DETS_PER_IMAGE),
-            rng.integers(1, num_cats + 1, size=DETS_PER_IMAGE),
-        )
-        classes[: min(n, DETS_PER_IMAGE)] = labels[:DETS_PER_IMAGE]
-        box_of[: min(n, DETS_PER_IMAGE)] = np.arange(min(n, DETS_PER_IMAGE))
-        jitter = boxes[box_of] + rng.normal(0, 3, size=(DETS_PER_IMAGE, 4)) * [1, 1, 0, 0]
-        jitter[:, 2:] = np.maximum(boxes[box_of, 2:], 1.0)
-        scores = np.sort(rng.random(DETS_PER_IMAGE))[::-1]
-        for box, c, s in zip(jitter.tolist(), classes.tolist(), scores.tolist()):
-            det = {"image_id": image_id, "category_id": int(c), "bbox": box, "score": s}
-            if with_masks:
-                det["segmentation"] = rle(box)
-            detections.append(det)
+    for image_id in range(1, max(1, round(LVIS_VAL["images"] * scale)) + 1):
+        image, anns, dets = _synthetic_image(rng, image_id, weight, len(annotations), with_masks)
+        images.append(image)
+        annotations += anns
+        detections += dets
     gt = {"images": images, "annotations": annotations, "categories": categories}
     return gt, detections
+
+
+def _rle(box: list[float]) -> dict:
+    """The [x, y, w, h] box's rectangle as a COCO RLE."""
+    from pycocotools import mask as mask_utils
+
+    r = mask_utils.frPyObjects(np.array([box], dtype=np.float64), HEIGHT, WIDTH)[0]
+    return {"size": r["size"], "counts": r["counts"].decode("ascii")}
+
+
+def _synthetic_image(
+    rng: np.random.Generator, image_id: int, weight: np.ndarray, ann_ids: int, with_masks: bool
+) -> tuple[dict, list[dict], list[dict]]:
+    """One image's entry, its GT boxes (ids after ``ann_ids``) and its 300 detections."""
+    num_cats = len(weight)
+    n = max(1, int(rng.poisson(LVIS_VAL["boxes"] / LVIS_VAL["images"])))
+    pos = rng.choice(num_cats, size=min(n, int(rng.integers(1, 8))), replace=False, p=weight) + 1
+    labels = rng.choice(pos, size=n)
+    wh = rng.uniform(8, 300, size=(n, 2))
+    xy = rng.uniform(0, 1, size=(n, 2)) * (np.array([WIDTH, HEIGHT]) - wh)
+    boxes = np.concatenate([xy, wh], axis=1)
+    neg = np.setdiff1d(rng.choice(num_cats, size=10, replace=False) + 1, pos)
+    image = {"id": image_id, "width": WIDTH, "height": HEIGHT, "neg_category_ids": neg.tolist(),
+             "not_exhaustive_category_ids": []}  # fmt: skip
+    annotations = []
+    for box, label in zip(boxes.tolist(), labels.tolist()):
+        ann = {"id": ann_ids + len(annotations) + 1, "image_id": image_id, "category_id": int(label), "bbox": box,
+               "area": box[2] * box[3], "iscrowd": 0}  # fmt: skip
+        annotations.append(ann | ({"segmentation": _rle(box)} if with_masks else {}))
+    # 300 (box, class) pairs: each box under its own class, the negatives, and random classes.
+    box_of = rng.integers(0, n, size=DETS_PER_IMAGE)
+    pool = np.concatenate([pos, neg]) if len(neg) else pos
+    classes = np.where(
+        rng.random(DETS_PER_IMAGE) < 0.5,
+        rng.choice(pool, size=DETS_PER_IMAGE),
+        rng.integers(1, num_cats + 1, size=DETS_PER_IMAGE),
+    )
+    classes[: min(n, DETS_PER_IMAGE)] = labels[:DETS_PER_IMAGE]
+    box_of[: min(n, DETS_PER_IMAGE)] = np.arange(min(n, DETS_PER_IMAGE))
+    jitter = boxes[box_of] + rng.normal(0, 3, size=(DETS_PER_IMAGE, 4)) * [1, 1, 0, 0]
+    jitter[:, 2:] = np.maximum(boxes[box_of, 2:], 1.0)
+    scores = np.sort(rng.random(DETS_PER_IMAGE))[::-1]
+    detections = [
+        {"image_id": image_id, "category_id": int(c), "bbox": box, "score": s}
+        | ({"segmentation": _rle(box)} if with_masks else {})
+        for box, c, s in zip(jitter.tolist(), classes.tolist(), scores.tolist())
+    ]
+    return image, annotations, detections
 
 
 def write_inputs(folder: Path, scale: float, seed: int, with_masks: bool) -> dict:

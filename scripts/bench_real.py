@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_real.py                 # GPU: defaults (64 images, 50 head steps)
     .venv/bin/python scripts/bench_real.py --images 2 --steps 3 --workers 0   # CPU smoke run (~5 min on 2 cores)
+    .venv/bin/python scripts/bench_real.py --tiny          # the tiny backbones instead: the same code in seconds
 
 SAM ViT-B (1024 input) and CLIP ViT-L/14 (224) with random weights (speed does not depend on
 their values), written once under bench_out/real/ in the real files' formats (a SAM ``.pth`` state
@@ -37,22 +38,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/bench.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchmarks
 
-import bench  # noqa: E402
+from benchmarks.bl_shards import bl_batch, write_bl_shards  # noqa: E402
+from benchmarks.common import BL, TRAIN_TARGET, Table, counted_gflop, cpu_name, matmul_gflops, now, sync  # noqa: E402
+from benchmarks.flops_stage import backbone_gflops  # noqa: E402
+from benchmarks.load_stage import reader_rate  # noqa: E402
+from benchmarks.train_stage import head_step  # noqa: E402
 from segment_anything import sam_model_registry  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from regionspot_pl.backbones.common import PRECISION_DTYPES, autocast_for, resolved_precision  # noqa: E402
 from regionspot_pl.backbones.sam import OFFICIAL_SAM_CHECKPOINTS  # noqa: E402
-from regionspot_pl.backbones.tiny import tiny_clip_tokenizer  # noqa: E402
-from regionspot_pl.cache.shards import decode_sample  # noqa: E402
+from regionspot_pl.backbones.tiny import tiny_clip_tokenizer, write_tiny_backbones  # noqa: E402
 from regionspot_pl.data.records import load_coco  # noqa: E402
 from regionspot_pl.demo.scenes import generate_demo_dataset  # noqa: E402
-from regionspot_pl.extract.run import ExtractConfig, FeatureExtractor, ImageFeaturesInput  # noqa: E402
+from regionspot_pl.extract.features import FeatureExtractor, ImageFeaturesInput  # noqa: E402
+from regionspot_pl.extract.run import ExtractConfig, load_extractor  # noqa: E402
 from regionspot_pl.model import RegionSpotHead  # noqa: E402
-from regionspot_pl.train.datamodule import collate_regions  # noqa: E402
 from regionspot_pl.utils.io import AtomicFile  # noqa: E402
 
 
@@ -106,71 +110,110 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+@dataclasses.dataclass(frozen=True)
+class Backbones:
+    """The models extraction runs: their files, how extract names them, their images' size."""
+
+    label: str
+    sam_type: str
+    paths: dict[str, Path]
+    image_size: int  # of the demo images they extract
+
+    @property
+    def tiny(self) -> bool:
+        return self.sam_type == "tiny"
+
+    def tflop_per_image(self, extractor: FeatureExtractor, items: list[dict], boxes_per_image: float) -> float:
+        """TFLOP of one image's extraction. Real sizes: SAM's encoder, CLIP and the decoder for
+        each box, counted on the meta device (no compute); tiny: counted on one batch run."""
+        if self.tiny:
+            return counted_gflop(lambda: extractor(items, "bench")) / len(items) / 1e3
+        sam_gflop, box_gflop, clip_gflop = backbone_gflops()
+        return (sam_gflop + clip_gflop + boxes_per_image * box_gflop) / 1e3
+
+
+def backbones_for(out: Path, tiny: bool) -> Backbones:
+    if tiny:
+        paths = write_tiny_backbones(out / "tiny")
+        return Backbones("tiny SAM + tiny CLIP", "tiny", paths, image_size=256)
+    return Backbones("SAM ViT-B@1024 + CLIP ViT-L/14", "vit_b", write_real_backbones(out / "real"), image_size=640)
+
+
+def timed_pass(extractor: FeatureExtractor, prepared: list[list[dict]], device: torch.device) -> tuple[float, float]:
+    """(seconds of a pass over the prepared batches, seconds of the warm-up batch before it)."""
+    start = now()
+    extractor(prepared[0], "bench")  # warm-up, compilation included
+    first = now() - start
+    sync(device)
+    start = now()
+    for items in prepared:
+        extractor(items, "bench")
+    sync(device)
+    return now() - start, first
+
+
 def bench_extraction(
-    table: bench.Table, out: Path, device: torch.device, num_images: int, batch: int, profile: bool = False
+    table: Table, out: Path, device: torch.device, num_images: int, batch: int, profile: bool, tiny: bool
 ) -> None:
-    backbones = write_real_backbones(out / "real")
-    data = generate_demo_dataset(out / "real_data", num_train=num_images, num_val=14, image_size=640, seed=0)
-    records, _, _ = load_coco(data["train_json"])
-    records = sorted(records, key=lambda r: r.image_id)[:num_images]
+    backbones = backbones_for(out, tiny)
+    data = generate_demo_dataset(
+        out / f"{backbones.sam_type}_data", num_train=num_images, num_val=14, image_size=backbones.image_size, seed=0
+    )
+    records = sorted(load_coco(data["train_json"])[0], key=lambda r: r.image_id)[:num_images]
     boxes = sum(len(r.boxes) for r in records)
     cfg = ExtractConfig(
-        images=str(data["train_images"]),
-        annotations=str(data["train_json"]),
-        out=str(out / "x"),
-        sam_checkpoint=str(backbones["sam_checkpoint"]),
-        clip_model=str(backbones["clip_dir"]),
-        sam_type="vit_b",
-        device=str(device),
-        batch_size=batch,
-    )
-    sam_gflop, box_gflop, clip_gflop = bench.backbone_gflops()
-    prepared = None
+        images=str(data["train_images"]), annotations=str(data["train_json"]), out=str(out / "x"),
+        sam_checkpoint=str(backbones.paths["sam_checkpoint"]), clip_model=str(backbones.paths["clip_dir"]),
+        sam_type=backbones.sam_type, device=str(device), batch_size=batch,
+    )  # fmt: skip
+    prepared, tflop = None, None
     for precision in supported_precisions(device):
         # compiling SAM ViT-B on a 2-core CPU takes longer than the run; on a GPU try it in half precision
         for compiled in (False, True) if device.type == "cuda" and precision != "fp32" else (False,):
-            extractor = FeatureExtractor(dataclasses.replace(cfg, precision=precision, compile=compiled))
+            extractor = load_extractor(dataclasses.replace(cfg, precision=precision, compile=compiled))
             if prepared is None:  # decoding + resizing happen in DataLoader workers in a real run
-                dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.sam.transform)
+                dataset = ImageFeaturesInput(
+                    [(0, r) for r in records], cfg.images, extractor.encoder.segmenter.transform
+                )
                 prepared = [
                     [dataset[i] for i in range(b, min(b + batch, len(dataset)))] for b in range(0, len(dataset), batch)
                 ]
+                tflop = backbones.tflop_per_image(extractor, prepared[0], boxes / num_images)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            start = bench.now()
-            extractor(prepared[0], "bench")  # warm-up, compilation included
-            first = bench.now() - start
-            bench.sync(device)
-            start = bench.now()
-            for items in prepared:
-                extractor(items, "bench")
-            bench.sync(device)
-            seconds = bench.now() - start
-            rate = num_images / seconds
-            tflop = (sam_gflop + clip_gflop + boxes / num_images * box_gflop) / 1e3
-            limit = (
-                bench.matmul_gflops(PRECISION_DTYPES[precision], device, 8192 if device.type == "cuda" else 2048) / 1e3
-            )
-            flags = f"--precision {precision}" + (" --compile" if compiled else "")
-            peak = f", peak {peak_memory_gib(device):.1f} GiB" if device.type == "cuda" else ""
-            table.add(
-                f"real extract ({device.type}): SAM ViT-B@1024 + CLIP ViT-L/14, batch {batch}, {flags}",
-                f"{rate:.3g} img/s, {boxes / seconds:.3g} box/s{peak} (first batch {first:.0f} s)",
-                f"{tflop * rate:.3g} of {limit:.3g} TFLOP/s measured {precision} matmul",
-                100 * tflop * rate / limit,
-                ratio_fmt="{:.0f}%",
-                target=">= 40% (GPU)",
-                met=tflop * rate / limit >= 0.4 if device.type == "cuda" else None,
-                images_per_s=rate,
-                tflop_per_image=tflop,
-                matmul_tflops=limit,
-                peak_gib=peak_memory_gib(device),
+            seconds, first = timed_pass(extractor, prepared, device)
+            setting = f"batch {batch}, --precision {precision}" + (" --compile" if compiled else "")
+            extraction_row(
+                table, backbones, device, setting, precision, num_images / seconds, boxes / seconds, first, tflop
             )
             if profile and (precision, compiled) == (supported_precisions(device)[-1], False):
                 profile_extraction(extractor, prepared, device, out / "profile")
             del extractor
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def extraction_row(
+    table: Table, backbones: Backbones, device: torch.device, setting: str, precision: str, rate: float,
+    box_rate: float, first: float, tflop: float,
+) -> None:  # fmt: skip
+    """Images/s, and the share of the device's measured matmul rate in ``precision`` it reaches."""
+    size = 512 if backbones.tiny else 8192 if device.type == "cuda" else 2048  # tiny: a check, not a measurement
+    limit = matmul_gflops(PRECISION_DTYPES[precision], device, size) / 1e3
+    peak = f", peak {peak_memory_gib(device):.1f} GiB" if device.type == "cuda" else ""
+    table.add(
+        f"real extract ({device.type}): {backbones.label}, {setting}",
+        f"{rate:.3g} img/s, {box_rate:.3g} box/s{peak} (first batch {first:.0f} s)",
+        f"{tflop * rate:.3g} of {limit:.3g} TFLOP/s measured {precision} matmul",
+        100 * tflop * rate / limit,
+        ratio_fmt="{:.0f}%",
+        target=">= 40% (GPU)",
+        met=tflop * rate / limit >= 0.4 if device.type == "cuda" else None,
+        images_per_s=rate,
+        tflop_per_image=tflop,
+        matmul_tflops=limit,
+        peak_gib=peak_memory_gib(device),
+    )
 
 
 def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
@@ -191,11 +234,11 @@ def profile_extraction(extractor: FeatureExtractor, prepared: list, device: torc
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=False) as prof:
-        start = bench.now()
+        start = now()
         for items in prepared:
             extractor(items, "bench")
-        bench.sync(device)
-        wall_us = (bench.now() - start) * 1e6
+        sync(device)
+        wall_us = (now() - start) * 1e6
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     (out / "top_ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
     prof.export_chrome_trace(str(out / "trace.json"))
@@ -211,81 +254,90 @@ def profile_extraction(extractor: FeatureExtractor, prepared: list, device: torc
     print(f"[bench-real] profile written to {out}/ (GPU idle {'n/a on CPU' if idle is None else f'{idle:.0%}'})")
 
 
-def bench_training(table: bench.Table, out: Path, device: torch.device, steps: int, workers: list[int]) -> None:
+def bench_training(table: Table, out: Path, device: torch.device, steps: int, workers: list[int], tiny: bool) -> None:
+    """The BL head step from device memory in each precision, and the shard reader with each number
+    of ``workers``, against the training goal (``tiny``: batches of 2, one warm-up step, 32 samples)."""
+    batch, warm_up = (2, 1) if tiny else (16, 3)
+    samples = 32 if tiny else 2048 if device.type == "cuda" else 256
     rng = np.random.default_rng(0)
-    texts = torch.nn.functional.normalize(torch.randn(bench.BL["classes"], bench.BL["text_dim"]), dim=-1).to(device)
-    batches = [
-        collate_regions([decode_sample(bench.bl_sample(rng, i + 1)) | {"dataset_index": 0} for i in range(16)]).to(
-            device
-        )
-        for _ in range(4)
-    ]
+    texts = torch.nn.functional.normalize(torch.randn(BL["classes"], BL["text_dim"]), dim=-1).to(device)
+    batches = [bl_batch(rng, batch).to(device) for _ in range(4)]
     for precision in supported_precisions(device):
         torch.manual_seed(0)
         head = RegionSpotHead.from_variant("BL").to(device).train()
         optimizer = torch.optim.AdamW(head.parameters(), lr=2.5e-5)
         with autocast_for(device, precision):
-            for i in range(3):  # warm-up; fp16 runs without a GradScaler: a speed measurement only
-                bench.head_step(head, optimizer, batches[i % 4], texts)
-            bench.sync(device)
-            start = bench.now()
+            for i in range(warm_up):  # fp16 runs without a GradScaler: a speed measurement only
+                head_step(head, optimizer, batches[i % 4], texts)
+            sync(device)
+            start = now()
             for i in range(steps):
-                bench.head_step(head, optimizer, batches[i % 4], texts)
-            bench.sync(device)
-        rate = 16 * steps / (bench.now() - start)
+                head_step(head, optimizer, batches[i % 4], texts)
+            sync(device)
+        rate = batch * steps / (now() - start)
         table.add(
             f"real train ({device.type}): BL head step from device memory, {precision} autocast",
-            f"{rate:.3g} img/s (batch 16)",
-            f"{bench.TRAIN_TARGET} img/s (goal)",
-            rate / bench.TRAIN_TARGET,
-            ratio_fmt="{:.3g}x",
-            target=">= 1x (GPU)",
-            met=rate >= bench.TRAIN_TARGET if device.type == "cuda" else None,
+            f"{rate:.3g} img/s (batch {batch})", f"{TRAIN_TARGET} img/s (goal)", rate / TRAIN_TARGET,
+            ratio_fmt="{:.3g}x", target=">= 1x (GPU)", met=rate >= TRAIN_TARGET if device.type == "cuda" else None,
             images_per_s=rate,
-        )
-    folder = bench.write_bl_shards(out / "bl_train_real", 2048 if device.type == "cuda" else 256, shard_size=32)
+        )  # fmt: skip
+    folder = write_bl_shards(out / "bl_train_real", samples, shard_size=32)
     for w in workers:
-        samples, mbps = bench.reader_rate(folder, w, 16, 2048 if device.type == "cuda" else 256)
+        rate, mbps = reader_rate(folder, w, 16, samples)
         table.add(
             f"real load: BL shard reader, workers {w}",
-            f"{samples:.0f} samples/s, {mbps:.0f} MB/s",
-            f"{bench.TRAIN_TARGET} img/s (goal)",
-            samples / bench.TRAIN_TARGET,
+            f"{rate:.0f} samples/s, {mbps:.0f} MB/s",
+            f"{TRAIN_TARGET} img/s (goal)",
+            rate / TRAIN_TARGET,
             target=">= 1x",
-            met=samples >= bench.TRAIN_TARGET,
-            samples_per_s=samples,
+            met=rate >= TRAIN_TARGET,
+            samples_per_s=rate,
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    hf_logging.disable_progress_bar()
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out", help="working folder (git-ignored); reused between runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--images", type=int, default=64, help="demo images to extract (640 px)")
+    p.add_argument("--images", type=int, help="demo images to extract (default 64; --tiny 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
-    p.add_argument("--steps", type=int, default=50, help="timed head steps per precision")
+    p.add_argument("--steps", type=int, help="timed head steps per precision (default 50; --tiny 1)")
     p.add_argument("--workers", type=int, nargs="+", help="reader workers to try (default 0 2 4 8, capped by cores)")
     p.add_argument(
         "--profile", action="store_true", help="profile one extraction pass (lowest precision, eager): OUT/profile/"
     )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tiny random SAM and CLIP, 256 px images, one image, one head step of 2 images, 32 BL samples, "
+        "workers 0, matmul rate at 512: "
+        "the same code at sizes that run in seconds on a CPU (a check that the script runs, not a measurement)",
+    )
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    out = Path(args.out)
-    workers = args.workers or [w for w in (0, 2, 4, 8) if w <= (os.cpu_count() or 1)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else bench.cpu_name()
+    args.images = args.images or (1 if args.tiny else 64)
+    args.steps = args.steps or (1 if args.tiny else 50)
+    args.workers = args.workers or ([0] if args.tiny else [w for w in (0, 2, 4, 8) if w <= (os.cpu_count() or 1)])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    hf_logging.disable_progress_bar()
+    args = parse_args(argv)
+    device, out = torch.device(args.device), Path(args.out)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"[bench-real] {name}, torch {torch.__version__}, into {out}/", flush=True)
-    started = bench.now()
-    table = bench.Table()
-    bench_extraction(table, out, device, args.images, args.batch_size, args.profile)
-    bench_training(table, out, device, args.steps, workers)
-    total = bench.now() - started
+    started = now()
+    table = Table()
+    bench_extraction(table, out, device, args.images, args.batch_size, args.profile, args.tiny)
+    bench_training(table, out, device, args.steps, args.workers, args.tiny)
+    total = now() - started
     print(f"\nregionspot_pl bench-real, {name}, torch {torch.__version__}, {total:.0f} s\n")
     print(table.render())
     report = {
         "date": datetime.date.today().isoformat(),
         "device": name,
         "torch": torch.__version__,
+        "tiny": args.tiny,
         "seconds": round(total, 1),
         "rows": table.rows,
     }

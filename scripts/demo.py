@@ -2,13 +2,16 @@
 
 Runs the real CLIs in order -- data -> tiny backbones -> extract -> fit -> test -- then scores
 the same detections with shuffled class labels (the chance level), prints the table and draws
-pictures with the predictor. Every stage reuses what a previous run left in demo_out/, so a
-rerun takes seconds; `--fresh` starts over.
+pictures with the predictor. Every stage reuses what a previous run left in demo_out/ (`--out`),
+so a rerun takes seconds; `--fresh` starts over. `--quick` runs the same stages at tiny sizes in
+seconds, a check that the demo runs (its head does not learn enough to beat chance, so the AP
+check is left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -24,8 +27,28 @@ from regionspot_pl.evaluation import evaluate_detections, format_metrics_table
 from regionspot_pl.predict.predictor import Predictor
 from regionspot_pl.predict.viz import draw_attention, draw_detections, save_grid
 
-OUT = Path("demo_out")
 PY = [sys.executable, "-m"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The demo's sizes: the default run, or ``--quick``'s (the same stages, in seconds)."""
+
+    num_train: int = 1000
+    num_val: int = 120
+    loader_workers: int = 2
+    fit_flags: tuple[str, ...] = ()  # on top of the demo preset
+    pictures: int = 6  # val images drawn with their predictions
+    attention_images: int = 24  # val images whose attention inside the box is averaged
+
+
+QUICK = Sizes(
+    num_train=8, num_val=14, loader_workers=0, pictures=1, attention_images=1,
+    fit_flags=(
+        "--trainer.max_steps", "2", "--trainer.val_every", "2", "--data.workers", "0",
+        "--trainer.log_every_n_steps", "1",
+    ),
+)  # fmt: skip
 
 
 def stage(name: str, cmd: list[str], done: Path | None = None) -> float:
@@ -66,42 +89,27 @@ def attention_in_box(
     return np.stack(shares), inside.mean((1, 2))
 
 
-def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> tuple[list[Path], str]:
+def pictures(data: dict, head: Path, backbones: Path, out: Path, sizes: Sizes) -> tuple[list[Path], str]:
     """Predictions on a few val images, and one region's cross-attention over the CLIP map in
-    each decoder layer (the paper's Figure 4)."""
+    each decoder layer (the paper's Figure 4); the share of attention inside the query's box."""
     val = json.loads(Path(data["val_json"]).read_text())
     names = {c["id"]: c["name"] for c in val["categories"]}
-    vocabulary = [names[i] for i in sorted(names)]
     predictor = Predictor.from_pretrained(
-        head=head,
-        sam_type="tiny",
-        sam_checkpoint=backbones / "sam_tiny.pth",
-        clip_model=backbones / "clip_tiny",
-        text_cache=OUT / "text_embeddings.h5",
-    )
+        head=head, sam_type="tiny", sam_checkpoint=backbones / "sam_tiny.pth", clip_model=backbones / "clip_tiny",
+        text_cache=out / "text_embeddings.h5",
+    )  # fmt: skip
     panels, attention, shares, uniform = [], None, [], []
-    for k, image in enumerate(val["images"][:24]):
+    for k, image in enumerate(val["images"][: sizes.attention_images]):
         anns = [a for a in val["annotations"] if a["image_id"] == image["id"]]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
-        path = Path(data["val_images"]) / image["file_name"]
-        pixels = np.array(Image.open(path).convert("RGB"))
+        pixels = np.array(Image.open(Path(data["val_images"]) / image["file_name"]).convert("RGB"))
         predictor.set_image(pixels)
         share, chance = attention_in_box(predictor, pixels, boxes)
         shares.append(share)
         uniform.append(chance)
-        if k >= n:
+        if k >= sizes.pictures:
             continue
-        preds = predictor.predict(boxes, vocabulary, topk=1)
-        panels.append(
-            draw_detections(
-                pixels,
-                boxes,
-                [p["labels"][0] for p in preds],
-                [p["scores"][0] for p in preds],
-                # no mask overlay: the demo's SAM is random, so its masks are noise (see README)
-                gt_labels=[names[a["category_id"]] for a in anns],
-            )
-        )
+        panels.append(prediction_panel(predictor, pixels, boxes, [names[a["category_id"]] for a in anns], names))
         if attention is None:  # one region, its query's attention in each decoder layer
             attention = [
                 draw_attention(
@@ -109,31 +117,65 @@ def pictures(data: dict, head: Path, backbones: Path, n: int = 6) -> tuple[list[
                 )
                 for i in range(len(predictor.head.decoder.layers))
             ]
-    grid = save_grid(panels, OUT / "predictions.png", cols=3)
-    save_grid(attention, OUT / "attention.png", cols=len(attention))
+    grid = save_grid(panels, out / "predictions.png", cols=3)
+    save_grid(attention, out / "attention.png", cols=len(attention))
     per_layer = np.concatenate(shares, axis=1).mean(1)
     routing = (
         ", ".join(f"layer {i + 1} {100 * v:.0f}%" for i, v in enumerate(per_layer))
         + f" (uniform attention: {100 * np.concatenate(uniform).mean():.0f}%)"
     )
-    return [grid, OUT / "attention.png"], routing
+    return [grid, out / "attention.png"], routing
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fresh", action="store_true", help="delete demo_out/ first")
-    p.add_argument("--num-train", type=int, default=1000)
-    p.add_argument("--num-val", type=int, default=120)
-    args = p.parse_args(argv)
-    if args.fresh:
-        shutil.rmtree(OUT, ignore_errors=True)
-    started = time.time()
-    times = {}
+def prediction_panel(predictor: Predictor, pixels: np.ndarray, boxes: list, gt_labels: list[str], names: dict):
+    """The image with each box's top class and score, and its true class."""
+    preds = predictor.predict(boxes, [names[i] for i in sorted(names)], topk=1)
+    return draw_detections(
+        pixels,
+        boxes,
+        [p["labels"][0] for p in preds],
+        [p["scores"][0] for p in preds],
+        # no mask overlay: the demo's SAM is random, so its masks are noise (see README)
+        gt_labels=gt_labels,
+    )
 
+
+def extract_command(data: dict, split: str, out: Path, backbones: Path, workers: int) -> list[str]:
+    return PY + [
+        "regionspot_pl.extract",
+        "--images", str(data[f"{split}_images"]), "--annotations", str(data[f"{split}_json"]),
+        "--out", str(out / "shards" / split), "--dataset", f"demo_{split}",
+        "--sam_type", "tiny", "--sam_checkpoint", str(backbones / "sam_tiny.pth"),
+        "--clip_model", str(backbones / "clip_tiny"),
+        "--shard_size", "50", "--batch_size", "8", "--workers", str(workers),
+        "--text_cache", str(out / "text_embeddings.h5"),
+    ]  # fmt: skip
+
+
+def fit_command(data: dict, out: Path, sizes: Sizes) -> list[str]:
+    """fit with the demo preset (``fit --stage demo``), its paths pointed at ``out``."""
+    return PY + [
+        "regionspot_pl.fit", "--stage", "demo", "--out", str(out / "run"),
+        "--data.train_shards", f"[{out / 'shards' / 'train'}]", "--data.val_shards", str(out / "shards" / "val"),
+        "--data.val_annotations", str(data["val_json"]), *sizes.fit_flags,
+    ]  # fmt: skip
+
+
+def test_command(data: dict, out: Path, head: Path) -> list[str]:
+    return PY + [
+        "regionspot_pl.test", "--shards", str(out / "shards" / "val"), "--annotations", str(data["val_json"]),
+        "--head", str(head), "--out", str(out / "test"), "--device", "cpu",
+        "--text_cache", str(out / "text_embeddings.h5"),
+    ]  # fmt: skip
+
+
+def run_stages(out: Path, sizes: Sizes, times: dict) -> tuple[dict, Path, Path]:
+    """data -> tiny backbones -> extract -> fit -> test, each reusing what a previous run left.
+    Returns (the demo set's paths, the trained head, the backbones' folder)."""
     t = time.time()
-    data = generate_demo_dataset(OUT / "data", num_train=args.num_train, num_val=args.num_val, seed=0)
+    data = generate_demo_dataset(out / "data", num_train=sizes.num_train, num_val=sizes.num_val, seed=0)
     times["data"] = time.time() - t
-    backbones = OUT / "backbones"
+    backbones = out / "backbones"
     times["backbones"] = stage(
         "tiny backbones", PY + ["regionspot_pl.tiny", str(backbones)], backbones / "sam_tiny.pth"
     )
@@ -141,62 +183,39 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "val"):
         # extraction resumes by itself: a rerun finds every shard done and returns at once
         times["extract"] += stage(
-            f"extract {split}",
-            PY
-            + [
-                "regionspot_pl.extract",
-                "--images",
-                str(data[f"{split}_images"]),
-                "--annotations",
-                str(data[f"{split}_json"]),
-                "--out",
-                str(OUT / "shards" / split),
-                "--dataset",
-                f"demo_{split}",
-                "--sam_type",
-                "tiny",
-                "--sam_checkpoint",
-                str(backbones / "sam_tiny.pth"),
-                "--clip_model",
-                str(backbones / "clip_tiny"),
-                "--shard_size",
-                "50",
-                "--batch_size",
-                "8",
-                "--workers",
-                "2",
-                "--text_cache",
-                str(OUT / "text_embeddings.h5"),
-            ],
+            f"extract {split}", extract_command(data, split, out, backbones, sizes.loader_workers)
         )
-    head = OUT / "run" / "head.pt"
-    times["fit"] = stage("fit", PY + ["regionspot_pl.fit", "--stage", "demo"], head)
-    test_out = OUT / "test"
-    times["test"] = stage(
-        "test",
-        PY
-        + [
-            "regionspot_pl.test",
-            "--shards",
-            str(OUT / "shards" / "val"),
-            "--annotations",
-            str(data["val_json"]),
-            "--head",
-            str(head),
-            "--out",
-            str(test_out),
-            "--device",
-            "cpu",
-            "--text_cache",
-            str(OUT / "text_embeddings.h5"),
-        ],
-        test_out / "metrics.json",
-    )
+    head = out / "run" / "head.pt"
+    times["fit"] = stage("fit", fit_command(data, out, sizes), head)
+    times["test"] = stage("test", test_command(data, out, head), out / "test" / "metrics.json")
+    return data, head, backbones
 
-    metrics = json.loads((test_out / "metrics.json").read_text())
-    chance = chance_level(Path(data["val_json"]), test_out / "detections_bbox.json")
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
+    p.add_argument("--num-train", type=int, help=f"train images (default {Sizes.num_train}, quick {QUICK.num_train})")
+    p.add_argument("--num-val", type=int, help=f"val images (default {Sizes.num_val}, quick {QUICK.num_val})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same stages at tiny sizes (8 train images, 2 steps, 1 picture): a check that the demo runs, "
+        "in seconds; it does not train a head that beats chance, so the AP check is skipped",
+    )
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else Sizes()
+    sizes = dataclasses.replace(
+        sizes, num_train=args.num_train or sizes.num_train, num_val=args.num_val or sizes.num_val
+    )
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
+    started, times = time.time(), {}
+    data, head, backbones = run_stages(args.out, sizes, times)
+    metrics = json.loads((args.out / "test" / "metrics.json").read_text())
+    chance = chance_level(Path(data["val_json"]), args.out / "test" / "detections_bbox.json")
     t = time.time()
-    images, routing = pictures(data, head, backbones)
+    images, routing = pictures(data, head, backbones, args.out, sizes)
     times["pictures"] = time.time() - t
 
     print("\nRegionSpot demo, val split (box and mask AP, %):")
@@ -210,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
         + f"; total {time.time() - started:.0f}"
     )
-    print(f"cross-attention inside the query's box, 24 val images: {routing}")
+    print(f"cross-attention inside the query's box, {sizes.attention_images} val images: {routing}")
     print("pictures: " + ", ".join(str(i) for i in images))
-    if metrics["bbox"]["AP"] < 2 * chance["AP"]:
+    if not args.quick and metrics["bbox"]["AP"] < 2 * chance["AP"]:
         print(
             f"error: box AP {metrics['bbox']['AP']:.3f} is not far above chance {chance['AP']:.3f}: "
             "the head did not learn",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerances import probability_rtol
 
 from regionspot_pl.backbones.clip import ClipEncoder, text_embeddings
 from regionspot_pl.backbones.sam_segmenter import SamSegmenter
@@ -37,9 +38,13 @@ def setup(tiny_backbones, tmp_path_factory) -> dict:
     cfg = ExtractConfig(
         images=str(demo["val_images"]), annotations=str(demo["val_json"]), out=str(root / "shards"),
         sam_type="tiny", sam_checkpoint=str(tiny_backbones["sam_checkpoint"]),
-        clip_model=str(tiny_backbones["clip_dir"]), workers=0, batch_size=2, limit=NUM_IMAGES,
+        clip_model=str(tiny_backbones["clip_dir"]), workers=0, batch_size=1, limit=NUM_IMAGES,
         text_cache=str(text_cache),
     )  # fmt: skip
+    # One image a batch, as the predictor encodes: both take the same float path, so their scores
+    # agree to the last bits. (Batched extraction stores the same tokens up to one float16 step,
+    # tests/test_backbones.py; one such step in every stored value, put through the head and
+    # CLIP's logit scale of 100, moved these probabilities by up to 2e-4.)
     run_extraction(cfg)
     predictor = Predictor.from_pretrained(
         head=head_path, sam_type="tiny", sam_checkpoint=tiny_backbones["sam_checkpoint"],
@@ -257,4 +262,6 @@ def test_scores_equal_the_test_cli_batch_path(setup):
         expected = batch[int(sample["meta"]["image_id"])].logits.softmax(-1)
         for n, p in enumerate(preds):
             got = torch.tensor([p["scores"][p["labels"].index(c)] for c in setup["names"]])
-            torch.testing.assert_close(got, expected[n], rtol=1e-4, atol=1e-5)
+            # the test CLI's head runs on two padded images at once, the predictor's on one: the
+            # same sums in another order, the longest 256 long (the SAM token's projection)
+            torch.testing.assert_close(got, expected[n], rtol=probability_rtol(256), atol=1e-7)
