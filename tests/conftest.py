@@ -1,4 +1,6 @@
-"""Shared fixtures. ``tiny_backbones``: random tiny SAM + CLIP written once per test session."""
+"""Shared fixtures, each built once per test session: ``tiny_backbones`` (random tiny SAM + CLIP in
+the official formats), ``tiny_head`` and ``predictor`` (an untrained head that fits them, and a
+Predictor on both), ``demo_data`` and ``demo_shards`` (a small scene set and its extracted shards)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from pathlib import Path
 
 import lightning  # noqa: F401
 import pytest
+import torch
 
 from regionspot_pl.backbones.tiny import write_tiny_backbones
 
@@ -18,6 +21,34 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny} for seed 0."""
     return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An untrained head sized to the tiny CLIP (seed 0), saved both ways:
+    {"file": .../head.pt, "folder": .../head (model folder), "text_cache": .../text.h5 (empty)}."""
+    from regionspot_pl.model import RegionSpotHead, save_head, save_pretrained
+
+    root = tmp_path_factory.mktemp("tiny_head")
+    torch.manual_seed(0)
+    head = RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=256, num_heads=4).eval()
+    return {
+        "file": save_head(head, root / "head.pt"),
+        "folder": Path(save_pretrained(head, root / "head")),
+        "text_cache": root / "text.h5",
+    }
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_backbones, tiny_head):
+    """One Predictor on the tiny backbones and ``tiny_head`` for the whole session; a test sets
+    its own image (``set_image``) before it predicts."""
+    from regionspot_pl import Predictor
+
+    return Predictor.from_pretrained(
+        head=tiny_head["file"], sam_type="tiny", sam_checkpoint=tiny_backbones["sam_checkpoint"],
+        clip_model=tiny_backbones["clip_dir"], text_cache=tiny_head["text_cache"],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

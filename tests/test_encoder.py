@@ -17,15 +17,14 @@ from regionspot_pl.cache.shards import iter_samples, list_shards
 from regionspot_pl.data.records import load_coco
 from regionspot_pl.extract.features import ImageFeaturesInput
 from regionspot_pl.extract.run import ExtractConfig, load_extractor, run_extraction
-from regionspot_pl.model import RegionSpotHead, save_head
-from regionspot_pl.predict.predictor import PROMPTS_PER_CALL, Predictor
+from regionspot_pl.predict.predictor import PROMPTS_PER_CALL
 from regionspot_pl.predict.prompts import region_prompts
 
 NUM_IMAGES = 3
 
 
 @pytest.fixture(scope="module")
-def extracted(demo_data, tiny_backbones, tmp_path_factory) -> dict:
+def extracted(demo_data, tiny_backbones, predictor, tmp_path_factory) -> dict:
     """Shards of the first val images (masks stored), one image per encoder batch so that each
     image's boxes go through the decoder as the predictor sends them; the extractor and a
     predictor on the same backbones."""
@@ -37,12 +36,6 @@ def extracted(demo_data, tiny_backbones, tmp_path_factory) -> dict:
         text_cache=str(root / "text.h5"),
     )  # fmt: skip
     run_extraction(cfg)
-    torch.manual_seed(0)
-    head = save_head(RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=256, num_heads=4), root / "head.pt")
-    predictor = Predictor.from_pretrained(
-        head=head, sam_type="tiny", sam_checkpoint=tiny_backbones["sam_checkpoint"],
-        clip_model=tiny_backbones["clip_dir"], text_cache=root / "text.h5",
-    )  # fmt: skip
     samples = {int(s["meta"]["image_id"]): s for s in iter_samples(list_shards(root / "shards"))}
     return {"cfg": cfg, "samples": samples, "extractor": load_extractor(cfg), "predictor": predictor}
 

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -16,10 +15,8 @@ from segment_anything import SamAutomaticMaskGenerator
 from test_prompts import scene  # the same three shapes (clipped at this smaller size)
 
 from regionspot_pl.backbones.sam import build_sam
-from regionspot_pl.model import RegionSpotHead, save_head
 from regionspot_pl.predict.cli import main
 from regionspot_pl.predict.everything import GeneratorSettings, label_images, mask_box, name_everything
-from regionspot_pl.predict.predictor import Predictor
 
 VOCAB = ["red circle", "blue square", "green triangle", "background"]
 # small and fast on the tiny random SAM: its masks are noise-like and its predicted IoUs and
@@ -32,21 +29,16 @@ HW = (96, 128)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_backbones, tmp_path_factory) -> dict:
+def setup(tiny_backbones, tiny_head, predictor, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("everything")
-    torch.manual_seed(0)
-    head = save_head(RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=256, num_heads=4), root / "head.pt")
-    predictor = Predictor.from_pretrained(
-        head=head, sam_type="tiny", sam_checkpoint=tiny_backbones["sam_checkpoint"],
-        clip_model=tiny_backbones["clip_dir"], text_cache=root / "text.h5",
-    )  # fmt: skip
+    head = tiny_head["file"]
     image = scene(*HW)
     images = root / "images"
     images.mkdir()
     Image.fromarray(image).save(images / "a.png")
     Image.fromarray(np.ascontiguousarray(image[::-1])).save(images / "b.jpg", quality=95)
     (images / "notes.txt").write_text("not an image: ignored")
-    return {"root": root, "head": head, "predictor": predictor, "image": image,
+    return {"root": root, "head": head, "predictor": predictor, "image": image, "text_cache": tiny_head["text_cache"],
             "images": images, "backbones": tiny_backbones}  # fmt: skip
 
 
@@ -120,7 +112,7 @@ def _cli(setup, *extra: str) -> list[str]:
         "--everything", "true", "--vocab", ",".join(VOCAB), "--head", str(setup["head"]),
         "--sam_type", "tiny", "--sam_checkpoint", str(setup["backbones"]["sam_checkpoint"]),
         "--clip_model", str(setup["backbones"]["clip_dir"]),
-        "--text_cache", str(setup["root"] / "text.h5"), *FLAGS, *extra,
+        "--text_cache", str(setup["text_cache"]), *FLAGS, *extra,
     ]  # fmt: skip
 
 

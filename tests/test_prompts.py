@@ -14,7 +14,7 @@ from tolerances import assert_close_across_batching, assert_masks_agree
 
 from regionspot_pl.backbones.clip import text_embeddings
 from regionspot_pl.backbones.image import masks_to_original, resize_for_backbones
-from regionspot_pl.model import RegionSpotHead, region_logits, save_pretrained
+from regionspot_pl.model import region_logits
 from regionspot_pl.predict.cli import main
 from regionspot_pl.predict.predictor import Predictor
 from regionspot_pl.predict.prompts import region_prompts
@@ -35,19 +35,12 @@ def scene(height: int = HW[0], width: int = HW[1]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_backbones, tmp_path_factory) -> dict:
+def setup(tiny_backbones, tiny_head, predictor, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("prompts")
-    torch.manual_seed(0)
-    head = RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=256, num_heads=4).eval()
-    folder = save_pretrained(head, root / "head")
-    predictor = Predictor.from_pretrained(
-        head=folder, sam_type="tiny", sam_checkpoint=tiny_backbones["sam_checkpoint"],
-        clip_model=tiny_backbones["clip_dir"], text_cache=root / "text.h5",
-    )  # fmt: skip
     image = scene()
     Image.fromarray(image).save(root / "scene.png")
     predictor.set_image(image)
-    return {"root": root, "head": folder, "predictor": predictor, "image": image,
+    return {"root": root, "head": tiny_head["folder"], "predictor": predictor, "image": image,
             "backbones": tiny_backbones}  # fmt: skip
 
 
@@ -162,7 +155,7 @@ def test_multimask_names_the_three_sam_masks(setup):
 
 def decoder_reduction_length(predictor: Predictor) -> int:
     """The longest sum in SAM's mask decoder: its MLP's hidden width (2048 in every SAM)."""
-    return predictor.sam.sam.mask_decoder.transformer.layers[0].mlp.lin1.out_features
+    return predictor.encoder.segmenter.sam.mask_decoder.transformer.layers[0].mlp.lin1.out_features
 
 
 def test_regions_with_different_point_counts_keep_their_order(setup):
@@ -251,7 +244,7 @@ def _cli(setup, *extra: str) -> list[str]:
         "--head", str(setup["head"]), "--sam_type", "tiny",
         "--sam_checkpoint", str(setup["backbones"]["sam_checkpoint"]),
         "--clip_model", str(setup["backbones"]["clip_dir"]),
-        "--text_cache", str(setup["root"] / "text.h5"), "--topk", "2", *extra,
+        "--text_cache", str(setup["predictor"].text_cache), "--topk", "2", *extra,
     ]  # fmt: skip
 
 
