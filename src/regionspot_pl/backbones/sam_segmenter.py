@@ -210,7 +210,7 @@ class SamSegmenter(nn.Module):
         """torch.compile SAM's mask decoder (dynamic shapes: the prompt count varies per call)
         and image encoder. Most of the decoder's time goes to small elementwise operations
         (adds, copies, softmax, LayerNorm) that compiling fuses; outputs equal eager up to float
-        rounding (tests/test_extract.py). The modules are replaced in place, so SAM's own code
+        rounding (tests/extract/test_extract.py). The modules are replaced in place, so SAM's own code
         (and the region-token hook on the decoder's transformer) runs inside the compiled graph."""
         self.sam.mask_decoder = torch.compile(self.sam.mask_decoder, dynamic=True)
         self.sam.image_encoder = torch.compile(self.sam.image_encoder)

@@ -70,7 +70,7 @@ class FeatureExtractor:
         tokens [N, 256] float16, CLIP tokens [T, D] float16, masks [N, H, W] bool at the
         original size (None when masks are not stored), on the device."""
         # all boxes of the batch go through SAM's decoder together: one call per image would
-        # leave a GPU waiting on launches (equal results, tests/test_backbones.py)
+        # leave a GPU waiting on launches (equal results, tests/backbones/test_backbones.py)
         prompts = [Prompts(boxes=torch.from_numpy(it["record"].boxes)) for it in items]
         return self.encoder.encode([it["input"] for it in items], prompts, with_masks=self.with_masks)
 

@@ -1,6 +1,6 @@
 """``python -m regionspot_pl.test``: end to end on tiny backbones, the scoring path, baselines, configs.
 
-Bad input (exit 2, one ``error:`` line) is tested in tests/test_errors_test.py.
+Bad input (exit 2, one ``error:`` line) is tested in tests/evaluation/test_errors_test.py.
 
 One demo val split (20 images) is extracted once per module into GT-box shards and proposal
 shards; the runs below all read them.

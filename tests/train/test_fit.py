@@ -130,7 +130,7 @@ def test_ddp_two_processes_on_cpu_see_disjoint_samples(shards, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(Path(__file__).parent / "ddp_fit.py"),
+            str(Path(__file__).parents[1] / "ddp_fit.py"),
             str(shards["train"]),
             str(shards["val"]),
             str(shards["val_json"]),

@@ -43,7 +43,7 @@ def setup(tiny_backbones, tmp_path_factory) -> dict:
     )  # fmt: skip
     # One image a batch, as the predictor encodes: both take the same float path, so their scores
     # agree to the last bits. (Batched extraction stores the same tokens up to one float16 step,
-    # tests/test_backbones.py; one such step in every stored value, put through the head and
+    # tests/backbones/test_backbones.py; one such step in every stored value, put through the head and
     # CLIP's logit scale of 100, moved these probabilities by up to 2e-4.)
     run_extraction(cfg)
     predictor = Predictor.from_pretrained(
