@@ -1,7 +1,8 @@
 """Every script and make target runs to its end in a small mode, so that a change of the package's
 interface that breaks one fails here. The make targets run through make itself (their command
 lines as the Makefile writes them, with this interpreter and the install step taken as done);
-the other scripts as `python scripts/NAME.py ARGS` runs them."""
+the other scripts as `python scripts/NAME.py ARGS` runs them. `make bench` runs scripts/bench.py
+(and scripts/bench_host.py), `make bench-real` scripts/bench_real.py, `make demo` scripts/demo.py."""
 
 from __future__ import annotations
 
