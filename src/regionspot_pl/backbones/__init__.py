@@ -24,6 +24,7 @@ _MODULE_OF = {
     ),
     **dict.fromkeys(("OFFICIAL_SAM_CHECKPOINTS", "SAM_TYPES", "TINY_SAM_CONFIG", "SamTransform", "build_sam"), "sam"),
     "SamSegmenter": "sam_segmenter",
+    **dict.fromkeys(("load_segmenter", "load_vlm"), "build"),
     "TEMPLATES": "templates",
     "write_tiny_backbones": "tiny",
 }  # fmt: skip

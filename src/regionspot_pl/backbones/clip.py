@@ -218,25 +218,6 @@ class ClipEncoder(nn.Module):
         return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
-class LazyTextEncoder:
-    """Stands in for a :class:`ClipEncoder` in :func:`text_embeddings`: CLIP is loaded only on a
-    cache miss, so a run whose vocabulary is cached needs no CLIP folder at all."""
-
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu") -> None:
-        self.model_dir, self.device = Path(model_dir), device
-        self._encoder: ClipEncoder | None = None
-
-    def encode_texts(self, *args, **kwargs) -> torch.Tensor:
-        if self._encoder is None:
-            if not self.model_dir.is_dir():
-                raise BackboneNotFoundError(
-                    f"this vocabulary is not in the text cache, and the CLIP folder {self.model_dir} that would "
-                    "compute it is missing: pass --clip_model DIR"
-                )
-            self._encoder = ClipEncoder(*load_clip(self.model_dir)).to(self.device)
-        return self._encoder.encode_texts(*args, **kwargs)
-
-
 def model_identity(model_dir: str | Path) -> str:
     """Short stable id of a CLIP snapshot: sha256 over its weight files, 16 hex characters."""
     path = Path(model_dir)

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..backbones.clip import ClipEncoder, LazyTextEncoder, load_clip, model_identity, text_embeddings
+from ..backbones.build import LazyTextEncoder, load_vlm
+from ..backbones.clip import model_identity, text_embeddings
 from ..backbones.common import resolve_device
+from ..backbones.interfaces import VisionLanguageModel
 from ..cache.manifest import ShardFolder
 from ..data.annotations import GroundTruth, Vocabulary, check_classes, check_images, read_ground_truth
 from ..model.checkpoint import CheckpointError, load_head
@@ -146,7 +148,7 @@ class Models:
     """The head (regionspot) or the CLIP image tower (baselines), and the text embeddings [C, D]."""
 
     head: RegionSpotHead | None
-    encoder: ClipEncoder | None
+    encoder: VisionLanguageModel | None
     texts: Tensor
 
 
@@ -162,7 +164,7 @@ def build_models(inputs: Inputs) -> Models:
         head = _load_head(config.head, inputs.device)
         _check_head(head, inputs, clip.text_dim if inputs.same_clip else _config_text_dim(inputs.clip_dir))
     else:
-        encoder = ClipEncoder(*load_clip(inputs.clip_dir)).to(inputs.device)
+        encoder = load_vlm(inputs.clip_dir).to(inputs.device)
     text_encoder = encoder if encoder is not None else LazyTextEncoder(inputs.clip_dir, inputs.device)
     cache = str(config.text_cache or inputs.folder.manifest.text_cache)
     texts = text_embeddings(text_encoder, list(inputs.vocab.names), cache, model_id)

@@ -19,10 +19,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backbones.clip import ClipEncoder, load_clip, text_embeddings
+from ..backbones.build import load_segmenter, load_vlm
+from ..backbones.clip import text_embeddings
 from ..backbones.encoder import RegionEncoder
-from ..backbones.sam import build_sam
-from ..backbones.sam_segmenter import SamSegmenter
 from ..cache.shards import (
     AtomicShardWriter,
     read_sidecar,
@@ -47,8 +46,8 @@ def _collate(items: list[dict]) -> list[dict]:
 def load_extractor(cfg: ExtractConfig) -> FeatureExtractor:
     """SAM and CLIP of ``cfg`` on its device at its precision (compiled with ``--compile``), as
     the extractor of its shards; ``--clip_size`` must be the CLIP model's input size."""
-    segmenter = SamSegmenter(build_sam(cfg.sam_type, cfg.sam_checkpoint))
-    clip = ClipEncoder(*load_clip(cfg.clip_model))
+    segmenter = load_segmenter(cfg.sam_type, cfg.sam_checkpoint)
+    clip = load_vlm(cfg.clip_model)
     if cfg.clip_size is not None and cfg.clip_size != clip.image_size:
         raise ExtractError(
             f"--clip_size {cfg.clip_size} does not match the CLIP model in {cfg.clip_model}, "

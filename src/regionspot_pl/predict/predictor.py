@@ -25,12 +25,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..backbones.clip import ClipEncoder, load_clip, model_identity, text_embeddings
+from ..backbones.build import load_segmenter, load_vlm
+from ..backbones.clip import model_identity, text_embeddings
 from ..backbones.common import DEFAULT_TEXT_CACHE
 from ..backbones.encoder import ImageFeatures, RegionEncoder
 from ..backbones.interfaces import VisionLanguageModel
-from ..backbones.sam import build_sam
-from ..backbones.sam_segmenter import SamSegmenter
 from ..model import RegionSpotHead, load_head, region_logits
 from ..model.head import check_head_fits
 from .prompts import (
@@ -130,10 +129,10 @@ class Predictor:
         extractor's). ``precision``: autocast as in extraction (auto = fp32 on CPU).
         """
         head_module = load_head(head)
-        clip = ClipEncoder(*load_clip(clip_model))
+        clip = load_vlm(clip_model)
         # before building SAM, which can take a while for the real models
         _check_head_fits(head_module, clip, f"head {head}", f"the CLIP model in {clip_model}")
-        segmenter = SamSegmenter(build_sam(sam_type, sam_checkpoint))
+        segmenter = load_segmenter(sam_type, sam_checkpoint)
         encoder = RegionEncoder(segmenter, clip, device, precision, max_prompts_per_call=PROMPTS_PER_CALL)
         return cls(head_module, encoder, model_identity(clip_model), text_cache)
 

@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from ..backbones.clip import LazyTextEncoder, text_embeddings
+from ..backbones.build import LazyTextEncoder
+from ..backbones.clip import text_embeddings
 from ..backbones.common import resolved_precision
 from ..cache.manifest import ClipBackbone, ShardFolder
 from ..data.annotations import check_ground_truth
