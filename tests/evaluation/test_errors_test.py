@@ -13,6 +13,7 @@ import torch
 from test_test_cli import _head
 
 from regionspot_pl import test as test_cli
+from regionspot_pl.model import load_head, save_head
 
 
 class Case:
@@ -54,6 +55,16 @@ class Case:
                 manifest[key] = value
         (folder / "manifest.json").write_text(json.dumps(manifest))
         return folder
+
+    @property
+    def clip_id(self) -> str:
+        return json.loads((Path(self.shards) / "manifest.json").read_text())["backbones"]["clip"]["id"]
+
+    def head_of_pair(self, sam: str, clip_id: str) -> Path:
+        """The tiny head (sizes fit the shards), recorded as trained on another pair."""
+        head = load_head(self.head)
+        head.backbones = {"sam": sam, "clip": "clip_other", "clip_id": clip_id}
+        return save_head(head, self.tmp / "pair.pt")
 
     def other_clip(self, projection_dim: int) -> Path:
         """A copy of the tiny CLIP whose config claims another text width."""
@@ -116,6 +127,14 @@ CASES: dict[str, Callable[[Case], tuple[list, tuple[str, ...]]]] = {
     "missing head": lambda c: (c.argv(head=c.tmp / "nohead.pt"), ("--head", "nohead.pt")),
     "head not a checkpoint": lambda c: (c.argv(head=c.file("head.txt", "hello")), ("--head", "head.txt")),
     "head of another CLIP width": lambda c: (c.argv(head=_head(c.tmp / "w.pt", clip_dim=96)), ("w.pt", "width 96")),
+    "head of another SAM": lambda c: (
+        c.argv(head=c.head_of_pair("vit_b", c.clip_id)),
+        ("pair.pt", "SAM vit_b", "is given SAM tiny", c.clip_id),
+    ),
+    "head of another vision-language model of the same widths": lambda c: (
+        c.argv(head=c.head_of_pair("tiny", "0123456789abcdef")),
+        ("pair.pt", "0123456789abcdef", c.clip_id, "use a head trained on this pair"),
+    ),
     "head of another text dim": lambda c: (c.argv(head=_head(c.tmp / "t.pt", text_dim=32)), ("t.pt", "text dim 32")),
     "clip model of another text dim": lambda c: (
         c.argv("--clip_model", c.other_clip(32)),

@@ -174,6 +174,10 @@ def test_fit_exports_the_head_folder_beside_head_pt(demo_shards, tmp_path):
     config = json.loads((tmp_path / "head" / "config.json").read_text())
     assert config["training"]["steps"] == 2 and config["training"]["data"] == ["demo_train"]
     assert config["backbones"]["sam"] == "tiny" and config["backbones"]["clip"] == "clip_tiny"
+    # the pair is the shards' one, recorded in both files
+    clip_id = json.loads((demo_shards["train"] / "manifest.json").read_text())["backbones"]["clip"]["id"]
+    assert config["backbones"]["clip_id"] == clip_id
+    assert load_head(tmp_path / "head.pt").backbones == load_head(tmp_path / "head").backbones == config["backbones"]
 
 
 def test_the_head_is_a_hub_model_and_a_loaded_folder_saves_back_the_same(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from regionspot_pl import convert
-from regionspot_pl.model import RegionSpotHead, save_head
+from regionspot_pl.model import RegionSpotHead, load_head, save_head
 from regionspot_pl.predict import cli as predict
 
 VOCAB = "red circle,blue square,background"
@@ -41,6 +41,10 @@ def files(tiny_backbones, tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": {}}, out["no_model"])
     out["a_file"].write_text("a file, not a folder")
     out["empty_dir"].mkdir()
+    for name, sam, clip_id in (("vit_b_head", "vit_b", None), ("other_clip_head", "tiny", "0123456789abcdef")):
+        head = load_head(out["head"])
+        head.backbones = {"sam": sam, "clip": "clip_other", **({"clip_id": clip_id} if clip_id else {})}
+        out[name] = save_head(head, root / f"{name}.pt")
     return out
 
 
@@ -69,6 +73,16 @@ PREDICT_CASES = {
     "missing head": ({"head": "@empty_dir/head.pt"}, [], ["checkpoint not found", "head.pt"]),
     "corrupt head": ({"head": "@garbage"}, [], ["garbage.pt could not be read as a PyTorch checkpoint"]),
     "head for another CLIP": ({"head": "@wrong_head"}, [], ["bb.pt expects CLIP features of width 96"]),
+    "head trained with another SAM": (
+        {"head": "@vit_b_head"},
+        [],
+        ["vit_b_head.pt was trained on the pair SAM vit_b", "is given SAM tiny", "use a head trained on this pair"],
+    ),
+    "head trained with another CLIP of the same widths": (
+        {"head": "@other_clip_head"},
+        [],
+        ["other_clip_head.pt", "(id 0123456789abcdef)", "clip_tiny (id "],
+    ),
     "missing SAM checkpoint": ({"sam_checkpoint": "@empty_dir/sam.pth"}, [], ["SAM checkpoint", "sam.pth"]),
     "SAM checkpoint of no SAM": ({"sam_checkpoint": "@no_model"}, [], ["no_model.pth", "--sam_type tiny"]),
     "missing CLIP folder": ({"clip_model": "@empty_dir/clip"}, [], ["CLIP directory", "clip"]),

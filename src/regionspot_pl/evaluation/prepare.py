@@ -24,7 +24,7 @@ from ..backbones.interfaces import VisionLanguageModel
 from ..cache.manifest import ShardFolder
 from ..data.annotations import GroundTruth, Vocabulary, check_classes, check_images, read_ground_truth
 from ..model.checkpoint import CheckpointError, load_head
-from ..model.head import RegionSpotHead, check_head_fits
+from ..model.head import RegionSpotHead, check_head_backbones, check_head_fits
 from .baselines import BASELINES
 from .settings import TestConfig, TestError
 
@@ -189,7 +189,10 @@ def _check_head(head: RegionSpotHead, inputs: Inputs, text_dim: int | None) -> N
     else:
         clip_name = f"the shards' CLIP features ({clip.model}) with the text side of --clip_model {inputs.clip_dir}"
     text_dim = head.config.text_dim if text_dim is None else text_dim
-    check_head_fits(head.config, clip.vision_dim, text_dim, clip_name, f"the head {inputs.config.head}")
+    head_name = f"the head {inputs.config.head}"
+    shards = f"the shards' {clip.model}"
+    check_head_backbones(head.backbones, inputs.folder.manifest.sam.type, clip.id, shards, head_name)
+    check_head_fits(head.config, clip.vision_dim, text_dim, clip_name, head_name)
 
 
 def _config_text_dim(clip_dir: str) -> int | None:

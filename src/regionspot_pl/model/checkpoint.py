@@ -2,7 +2,8 @@
 
 Our file format is a plain dict (loadable with ``torch.load(..., weights_only=True)``):
 ``{"format": "regionspot_pl.head", "version": 1, "variant": str, "config": HeadConfig dict,
-"state_dict": {official head key: tensor}}``. A head can also be a model folder
+"state_dict": {official head key: tensor}}``, and ``"backbones"`` (the frozen pair it was trained
+on: str values) when known. A head can also be a model folder
 (config.json + model.safetensors + README.md, :mod:`.pretrained`); :func:`load_head` reads both.
 This module sits above the folder format: it imports :mod:`.pretrained`, never the reverse.
 """
@@ -60,6 +61,8 @@ def save_head(head: RegionSpotHead, path: str | Path, variant: str | None = None
         "config": head.config.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
     }
+    if head.backbones:
+        payload["backbones"] = dict(head.backbones)
     with AtomicFile(path) as tmp:  # a crash never leaves a half-written head behind
         torch.save(payload, tmp)
     return path
@@ -87,7 +90,19 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Reg
     head = RegionSpotHead(**HeadConfig(**payload["config"]).to_dict())
     head.load_state_dict(payload["state_dict"], strict=True)
     head.variant = payload.get("variant", "custom")
+    head.backbones = _recorded_backbones(payload.get("backbones"), path)
     return head.to(map_location).eval()
+
+
+def _recorded_backbones(value: object, path: str | Path) -> dict | None:
+    """A head file's ``backbones``: None, or a dict of str -> str/int (checked: read from disk)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool) for k, v in value.items()
+    ):
+        raise CheckpointError(f"{path}: 'backbones' must map names to strings or integers, got {value!r:.200}")
+    return value
 
 
 def load_pretrained(ref: str | Path, map_location: str | torch.device = "cpu") -> RegionSpotHead:

@@ -103,6 +103,30 @@ def check_head_fits(config: HeadConfig, vision_dim: int, text_dim: int, clip_nam
     )
 
 
+def check_head_backbones(
+    recorded: dict | None, sam_type: str, clip_id: str | None, clip_name: str, head_name: str
+) -> None:
+    """The one check of a head against the frozen pair it is given: a head trained on the tokens
+    of one SAM and the map of one vision-language model reads nothing meaningful from another
+    pair, even one of the same widths. ``recorded``: the head's ``backbones`` (None: not recorded,
+    nothing to check); ``clip_id``: the given model's identity (None: unknown). What a head does
+    not record (a published head names its CLIP, not its identity) is not compared."""
+    if not recorded:
+        return
+    want_sam, want_clip = recorded.get("sam"), recorded.get("clip_id")
+    sam_differs = want_sam is not None and want_sam != sam_type
+    clip_differs = want_clip is not None and clip_id is not None and want_clip != clip_id
+    if not (sam_differs or clip_differs):
+        return
+    trained = (
+        f"SAM {want_sam or '(not recorded)'} + {recorded.get('clip') or 'CLIP'} (id {want_clip or 'not recorded'})"
+    )
+    raise HeadMismatchError(
+        f"{head_name} was trained on the pair {trained}, but is given SAM {sam_type} + {clip_name} (id {clip_id}): "
+        "use a head trained on this pair, or the SAM and vision-language model the head was trained on"
+    )
+
+
 def _clip_of(config: HeadConfig) -> str:
     right = variant_for_clip(config.clip_dim, config.text_dim)
     return VARIANT_CLIP[right] if right else f"vision width {config.clip_dim}, text dim {config.text_dim}"
@@ -144,6 +168,9 @@ class RegionSpotHead(nn.Module, HeadFolderMixin):
         self.decoder = nn.TransformerDecoder(layer, num_layers=depth, norm=nn.LayerNorm(clip_dim))
         self.projector = nn.Linear(clip_dim, text_dim)
         self.variant = infer_variant(self.config) or "custom"
+        # the frozen pair it was trained on ({"sam": type, "clip": name, "clip_id": ...}), as its
+        # file or folder records it; None when not recorded
+        self.backbones: dict | None = None
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> RegionSpotHead:

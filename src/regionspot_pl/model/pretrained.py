@@ -163,6 +163,7 @@ class HeadFolderMixin(ModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS))
             raise CheckpointError(f"{weights} could not be read as safetensors ({err})") from err
         head.load_state_dict(state, strict=True)
         head.variant = config["variant"]
+        head.backbones = config.get("backbones")
         head._hub_mixin_config = config  # saved again (save_pretrained, push_to_hub) with its facts
         return head.to(map_location).eval()
 

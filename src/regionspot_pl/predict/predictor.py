@@ -31,7 +31,7 @@ from ..backbones.common import DEFAULT_TEXT_CACHE
 from ..backbones.encoder import ImageFeatures, RegionEncoder
 from ..backbones.interfaces import VisionLanguageModel
 from ..model import RegionSpotHead, load_head, region_logits
-from ..model.head import check_head_fits
+from ..model.head import check_head_backbones, check_head_fits
 from .prompts import (
     BoxesLike,
     ImageLike,
@@ -132,9 +132,11 @@ class Predictor:
         clip = load_vlm(clip_model)
         # before building SAM, which can take a while for the real models
         _check_head_fits(head_module, clip, f"head {head}", f"the CLIP model in {clip_model}")
+        clip_id = model_identity(clip_model)
+        check_head_backbones(head_module.backbones, sam_type, clip_id, str(clip_model), f"head {head}")
         segmenter = load_segmenter(sam_type, sam_checkpoint)
         encoder = RegionEncoder(segmenter, clip, device, precision, max_prompts_per_call=PROMPTS_PER_CALL)
-        return cls(head_module, encoder, model_identity(clip_model), text_cache)
+        return cls(head_module, encoder, clip_id, text_cache)
 
     # ----------------------------------------------------------------------------------- image
     def set_image(self, image: ImageLike) -> None:

@@ -186,8 +186,9 @@ def write_outputs(
     best = checkpoint.best_model_path or checkpoint.last_model_path
     final = RegionSpotModule.load_from_checkpoint(best, map_location="cpu", weights_only=True) if best else module
     result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    result["head"] = str(save_head(final.head, out / "head.pt", variant=variant))
     card = fit_card([info.manifest.to_dict() for info in dm.train], cfg.trainer.max_steps)
+    final.head.backbones = card["backbones"]  # both files record the pair the head was trained on
+    result["head"] = str(save_head(final.head, out / "head.pt", variant=variant))
     folder = save_pretrained(final.head, out / "head", variant=variant, metrics=result["metrics"] or None, **card)
     result["head_folder"] = str(folder)
     write_json_atomic(out / "fit_summary.json", result)
