@@ -17,6 +17,10 @@ def inputs(demo_shards, demo_data, tmp_path_factory):
     shutil.copytree(demo_shards["val"], newer)
     manifest = json.loads((newer / "manifest.json").read_text())
     (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    other_pair = root / "other_pair"  # the same widths, from another SAM
+    shutil.copytree(demo_shards["val"], other_pair)
+    manifest["backbones"]["sam"]["type"] = "vit_b"
+    (other_pair / "manifest.json").write_text(json.dumps(manifest))
     other_gt = json.loads(demo_data["val_json"].read_text())
     other_gt["categories"] = sorted(other_gt["categories"], key=lambda c: c["id"])[:3]
     kept = {c["id"] for c in other_gt["categories"]}
@@ -35,6 +39,7 @@ def inputs(demo_shards, demo_data, tmp_path_factory):
         "gt": str(demo_data["val_json"]),
         "root": root,
         "newer": str(newer),
+        "other_pair": str(other_pair),
     }
 
 
@@ -98,6 +103,12 @@ def test_val_annotations_with_a_null_file_name(inputs, cli_error):
 
 def test_shards_of_a_newer_format(inputs, cli_error):
     cli_error(main, _argv(inputs, val=False) + ["--data.train_shards", f"[{inputs['newer']}]"], "upgrade regionspot_pl")
+
+
+def test_shards_of_two_frozen_pairs_are_not_mixed(inputs, cli_error):
+    argv = _argv(inputs, val=False) + ["--data.train_shards", f"[{inputs['train']},{inputs['other_pair']}]"]
+    line = cli_error(main, argv, "different frozen pairs", "re-extract them with one SAM")
+    assert f"{inputs['train']}: SAM tiny" in line and f"{inputs['other_pair']}: SAM vit_b" in line
 
 
 @pytest.mark.parametrize(

@@ -342,7 +342,10 @@ def test_advanced_stage_mixes_datasets_with_their_own_vocabularies(shards, tmp_p
         ((1024, 768, 336), "auto", "BL@336"),
         ((768, 512, 224), "auto", "BB"),
         ((128, 64, 224), "auto", None),
+        ((1152, 1152, 384), "auto", None),  # SigLIP so400m: text dim = map width
+        ((1280, 1024, 224), "auto", None),  # MetaCLIP 2 ViT-H/14
         ((1024, 768, 224), "BL", "BL"),
+        ((36, 24, 224), "auto", None),  # a width 8 heads do not divide: 6 heads
     ],
 )
 def test_head_is_sized_to_the_shards_clip(dims, asked, variant):
@@ -351,6 +354,9 @@ def test_head_is_sized_to_the_shards_clip(dims, asked, variant):
     assert got == variant and (config.clip_dim, config.text_dim) == dims[:2]
     if variant:
         assert config == VARIANTS[variant]
+    else:  # as many heads as divide the width, at most the published 8
+        assert config.num_heads == max(h for h in range(1, 9) if dims[0] % h == 0)
+        RegionSpotHead(**config.to_dict())  # builds: nn.MultiheadAttention accepts the sizes
 
 
 def test_a_variant_that_does_not_fit_names_the_one_that_does():

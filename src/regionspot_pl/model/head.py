@@ -76,13 +76,16 @@ def head_config_for(
     """(head sizes, variant name) for features of a CLIP of these sizes.
 
     ``variant`` 'auto' takes the published variant made for that CLIP, or a head of the default
-    sizes at its widths (variant None) for any other CLIP. A named variant that does not fit is a
+    sizes at its widths (variant None) for any other model, with as many attention heads (at most
+    the default 8) as divide its width. A named variant that does not fit is a
     :class:`HeadMismatchError` naming the one that does.
     """
     if variant == AUTO:
         name = variant_for_clip(vision_dim, text_dim, image_size)
-        config = VARIANTS[name] if name else replace(HeadConfig(), clip_dim=vision_dim, text_dim=text_dim)
-        return config, name
+        if name:
+            return VARIANTS[name], name
+        heads = next(h for h in range(HeadConfig.num_heads, 0, -1) if vision_dim % h == 0)
+        return replace(HeadConfig(), clip_dim=vision_dim, text_dim=text_dim, num_heads=heads), None
     if variant not in VARIANTS:
         raise HeadMismatchError(f"unknown head variant {variant!r}; expected {AUTO!r} or one of {sorted(VARIANTS)}")
     check_head_fits(VARIANTS[variant], vision_dim, text_dim, clip_name, f"the {variant} head")

@@ -296,13 +296,15 @@ class RegionDataModule(L.LightningDataModule):
                 )
 
     def _check_same_backbones(self) -> None:
+        """Every folder from one frozen pair: the head learns one SAM's tokens against one
+        vision-language model's map, so folders of two pairs (even of equal widths) never mix."""
         infos = self.train + ([self.val] if self.val else [])
-        dims = {(i.clip.vision_dim, i.clip.text_dim) for i in infos}
-        if len(dims) != 1:
-            models = ", ".join(f"{i.folder}: {i.clip.model}" for i in infos)
+        pairs = {(i.manifest.sam.type, i.clip.id) for i in infos}
+        if len(pairs) != 1:
+            named = "; ".join(f"{i.folder}: SAM {i.manifest.sam.type} + {i.clip.model} (id {i.clip.id})" for i in infos)
             raise ShardFormatError(
-                f"shard folders were extracted with different CLIP models ({models}); "
-                "re-extract them with one CLIP model"
+                f"shard folders were extracted with different frozen pairs ({named}); "
+                "re-extract them with one SAM and one vision-language model"
             )
 
     def train_workers(self, world: int) -> int:
