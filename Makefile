@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# CI runs this: formatting, line length and lint first, then the suite
+# CI runs this: formatting, line length and lint first, then the suite in two worker processes
+# of one thread each. Most tests wait on process start-up, files or small tensors, so one
+# process keeps about one core busy; two keep both of a 2-core machine busy.
 test: lint
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 lint: install
 	$(PY) -m ruff format --check src tests scripts

@@ -5,7 +5,8 @@ the same detections with shuffled class labels (the chance level), prints the ta
 pictures with the predictor. Every stage reuses what a previous run left in demo_out/ (`--out`),
 so a rerun takes seconds; `--fresh` starts over. `--quick` runs the same stages at tiny sizes in
 seconds, a check that the demo runs (its head does not learn enough to beat chance, so the AP
-check is left out).
+check is left out). `--sam` and `--clip` pick the frozen pair among the tiny random models of each
+family (`python -m regionspot_pl.tiny`); a pair other than the default runs in its own subfolder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,35 @@ from regionspot_pl.predict.predictor import Predictor
 from regionspot_pl.predict.viz import draw_attention, draw_detections, save_grid
 
 PY = [sys.executable, "-m"]
+# --sam and --clip: the tiny models' keys in what `python -m regionspot_pl.tiny` writes
+SAM_FAMILIES = {"sam": ("tiny", "sam_checkpoint"), "sam2.1": ("sam2_config", "sam2_checkpoint")}
+CLIP_FAMILIES = {"clip": "clip_dir", "siglip": "siglip_dir", "metaclip2": "metaclip2_dir"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """The frozen pair the demo runs on: ``--sam_type``, ``--sam_checkpoint``, ``--clip_model``."""
+
+    sam_type: str
+    sam_checkpoint: Path
+    clip_model: Path
+
+    @classmethod
+    def of(cls, sam: str, clip: str, backbones: Path) -> Pair:
+        """The tiny models of these families in ``backbones`` (the folder the tiny command wrote)."""
+        paths = {
+            "tiny": "tiny", "sam_checkpoint": backbones / "sam_tiny.pth", "clip_dir": backbones / "clip_tiny",
+            "sam2_config": backbones / "sam2.1_tiny.yaml", "sam2_checkpoint": backbones / "sam2.1_tiny.pt",
+            "siglip_dir": backbones / "siglip_tiny", "metaclip2_dir": backbones / "metaclip2_tiny",
+        }  # fmt: skip
+        sam_type, checkpoint = SAM_FAMILIES[sam]
+        return cls(str(paths[sam_type]), paths[checkpoint], paths[CLIP_FAMILIES[clip]])
+
+    def flags(self) -> list[str]:
+        return [
+            "--sam_type", self.sam_type, "--sam_checkpoint", str(self.sam_checkpoint),
+            "--clip_model", str(self.clip_model),
+        ]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +119,13 @@ def attention_in_box(
     return np.stack(shares), inside.mean((1, 2))
 
 
-def pictures(data: dict, head: Path, backbones: Path, out: Path, sizes: Sizes) -> tuple[list[Path], str]:
+def pictures(data: dict, head: Path, pair: Pair, out: Path, sizes: Sizes) -> tuple[list[Path], str]:
     """Predictions on a few val images, and one region's cross-attention over the CLIP map in
     each decoder layer (the paper's Figure 4); the share of attention inside the query's box."""
     val = json.loads(Path(data["val_json"]).read_text())
     names = {c["id"]: c["name"] for c in val["categories"]}
     predictor = Predictor.from_pretrained(
-        head=head, sam_type="tiny", sam_checkpoint=backbones / "sam_tiny.pth", clip_model=backbones / "clip_tiny",
+        head=head, sam_type=pair.sam_type, sam_checkpoint=pair.sam_checkpoint, clip_model=pair.clip_model,
         text_cache=out / "text_embeddings.h5",
     )  # fmt: skip
     panels, attention, shares, uniform = [], None, [], []
@@ -140,13 +170,11 @@ def prediction_panel(predictor: Predictor, pixels: np.ndarray, boxes: list, gt_l
     )
 
 
-def extract_command(data: dict, split: str, out: Path, backbones: Path, workers: int) -> list[str]:
+def extract_command(data: dict, split: str, out: Path, pair: Pair, workers: int) -> list[str]:
     return PY + [
         "regionspot_pl.extract",
         "--images", str(data[f"{split}_images"]), "--annotations", str(data[f"{split}_json"]),
-        "--out", str(out / "shards" / split), "--dataset", f"demo_{split}",
-        "--sam_type", "tiny", "--sam_checkpoint", str(backbones / "sam_tiny.pth"),
-        "--clip_model", str(backbones / "clip_tiny"),
+        "--out", str(out / "shards" / split), "--dataset", f"demo_{split}", *pair.flags(),
         "--shard_size", "50", "--batch_size", "8", "--workers", str(workers),
         "--text_cache", str(out / "text_embeddings.h5"),
     ]  # fmt: skip
@@ -169,26 +197,23 @@ def test_command(data: dict, out: Path, head: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_stages(out: Path, sizes: Sizes, times: dict) -> tuple[dict, Path, Path]:
+def run_stages(out: Path, sizes: Sizes, families: tuple[str, str], times: dict) -> tuple[dict, Path, Pair]:
     """data -> tiny backbones -> extract -> fit -> test, each reusing what a previous run left.
-    Returns (the demo set's paths, the trained head, the backbones' folder)."""
+    Returns (the demo set's paths, the trained head, the frozen pair)."""
     t = time.time()
     data = generate_demo_dataset(out / "data", num_train=sizes.num_train, num_val=sizes.num_val, seed=0)
     times["data"] = time.time() - t
     backbones = out / "backbones"
-    times["backbones"] = stage(
-        "tiny backbones", PY + ["regionspot_pl.tiny", str(backbones)], backbones / "sam_tiny.pth"
-    )
+    pair = Pair.of(*families, backbones)
+    times["backbones"] = stage("tiny backbones", PY + ["regionspot_pl.tiny", str(backbones)], pair.clip_model)
     times["extract"] = 0.0
     for split in ("train", "val"):
         # extraction resumes by itself: a rerun finds every shard done and returns at once
-        times["extract"] += stage(
-            f"extract {split}", extract_command(data, split, out, backbones, sizes.loader_workers)
-        )
+        times["extract"] += stage(f"extract {split}", extract_command(data, split, out, pair, sizes.loader_workers))
     head = out / "run" / "head.pt"
     times["fit"] = stage("fit", fit_command(data, out, sizes), head)
     times["test"] = stage("test", test_command(data, out, head), out / "test" / "metrics.json")
-    return data, head, backbones
+    return data, head, pair
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the same stages at tiny sizes (8 train images, 2 steps, 1 picture): a check that the demo runs, "
         "in seconds; it does not train a head that beats chance, so the AP check is skipped",
     )
+    p.add_argument("--sam", choices=sorted(SAM_FAMILIES), default="sam", help="the localization model (default sam)")
+    p.add_argument("--clip", choices=sorted(CLIP_FAMILIES), default="clip", help="the vision-language model")
     args = p.parse_args(argv)
+    if (args.sam, args.clip) != ("sam", "clip"):  # shards and heads of two pairs never share a folder
+        args.out = args.out / f"{args.sam}+{args.clip}"
     sizes = QUICK if args.quick else Sizes()
     sizes = dataclasses.replace(
         sizes, num_train=args.num_train or sizes.num_train, num_val=args.num_val or sizes.num_val
@@ -211,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     started, times = time.time(), {}
-    data, head, backbones = run_stages(args.out, sizes, times)
+    data, head, pair = run_stages(args.out, sizes, (args.sam, args.clip), times)
     metrics = json.loads((args.out / "test" / "metrics.json").read_text())
     chance = chance_level(Path(data["val_json"]), args.out / "test" / "detections_bbox.json")
     t = time.time()
-    images, routing = pictures(data, head, backbones, args.out, sizes)
+    images, routing = pictures(data, head, pair, args.out, sizes)
     times["pictures"] = time.time() - t
 
-    print("\nRegionSpot demo, val split (box and mask AP, %):")
+    print(f"\nRegionSpot demo ({args.sam} + {args.clip}), val split (box and mask AP, %):")
     print(
         format_metrics_table(
             {"bbox": metrics["bbox"], "segm": metrics.get("segm") or {}, "bbox, shuffled labels (chance)": chance}

@@ -20,27 +20,34 @@ LVIS_IMAGES = bench_metrics.LVIS_VAL["images"]
 CPU = torch.device("cpu")
 
 
-def eval_rate(head: RegionSpotHead, shards: list[str], texts: torch.Tensor, batch_size: int, repeat: int) -> float:
-    images, start = 0, now()
-    for _ in range(repeat):
-        for _ in regionspot_logits(head, shards, texts, CPU, batch_size):
-            images += 1
-    return images / (now() - start)
+def _timed(head: RegionSpotHead, shard: str, texts: torch.Tensor, batch_size: int) -> tuple[int, float]:
+    """(images, seconds) of one pass over one shard at this batch size."""
+    start = now()
+    images = sum(1 for _ in regionspot_logits(head, [shard], texts, CPU, batch_size))
+    return images, now() - start
 
 
 def eval_pair(head: RegionSpotHead, shards: list[str], texts: torch.Tensor, repeat: int) -> tuple[float, float]:
-    """(images/s at batch 16, at batch 1), the two alternating shard by shard."""
-    t16 = t1 = 0.0
-    images = 0
+    """(images/s at batch 16, at batch 1), the two alternating shard by shard, after a warm-up pass
+    over the first shard (so that neither pays for the first call)."""
+    _timed(head, shards[0], texts, 16)
+    images, t16, t1 = 0, 0.0, 0.0
     for _ in range(repeat):
         for shard in shards:
-            start = now()
-            images += sum(1 for _ in regionspot_logits(head, [shard], texts, CPU, 16))
-            t16 += now() - start
-            start = now()
-            sum(1 for _ in regionspot_logits(head, [shard], texts, CPU, 1))
-            t1 += now() - start
+            count, seconds = _timed(head, shard, texts, 16)
+            images, t16 = images + count, t16 + seconds
+            t1 += _timed(head, shard, texts, 1)[1]
     return images / t16, images / t1
+
+
+def _eval_row(table: Table, name: str, head: RegionSpotHead, folder: Path, texts: torch.Tensor, repeat: int) -> float:
+    """One table row: the batched head pass over a shard folder against one image at a time."""
+    b16, b1 = eval_pair(head, [str(s) for s in list_shards(folder)], texts, repeat)
+    fmt = "{:.0f}" if b16 >= 100 else "{:.1f}"
+    extra = {"lvis_val_head_s": LVIS_IMAGES / b16}
+    table.add(name, f"{fmt.format(b16)} img/s (batch 16)", f"{fmt.format(b1)} img/s (batch 1)", b16 / b1,
+              images_per_s=b16, batch1_images_per_s=b1, **extra)  # fmt: skip
+    return b16
 
 
 def bench_evaluation(table: Table, val_folder: Path, bl_eval: Path, repeat: int = 3) -> dict:
@@ -49,32 +56,13 @@ def bench_evaluation(table: Table, val_folder: Path, bl_eval: Path, repeat: int 
     manifest = Manifest.read(val_folder)
     head = RegionSpotHead(clip_dim=manifest.clip.vision_dim, text_dim=manifest.clip.text_dim).eval()
     texts = torch.randn(len(manifest.vocabulary), manifest.clip.text_dim)
-    shards = [str(s) for s in list_shards(val_folder)]
-    eval_rate(head, shards, texts, 16, 1)  # warm-up
-    demo_b16, demo_b1 = eval_pair(head, shards, texts, repeat)
-    table.add(
-        f"eval: regionspot_logits, demo val shards (tiny CLIP, D {manifest.clip.vision_dim})",
-        f"{demo_b16:.0f} img/s (batch 16)",
-        f"{demo_b1:.0f} img/s (batch 1)",
-        demo_b16 / demo_b1,
-        images_per_s=demo_b16,
-        batch1_images_per_s=demo_b1,
-    )
+    name = f"eval: regionspot_logits, demo val shards (tiny CLIP, D {manifest.clip.vision_dim})"
+    demo = _eval_row(table, name, head, val_folder, texts, repeat)
     bl_head = RegionSpotHead.from_variant("BL").eval()
     bl_texts = torch.randn(BL["classes"], BL["text_dim"])
-    bl_shards = [str(s) for s in list_shards(bl_eval)]
-    eval_rate(bl_head, bl_shards[:1], bl_texts, 16, 1)  # warm-up
-    bl_b16, bl_b1 = eval_pair(bl_head, bl_shards, bl_texts, max(1, repeat - 1))
-    table.add(
-        "eval: regionspot_logits, BL-size shards (T 257, D 1024, ~16 boxes)",
-        f"{bl_b16:.1f} img/s (batch 16)",
-        f"{bl_b1:.1f} img/s (batch 1)",
-        bl_b16 / bl_b1,
-        images_per_s=bl_b16,
-        batch1_images_per_s=bl_b1,
-        lvis_val_head_s=LVIS_IMAGES / bl_b16,
-    )
-    return {"demo": demo_b16, "bl": bl_b16, "lvis_head_s": LVIS_IMAGES / bl_b16}
+    name = "eval: regionspot_logits, BL-size shards (T 257, D 1024, ~16 boxes)"
+    bl = _eval_row(table, name, bl_head, bl_eval, bl_texts, max(1, repeat - 1))
+    return {"demo": demo, "bl": bl, "lvis_head_s": LVIS_IMAGES / bl}
 
 
 def bench_metric_step(table: Table, folder: Path, scale: float) -> dict:

@@ -40,26 +40,25 @@ def bench_flops(table: Table, head_batch: int = 16) -> dict:
     batch = bl_batch(np.random.default_rng(2), head_batch)
     head_per_image = counted_gflop(lambda: head_step(head, optimizer, batch, texts)) / head_batch
 
-    need = EXTRACT_TARGET * per_image / 1e3
-    table.add(
-        "flops: SAM ViT-B@1024 encoder + CLIP ViT-L/14@224 + 16 boxes' decoder (counted)",
-        f"{per_image:.0f} GFLOP/img ({sam_enc:.0f} + {clip:.0f} + 16 x {per_box:.1f})",
-        f"at {EXTRACT_TARGET} img/s: {need:.0f} TFLOP/s",
-        100 * need / H100_BF16_SPEC,
-        ratio_fmt="{:.0f}%",
-        target="of H100 bf16 spec",
-        sam_encoder_gflop=sam_enc,
-        clip_gflop=clip,
-        decoder_gflop_per_box=per_box,
-    )
-    need = TRAIN_TARGET * head_per_image / 1e3
-    table.add(
-        "flops: BL head training step (fwd + bwd, 16 boxes, 365 classes, counted)",
-        f"{head_per_image:.1f} GFLOP/img",
-        f"at {TRAIN_TARGET} img/s: {need:.0f} TFLOP/s",
-        100 * need / H100_BF16_SPEC,
-        ratio_fmt="{:.1f}%",
-        target="of H100 bf16 spec",
-        head_gflop_per_image=head_per_image,
-    )
+    _demand_row(
+        table, "flops: SAM ViT-B@1024 encoder + CLIP ViT-L/14@224 + 16 boxes' decoder (counted)",
+        f"{per_image:.0f} GFLOP/img ({sam_enc:.0f} + {clip:.0f} + 16 x {per_box:.1f})", per_image, EXTRACT_TARGET,
+        "{:.0f}%", sam_encoder_gflop=sam_enc, clip_gflop=clip, decoder_gflop_per_box=per_box,
+    )  # fmt: skip
+    _demand_row(
+        table, "flops: BL head training step (fwd + bwd, 16 boxes, 365 classes, counted)",
+        f"{head_per_image:.1f} GFLOP/img", head_per_image, TRAIN_TARGET, "{:.1f}%", head_gflop_per_image=head_per_image,
+    )  # fmt: skip
     return {"extract_gflop_per_image": per_image, "head_gflop_per_image": head_per_image}
+
+
+def _demand_row(
+    table: Table, name: str, counted: str, gflop_per_image: float, target_rate: int, ratio_fmt: str, **raw: float
+) -> None:
+    """One row: the counted GFLOP per image, the TFLOP/s the target rate needs, and that as a
+    share of the H100's bf16 spec."""
+    need = target_rate * gflop_per_image / 1e3
+    table.add(
+        name, counted, f"at {target_rate} img/s: {need:.0f} TFLOP/s", 100 * need / H100_BF16_SPEC,
+        ratio_fmt=ratio_fmt, target="of H100 bf16 spec", **raw,
+    )  # fmt: skip
