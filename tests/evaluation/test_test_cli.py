@@ -352,7 +352,9 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
         for s in iter_samples([shard]):
             meta = {k: v for k, v in s["meta"].items() if k not in ("masks", "image_id")}
             writer.write(
-                encode_sample(s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"], s["clip"], meta)
+                encode_sample(
+                    s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"], s["clip"], meta, iou=s["iou"]
+                )
             )
         writer.commit({})
     manifest = Manifest.read(split["gt_shards"])
