@@ -11,7 +11,8 @@ file. Both IoU types: --iou_type [bbox,segm].
 RESULTS may also be the logits file of a test run (`python -m regionspot_pl.test ...
 --save_logits true` writes OUT/logits.npz): --scoring then ranks its (box, class) pairs,
 regionspot (the reference's rule, the default) or tap (TAP's multi-label rule, the rule of TAP's
-published figures), and the rule is printed above the table and kept in metrics.json.
+published figures), each image keeping --max_dets pairs as test's --topk, and the rule is
+printed above the table and kept in metrics.json ("scoring").
 """
 
 import sys
@@ -81,8 +82,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
     Returns:
         ``{"evaluations": {iou_type: Evaluation}, "files": {name: Path}, "seconds": {"load" (both
-        files), "load_gt", "metrics"}}``. Raises EvaluationInputError for input the evaluators
-        cannot score.
+        files), "load_gt", "metrics"}, "scoring": the rule that ranked a logits file, None for a
+        detections file}``. Raises EvaluationInputError for input the evaluators cannot score.
     """
     from .evaluation.inputs import load_ground_truth
     from .evaluation.metrics import evaluate_results

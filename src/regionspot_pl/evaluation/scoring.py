@@ -150,7 +150,7 @@ def score_regions_tap(
             f"boxes must be [N, 4] and predicted_iou [N] for N = {num_boxes} boxes, got shapes "
             f"{tuple(boxes.shape)} and {tuple(predicted_iou.shape)}"
         )
-    probs = logits.float().softmax(dim=-1)
+    probs = logits.detach().float().cpu().softmax(dim=-1)  # on the CPU: its NMS sorts stably there
     box_idx, class_idx = (probs > TAP_MIN_PROBABILITY).nonzero(as_tuple=True)
     if box_idx.numel() == 0:
         return box_idx, class_idx, probs.new_zeros(0)
