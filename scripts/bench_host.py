@@ -105,6 +105,7 @@ def time_stages(paths: list[Path], hw: tuple[int, int], boxes: int, out: Path) -
                 np.ones(boxes, np.float32),
                 clip_tokens,
                 {"file_name": path.name, "width": hw[1], "height": hw[0], "dataset": "bench", "masks": rles},
+                iou=np.ones(boxes, np.float32),
             )
         )
         t7 = time.perf_counter()

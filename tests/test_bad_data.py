@@ -132,7 +132,11 @@ def _rewrite(src: Path, dst: Path, labels=None, sidecar_counts: bool = True) -> 
         for s in iter_samples([shard]):
             meta = {k: v for k, v in s["meta"].items() if k != "image_id"}
             lab = s["labels"] if labels is None else labels(s["labels"])
-            writer.write(encode_sample(s["meta"]["image_id"], s["sam"], s["boxes"], lab, s["scores"], s["clip"], meta))
+            writer.write(
+                encode_sample(
+                    s["meta"]["image_id"], s["sam"], s["boxes"], lab, s["scores"], s["clip"], meta, iou=s["iou"]
+                )
+            )
         writer.commit({"num_classes": 40} if sidecar_counts else {})
         if not sidecar_counts:
             side = json.loads((dst / shard.name).with_suffix(".json").read_text())

@@ -28,6 +28,7 @@ def bl_sample(rng: np.random.Generator, image_id: int) -> dict:
         np.ones(n, np.float32),
         rng.standard_normal((BL["tokens"], BL["clip_dim"])).astype(np.float16),
         {"file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480, "dataset": "bl"},
+        iou=rng.uniform(0.5, 1.0, n).astype(np.float32),
     )
 
 

@@ -119,8 +119,11 @@ class ExtractionBench:
         split["rle"] += now() - t
         t = now()
         tokens, clip_tokens = regions.tokens.float().cpu().numpy(), features.image_tokens.cpu().numpy()
+        iou = regions.iou.cpu().numpy()
         writer.write(
-            encode_sample(rec.image_id, tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, _meta(rec, rles))
+            encode_sample(
+                rec.image_id, tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, _meta(rec, rles), iou=iou
+            )
         )
         split["write"] += now() - t
 
@@ -151,21 +154,27 @@ class ExtractionBench:
         with torch.no_grad():
             clip_tokens = clip.feature_map(clip_input)[0].half().numpy()
         naive["clip"] += now() - t
-        tokens, rles = [], []
+        tokens, rles, ious = [], [], []
         (h, w), (rh, rw) = image.shape[:2], resized.shape[:2]
         for box in rec.boxes:
             t = now()
             captured.clear()
-            mask, _, _ = predictor.predict(box=box * np.array([rw / w, rh / h, rw / w, rh / h]), multimask_output=False)
+            mask, iou, _ = predictor.predict(
+                box=box * np.array([rw / w, rh / h, rw / w, rh / h]), multimask_output=False
+            )
             tokens.append(captured[0][0, 1].float().numpy())
+            ious.append(float(iou[0]))
             naive["decoder"] += now() - t
             t = now()
             rles += masks_to_rle(masks_to_original(torch.from_numpy(mask), (h, w)))
             naive["rle"] += now() - t
         t = now()
         sam_tokens = np.stack(tokens) if tokens else np.zeros((0, 256), np.float32)
+        meta = _meta(rec, rles)
         writer.write(
-            encode_sample(rec.image_id, sam_tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, _meta(rec, rles))
+            encode_sample(
+                rec.image_id, sam_tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, meta, iou=np.array(ious)
+            )
         )
         naive["write"] += now() - t
 

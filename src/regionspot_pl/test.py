@@ -7,7 +7,11 @@ Flags override the split's YAML (its keys are the settings below); --print_confi
 resolved settings as YAML that --config reads back. Boxes come from the shards: GT boxes, or
 proposals when the shards were extracted with ``--boxes``; the model only names them. Each
 (box, class) pair is scored by the softmax over the vocabulary (times the proposal score for
-proposals) and each image keeps its best pairs, at most 300 (LVIS protocol).
+proposals) and each image keeps its best pairs, at most 300 (LVIS protocol): --scoring
+regionspot, the reference's rule. --scoring tap ranks them by TAP's multi-label rule instead
+(probability > 0.001, SAM's predicted IoU, per-class NMS), the rule of TAP's published figures.
+--save_logits true also writes OUT/logits.npz, which `python -m regionspot_pl.evaluate GT
+OUT/logits.npz --scoring tap|regionspot` scores again under either rule.
 
 Writes OUT/detections_bbox.json, OUT/detections_segm.json (the same detections with the SAM mask
 of each box; not when the shards were extracted with --masks false), OUT/metrics.json
@@ -38,10 +42,11 @@ COMMAND = Command(
 
 def _run(config: TestConfig) -> int:
     from .evaluation.metrics import format_metrics_table
+    from .evaluation.scoring import SCORING_NAMES
     from .evaluation.zero_shot import run_test
 
     result = run_test(config)
-    print(format_metrics_table(result.metrics))
+    print(format_metrics_table(result.metrics, scoring=SCORING_NAMES[result.scoring]))
     for name, path in result.files.items():
         print(f"{name}: {path}")
     return 0

@@ -35,7 +35,7 @@ def test_reader_gives_what_webdataset_and_np_load_give(demo_shards):
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in reference] and len(ours) == 14 + 12
     for a, b in zip(ours, reference):
         assert a["meta"] == b["meta"]
-        for name in ("sam", "boxes", "labels", "scores", "clip"):
+        for name in ("sam", "boxes", "labels", "scores", "iou", "clip"):
             assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
             np.testing.assert_array_equal(a[name], b[name])
 
@@ -46,7 +46,7 @@ def test_clip_tokens_are_a_view_of_the_shard_bytes_and_per_box_arrays_are_writab
     while isinstance(owner, np.ndarray):
         owner = owner.base
     assert isinstance(owner, bytes) and not sample["clip"].flags.writeable  # no copy made
-    for name in ("sam", "boxes", "labels", "scores"):
+    for name in ("sam", "boxes", "labels", "scores", "iou"):
         assert sample[name].flags.writeable and sample[name].flags.owndata
 
 
@@ -101,6 +101,7 @@ def _one_shard(tmp_path, samples: int = 3):
                 np.ones(n),
                 rng.normal(size=(5, 8)),
                 {"file_name": f"{i}.jpg"},
+                iou=rng.uniform(-0.1, 1.1, n),
             )
         )
     return writer.commit({})
@@ -158,3 +159,68 @@ def test_ustar_from_other_writers_is_read_and_pax_headers_are_refused(tmp_path):
     pax = _repack(shard, tmp_path / "pax.tar", tarfile.PAX_FORMAT, prefix="ü/")  # non-ASCII: a pax header
     with pytest.raises(ShardFormatError, match="pax/GNU extended tar header.*--format=ustar"):
         list(iter_samples([pax]))
+
+
+def test_predicted_iou_round_trips_as_float32(tmp_path):
+    """iou.npy holds SAM's predicted IoU as float32, values outside [0, 1] included."""
+    iou = np.array([0.9871, 1.0312, -0.0417], dtype=np.float64)
+    sample = encode_sample(
+        5,
+        np.zeros((3, 256)),
+        np.tile([1.0, 2.0, 8.0, 9.0], (3, 1)),
+        np.zeros(3),
+        np.ones(3),
+        np.zeros((5, 8)),
+        {},
+        iou=iou,
+    )
+    writer = AtomicShardWriter(tmp_path / "s-r000-000000.tar")
+    writer.write(sample)
+    shard = writer.commit({})
+    (back,) = iter_samples([shard])
+    assert back["iou"].dtype == np.float32 and back["iou"].shape == (3,)
+    np.testing.assert_array_equal(back["iou"], iou.astype(np.float32))
+    assert np.load(io.BytesIO(sample["iou.npy"]), allow_pickle=False).dtype == np.float32
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (
+            None,
+            r"sample 1 \(.*\.tar\) lacks member iou\.npy: it is not a shard of this version's cache format; "
+            r"re-extract it with `python -m regionspot_pl\.extract`$",
+        ),
+        (np.zeros(3, np.float32), r"^sample 1: per-box arrays disagree: .* iou \(3,\)$"),
+        (np.zeros((2, 1), np.float32), r"^sample 1: iou\.npy is float32 \(2, 1\), expected float32 with 1 dims$"),
+        (np.zeros(2, np.float16), r"^sample 1: iou\.npy is float16 \(2,\), expected float32 with 1 dims$"),
+    ],
+    ids=["missing", "one too many", "two dims", "float16"],
+)
+def test_a_sample_without_a_fitting_iou_member_is_refused(tmp_path, member, message):
+    """A shard of the older format (no iou.npy) or with a malformed one: one error naming the member."""
+    sample = encode_sample(
+        1,
+        np.zeros((2, 256)),
+        np.tile([1.0, 2.0, 8.0, 9.0], (2, 1)),
+        np.zeros(2),
+        np.ones(2),
+        np.zeros((5, 8)),
+        {},
+        iou=np.ones(2),
+    )
+    if member is None:
+        del sample["iou.npy"]
+    else:
+        sample["iou.npy"] = _npy(member)
+    writer = AtomicShardWriter(tmp_path / "s-r000-000000.tar")
+    writer.write(sample)
+    shard = writer.commit({})
+    with pytest.raises(ShardFormatError, match=message):
+        list(iter_samples([shard]))

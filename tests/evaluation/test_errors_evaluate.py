@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from regionspot_pl import evaluate
 from regionspot_pl.demo import scenes
+from regionspot_pl.evaluation.saved_logits import ImageLogits, LogitsWriter
 
 GT = {
     "images": [{"id": 1, "width": 64, "height": 48, "file_name": "a.jpg"}],
@@ -36,7 +39,23 @@ def folder(tmp_path: Path) -> Path:
         (tmp_path / name).write_text(json.dumps(content))
     (tmp_path / "broken.json").write_text("[{not json")
     (tmp_path / "a_file").write_text("a file, not a folder")
+    _logits_files(tmp_path)
     return tmp_path
+
+
+def _logits_files(folder: Path) -> None:
+    """logits.npz (one image of GT, without masks) as test --save_logits writes it, and bad copies."""
+    writer = LogitsWriter([3])
+    box = np.array([[4, 4, 24, 14]], np.float32)
+    writer.add(ImageLogits(1, box, np.ones(1, np.float32), np.ones(1, np.float32), torch.zeros(1, 1), None))
+    writer.write(folder / "logits.npz")
+    with np.load(folder / "logits.npz") as npz:
+        good = {k: npz[k] for k in npz.files}
+    np.savez(folder / "old.npz", **{**good, "format": np.array(0, np.int64)})
+    np.savez(folder / "no_iou.npz", **{k: v for k, v in good.items() if k != "iou"})
+    np.savez(folder / "iou_2d.npz", **{**good, "iou": good["iou"][:, None]})
+    np.savez(folder / "short_iou.npz", **{**good, "iou": np.ones(2, np.float32)})
+    (folder / "text.npz").write_text("not a zip")
 
 
 # argv (names relative to the folder, except flags and their values), fragments of the error line
@@ -63,13 +82,28 @@ EVALUATE_CASES = {
     "no files": ([], ["arguments are required: gt, results", "--help"]),
     "one file": (["gt.json"], ["arguments are required: results"]),
     "list flag given one word": (["gt.json", "good.json", "--iou_type", "segm"], ["--iou_type", "a list such as"]),
+    "unknown scoring": (["gt.json", "logits.npz", "--scoring", "best"], ["--scoring", "regionspot, tap", "best"]),
+    "scoring of a detections file": (["gt.json", "good.json", "--scoring", "tap"], ["good.json", "drop --scoring"]),
+    "missing logits file": (["gt.json", "nope.npz"], ["logits file not found", "nope.npz"]),
+    "logits file not a zip": (
+        ["gt.json", "text.npz"],
+        ["text.npz is not a logits file (not an .npz archive)", "--save_logits true"],
+    ),
+    "logits of another format": (["gt.json", "old.npz"], ["old.npz is of logits format 0", "--save_logits true"]),
+    "logits without iou": (["gt.json", "no_iou.npz"], ["no_iou.npz lacks member 'iou'", "--save_logits true"]),
+    "logits with a 2-d iou": (["gt.json", "iou_2d.npz"], ["member 'iou' is float32 (1, 1), expected float32 with 1"]),
+    "logits with iou of other size": (["gt.json", "short_iou.npz"], ["sizes disagree", "iou (2,)"]),
+    "masks from logits without": (
+        ["gt.json", "logits.npz", "--iou_type", "[segm]"],
+        ["logits.npz holds no masks", "--iou_type [bbox]"],
+    ),
 }
 
 
 def _word(folder: Path, word: str) -> str:
     if word.startswith("@"):
         return str(folder / word[1:])
-    return str(folder / word) if word.endswith(".json") else word
+    return str(folder / word) if word.endswith((".json", ".npz")) else word
 
 
 @pytest.mark.parametrize("case", sorted(EVALUATE_CASES))
@@ -81,6 +115,9 @@ def test_evaluate_bad_input(folder, cli_error, case):
 def test_evaluate_good_input_passes(folder, capsys):
     assert evaluate.main([str(folder / "gt.json"), str(folder / "good.json"), "--kind", "coco"]) == 0
     assert "AP" in capsys.readouterr().out
+    for scoring in ("regionspot", "tap"):  # the good logits file, under either rule
+        assert evaluate.main([str(folder / "gt.json"), str(folder / "logits.npz"), "--scoring", scoring]) == 0
+        assert capsys.readouterr().out.startswith(f"scoring: {scoring} (")
 
 
 def test_evaluate_takes_the_files_as_positionals_or_from_a_config(folder, capsys):

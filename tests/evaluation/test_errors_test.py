@@ -150,6 +150,8 @@ CASES: dict[str, Callable[[Case], tuple[list, tuple[str, ...]]]] = {
     "batch size 0": lambda c: (c.argv("--batch_size", "0"), ("--batch_size is 0", ">= 1")),
     "workers -1": lambda c: (c.argv("--workers", "-1"), ("--workers", ">= 0")),
     "unknown method": lambda c: (c.argv("--method", "clip-sam"), ("--method", "clip-sam", "clip-box")),
+    "unknown scoring": lambda c: (c.argv("--scoring", "TAP"), ("--scoring must be one of regionspot, tap, got TAP",)),
+    "save_logits not a bool": lambda c: (c.argv("--save_logits", "maybe"), ("--save_logits", "maybe")),
     "unknown metric backend": lambda c: (c.argv("--metric_backend", "pycocotools"), ("--metric_backend",)),
     "unknown yaml key": lambda c: (
         ["--config", c.file("t.yaml", f"shards: {c.shards}\nbogus: 1\n")],

@@ -157,7 +157,7 @@ def _check_scores(dets: list[dict], probs: np.ndarray, boxes: np.ndarray, cat_id
 
 def test_end_to_end_writes_three_files(split, gt_run, capsys):
     metrics = json.loads((gt_run / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"}
+    assert list(metrics) == ["scoring", "bbox", "segm"] and metrics.pop("scoring") == "regionspot"
     for values in metrics.values():
         assert sorted(values) == sorted(LVIS_METRICS)
         assert all(v is None or 0.0 <= v <= 1.0 for v in values.values())
@@ -267,7 +267,7 @@ def test_baselines_run_and_write_metrics(split, tmp_path, method):
         == 0
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"} and metrics["bbox"]["AP"] is not None
+    assert set(metrics) == {"scoring", "bbox", "segm"} and metrics["bbox"]["AP"] is not None
     dets = json.loads((out / "detections_bbox.json").read_text())
     assert {d["image_id"] for d in dets} == {im["id"] for im in split["gt"]["images"]}  # every shard read once
     assert all(len(v) <= 300 for v in _by_image(dets).values())
@@ -352,7 +352,9 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
         for s in iter_samples([shard]):
             meta = {k: v for k, v in s["meta"].items() if k not in ("masks", "image_id")}
             writer.write(
-                encode_sample(s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"], s["clip"], meta)
+                encode_sample(
+                    s["meta"]["image_id"], s["sam"], s["boxes"], s["labels"], s["scores"], s["clip"], meta, iou=s["iou"]
+                )
             )
         writer.commit({})
     manifest = Manifest.read(split["gt_shards"])
@@ -363,5 +365,5 @@ def test_no_masks_shards_skip_segm(split, tmp_path, capsys):
     (out / "detections_segm.json").write_text("[]")  # stale file of an earlier run
     assert _run(split, out, shards=folder) == 0
     assert "--masks false" in capsys.readouterr().out
-    assert set(json.loads((out / "metrics.json").read_text())) == {"bbox"}
+    assert set(json.loads((out / "metrics.json").read_text())) == {"scoring", "bbox"}
     assert not (out / "detections_segm.json").exists()

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
-from tolerances import assert_masks_agree
+from tolerances import assert_close_across_batching, assert_masks_agree
 from torchvision.transforms import functional as TF
 from transformers import CLIPVisionModel
 
@@ -102,10 +102,14 @@ def test_shards_hold_what_sam_predictor_and_hf_clip_give(demo_shards, demo_data,
     (h, w), (rh, rw) = image.shape[:2], resized.shape[:2]
     scaled = torch.from_numpy(rec.boxes).double() * torch.tensor([rw / w, rh / h, rw / w, rh / h]).double()
     boxes = predictor.transform.apply_boxes_torch(scaled.float(), resized.shape[:2])
-    masks, _, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    masks, iou_predictions, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
     hook.remove()
     expected_tokens = seen["hs"][:, 1].numpy()  # first mask token; index 0 is the IoU token
     np.testing.assert_allclose(s["sam"].astype(np.float32), expected_tokens, rtol=2e-3, atol=2e-3)
+    # the predicted IoU of the same (single) mask, float32 as stored; the IoU head's widest
+    # reduction is the decoder's MLP (2048)
+    assert s["iou"].dtype == np.float32 and s["iou"].shape == (len(rec.boxes),)
+    assert_close_across_batching(torch.from_numpy(s["iou"]), iou_predictions[:, 0], reduction_length=2048)
     expected_masks = torch.nn.functional.interpolate(masks.float(), size=(h, w), mode="nearest")[:, 0] > 0
     stored = mask_utils.decode(s["meta"]["masks"]).transpose(2, 0, 1).astype(bool)
     # the shards decode the boxes of a batch of images together, SamPredictor one image's boxes
@@ -155,7 +159,7 @@ def test_compiled_extractor_gives_the_eager_results(demo_shards, demo_data, tiny
 def test_shards_are_plain_webdataset_tars(demo_shards):
     shards = list_shards(demo_shards["train"])
     raw = next(iter(wds.WebDataset([str(shards[0])], shardshuffle=False)))
-    assert {"sam.npy", "boxes.npy", "labels.npy", "scores.npy", "clip.npy", "json"} <= set(raw)
+    assert {"sam.npy", "boxes.npy", "labels.npy", "scores.npy", "iou.npy", "clip.npy", "json"} <= set(raw)
     arr = wds.autodecode.npy_loads(raw["sam.npy"])  # readable by webdataset's own decoder
     assert arr.dtype == np.float16 and arr.shape[1] == 256
     total = sum(json.loads(p.with_suffix(".json").read_text())["samples"] for p in shards)
@@ -169,6 +173,7 @@ def test_sample_round_trip_and_validation():
         boxes=rng.uniform(0, 9, size=(3, 4)),
         labels=np.array([0, 2, -1]),
         scores=np.ones(3),
+        iou=np.array([0.93, 1.04, -0.02]),
         clip=rng.normal(size=(5, 8)),
     )
     sample = encode_sample(7, **arrays, meta={"file_name": "a.jpg", "width": 10, "height": 10})

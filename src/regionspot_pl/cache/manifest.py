@@ -21,7 +21,8 @@ from .shards import ShardFormatError, list_shards, read_sidecar, shard_counts, s
 
 MANIFEST = "manifest.json"
 SHARD_URLS = "shards.txt"
-FORMAT_VERSION = 1
+# 2: every sample holds iou.npy (SAM's predicted IoU per box); format 1 shards lack it.
+FORMAT_VERSION = 2
 # How the features were computed (the image path, SAM/CLIP inputs, prompts): the reference's
 # inference path since "reference-v1". Shards of any other protocol give other numbers, so
 # fit and test refuse them.

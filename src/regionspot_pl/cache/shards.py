@@ -9,6 +9,7 @@ member          dtype, shape       meaning
 ``boxes.npy``   float32 [N, 4]     boxes, xyxy in original image pixels
 ``labels.npy``  int64 [N]          contiguous class index, -1 if unknown (proposals)
 ``scores.npy``  float32 [N]        box score, 1 for ground-truth boxes
+``iou.npy``     float32 [N]        SAM's predicted IoU of each box's mask (may lie outside [0, 1])
 ``clip.npy``    float16 [T, D]     CLIP vision tokens, class token first
 ``json``        object             image_id, file_name, width, height, dataset, masks
 ==============  =================  ==================================================
@@ -16,7 +17,10 @@ member          dtype, shape       meaning
 ``masks`` is a list of N COCO RLEs (``{"size": [H, W], "counts": str}``) of the box-prompted
 SAM masks, or absent when extraction ran with masks off. Shards are named
 ``{dataset}-r{rank:03d}-{index:06d}.tar``; each has a sidecar ``.json`` with its counts.
-A folder of shards also holds ``manifest.json`` (:mod:`regionspot_pl.data.cache`).
+A folder of shards also holds ``manifest.json`` (:mod:`regionspot_pl.cache.manifest`).
+
+``iou`` is float32, as the encoder returns it: 4 bytes a box beside the token's 512, and the
+scores TAP's rule multiplies it into (``evaluation/scoring.py``) stay unrounded.
 
 Reading is the training loader's hot loop, so it avoids copies: tar members are read with one
 ``read`` each (webdataset's ``tarfile`` stream copies every member several times; the cost is
@@ -44,6 +48,7 @@ ARRAY_MEMBERS = {
     "boxes.npy": (np.float32, 2),
     "labels.npy": (np.int64, 1),
     "scores.npy": (np.float32, 1),
+    "iou.npy": (np.float32, 1),
     "clip.npy": (np.float16, 2),
 }
 
@@ -66,9 +71,13 @@ def encode_sample(
     scores: np.ndarray,
     clip: np.ndarray,
     meta: dict,
+    *,
+    iou: np.ndarray,
 ) -> dict:
-    """Arrays and metadata of one image -> a webdataset sample (member name -> bytes)."""
-    arrays = {"sam": sam, "boxes": boxes, "labels": labels, "scores": scores, "clip": clip}
+    """Arrays and metadata of one image -> a webdataset sample (member name -> bytes).
+
+    ``iou``: [N] the segmenter's predicted IoU of each box's mask (``RegionFeatures.iou``)."""
+    arrays = {"sam": sam, "boxes": boxes, "labels": labels, "scores": scores, "iou": iou, "clip": clip}
     arrays = {k: np.ascontiguousarray(v, dtype=ARRAY_MEMBERS[f"{k}.npy"][0]) for k, v in arrays.items()}
     meta = {"image_id": int(image_id), **meta}
     # the checks a reader makes, on the arrays themselves: never write what a reader would refuse
@@ -92,7 +101,10 @@ def decode_sample(sample: dict) -> dict:
         out["__url__"] = sample["__url__"]
     for name in ARRAY_MEMBERS:
         if name not in sample:
-            raise ShardFormatError(f"sample {key} ({sample.get('__url__', 'unknown shard')}) lacks member {name}")
+            raise ShardFormatError(
+                f"sample {key} ({sample.get('__url__', 'unknown shard')}) lacks member {name}: it is not a "
+                "shard of this version's cache format; re-extract it with `python -m regionspot_pl.extract`"
+            )
         try:
             array = npy_view(sample[name])
         except ValueError as err:
@@ -149,10 +161,14 @@ def validate_sample(s: dict) -> dict:
                 f"sample {key}: {name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} with {ndim} dims"
             )
     n = len(s["sam"])
-    if s["sam"].shape[1] != 256 or s["boxes"].shape != (n, 4) or len(s["labels"]) != n or len(s["scores"]) != n:
+    if (
+        s["sam"].shape[1] != 256
+        or s["boxes"].shape != (n, 4)
+        or any(len(s[k]) != n for k in ("labels", "scores", "iou"))
+    ):
         raise ShardFormatError(
             f"sample {key}: per-box arrays disagree: sam {s['sam'].shape}, boxes {s['boxes'].shape}, "
-            f"labels {s['labels'].shape}, scores {s['scores'].shape}"
+            f"labels {s['labels'].shape}, scores {s['scores'].shape}, iou {s['iou'].shape}"
         )
     masks = s["meta"].get("masks")
     if masks is not None and len(masks) != n:

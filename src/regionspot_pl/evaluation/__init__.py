@@ -1,7 +1,9 @@
-"""Evaluation: RegionSpot's scoring rule and box / mask AP through hotcoco, the LVIS API or pycocotools.
+"""Evaluation: the scoring rules (the reference's, TAP's) and box / mask AP through hotcoco, the
+LVIS API or pycocotools.
 
 ``metrics`` (the public face) <- ``inputs`` (ground truth and detections, checked) and
-``backends`` (the libraries); ``scoring`` (logits -> ranked detections -> results), ``report``,
+``backends`` (the libraries); ``scoring`` (logits -> ranked detections -> results; ``saved_logits``
+the logits file of ``test --save_logits``), ``report``,
 ``baselines`` and ``zero_shot`` (the test run) use them.
 """
 
@@ -9,12 +11,13 @@ from typing import Any
 
 from .inputs import EvaluationInputError, GroundTruthError, ResultsError
 from .metrics import COCO_METRICS, LVIS_METRICS, evaluate_detections, format_metrics_table
-from .scoring import MAX_DETS_PER_IMAGE, detections_to_results, score_regions
+from .scoring import MAX_DETS_PER_IMAGE, SCORINGS, detections_to_results, score_regions, score_regions_tap
 
 __all__ = [
     "COCO_METRICS",
     "LVIS_METRICS",
     "MAX_DETS_PER_IMAGE",
+    "SCORINGS",
     "EvaluationInputError",
     "GroundTruthError",
     "ResultsError",
@@ -22,6 +25,7 @@ __all__ = [
     "evaluate_detections",
     "format_metrics_table",
     "score_regions",
+    "score_regions_tap",
 ]
 
 # The CLIP crop baselines of Table 1 (python -m regionspot_pl.test --method clip-box|clip-mask):

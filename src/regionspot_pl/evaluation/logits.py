@@ -7,11 +7,9 @@ over the cached features (:func:`regionspot_logits`, through the steps fit's val
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -24,18 +22,10 @@ from ..train.datamodule import collate_regions
 from ..utils.io import batched
 from .baselines import box_crops, crop_logits
 from .prepare import TestError
+from .saved_logits import ImageLogits
 from .scoring import batch_logits
 
-
-@dataclass
-class ImageLogits:
-    """One image's boxes and their region-class logits."""
-
-    image_id: int
-    boxes: np.ndarray  # float32 [N, 4] xyxy pixels
-    scores: np.ndarray  # float32 [N] box scores (1 for GT boxes)
-    logits: Tensor  # [N, C] on CPU
-    masks: list[dict] | None  # N COCO RLEs of the SAM masks, or None (shards extracted with --masks false)
+__all__ = ["ImageLogits", "baseline_logits", "regionspot_logits"]
 
 
 def regionspot_logits(
@@ -53,7 +43,7 @@ def regionspot_logits(
         for i, s in enumerate(chunk):
             n = len(s["labels"])  # collate keeps every box in order: the first n rows are real
             yield ImageLogits(
-                int(s["meta"]["image_id"]), s["boxes"], s["scores"], logits[i, :n], s["meta"].get("masks")
+                int(s["meta"]["image_id"]), s["boxes"], s["scores"], s["iou"], logits[i, :n], s["meta"].get("masks")
             )
 
 
@@ -91,6 +81,7 @@ class _CropStream(IterableDataset):
                 "image_id": int(meta["image_id"]),
                 "boxes": s["boxes"],
                 "scores": s["scores"],
+                "iou": s["iou"],
                 "masks": masks,
                 "crops": crops,
             }
@@ -118,7 +109,7 @@ def baseline_logits(
     def flush() -> Iterator[ImageLogits]:
         logits = crop_logits(encoder, torch.cat([p["crops"] for p in pending]), texts, batch_size)
         for p, part in zip(pending, logits.split([len(p["boxes"]) for p in pending])):
-            yield ImageLogits(p["image_id"], p["boxes"], p["scores"], part, p["masks"])
+            yield ImageLogits(p["image_id"], p["boxes"], p["scores"], p["iou"], part, p["masks"])
         pending.clear()
 
     for item in loader:

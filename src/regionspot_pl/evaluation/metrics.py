@@ -238,11 +238,12 @@ def per_class_ap(precision: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def format_metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+def format_metrics_table(metrics: Mapping[str, Mapping[str, float]], scoring: str | None = None) -> str:
     """A small text table: one row per IoU type (e.g. bbox, segm), AP columns in percent.
 
     Args:
         metrics: ``{iou_type: evaluate_detections(...)}``. Missing or NaN values print as "-".
+        scoring: the rule that ranked the detections, printed as the first line when given.
     """
     header = ["", *LVIS_METRICS]
     rows = [header]
@@ -259,7 +260,7 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
         first = row[0].ljust(widths[0])
         rest = (cell.rjust(max(w, 5)) for cell, w in zip(row[1:], widths[1:]))
         lines.append("  ".join([first, *rest]))
-    return "\n".join(lines)
+    return "\n".join(([f"scoring: {scoring}"] if scoring else []) + lines)
 
 
 # --------------------------------------------------------------------------------------------

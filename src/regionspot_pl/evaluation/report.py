@@ -74,12 +74,14 @@ def class_rows(gt: Mapping[str, Any], evaluations: Mapping[str, Evaluation]) -> 
     return rows
 
 
-def write_metrics(out: str | Path, evaluations: Mapping[str, Evaluation]) -> Path:
+def write_metrics(out: str | Path, evaluations: Mapping[str, Evaluation], scoring: str | None = None) -> Path:
     """OUT/metrics.json, written atomically: ``{iou_type: {metric: fraction}}`` with the metrics the
-    evaluator gives (COCO-style data has no APr/APc/APf); null where there was nothing to score."""
-    payload = {
-        t: {k: None if math.isnan(v) else float(v) for k, v in e.metrics.items()} for t, e in evaluations.items()
-    }
+    evaluator gives (COCO-style data has no APr/APc/APf); null where there was nothing to score.
+    ``scoring``: the rule that ranked the detections (``"scoring"`` first in the file), None when
+    not known (a results file scored elsewhere)."""
+    payload: dict[str, Any] = {} if scoring is None else {"scoring": scoring}
+    for t, e in evaluations.items():
+        payload[t] = {k: None if math.isnan(v) else float(v) for k, v in e.metrics.items()}
     return write_json_atomic(Path(out) / METRICS, payload, indent=2)
 
 

@@ -11,7 +11,9 @@ from typing import Annotated, Literal
 from ..errors import RegionSpotError
 from ..utils.checks import Range, check_settings
 from .metrics import BACKENDS, DEFAULT_BACKEND
-from .scoring import MAX_DETS_PER_IMAGE
+from .scoring import MAX_DETS_PER_IMAGE, SCORINGS, Scoring
+
+__all__ = ["DEFAULT_BATCH", "METHODS", "SCORINGS", "Method", "Scoring", "TestConfig", "TestError"]
 
 # regionspot, or a CLIP crop baseline of Table 1 (evaluation.baselines.BASELINES)
 Method = Literal["regionspot", "clip-box", "clip-mask"]
@@ -47,6 +49,10 @@ class TestConfig:
     """regionspot, or a CLIP crop baseline of Table 1"""
     topk: Annotated[int, Range(1)] = MAX_DETS_PER_IMAGE
     """detections kept per image (LVIS scores at most 300)"""
+    scoring: Scoring = "regionspot"
+    """ranking of (box, class) pairs: regionspot (the reference's rule) or tap (TAP's multi-label rule)"""
+    save_logits: bool = False
+    """also write OUT/logits.npz (boxes, IoUs, logits: 4.8 KB a box at 1,203 classes) for evaluate --scoring"""
     out: str | None = None
     """output folder (default: runs/test/SPLIT, or runs/test/DATASET of the shards)"""
     device: str = "auto"

@@ -4,7 +4,8 @@
 Boxes come from the shards: GT boxes, or proposals when the shards were extracted with
 ``--boxes``; the model only names them. Each (box, class) pair is scored by the softmax over the
 vocabulary (times the box's score: the proposal score, 1 for GT boxes) and each image keeps its
-best pairs, at most 300 (LVIS protocol).
+best pairs, at most 300 (LVIS protocol); or, with ``--scoring tap``, by TAP's multi-label rule
+(:mod:`.scoring`). The rule is recorded in metrics.json and the report.
 
 :func:`run_test` reads top-down as its steps: :func:`.prepare.resolve_inputs` (files read and
 checked before any model runs), :func:`.prepare.build_models` (head or CLIP, text embeddings), the
@@ -20,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..utils.io import write_json_atomic
@@ -29,7 +29,8 @@ from .logits import ImageLogits, baseline_logits, regionspot_logits
 from .metrics import Evaluation, evaluate_results
 from .prepare import Inputs, Models, build_models, note_uncovered, resolve_inputs
 from .report import write_metrics, write_report
-from .scoring import MAX_DETS_PER_IMAGE, ImageDetections, detect
+from .saved_logits import LOGITS_FILE, LogitsWriter
+from .scoring import MAX_DETS_PER_IMAGE, SCORING_NAMES, ImageDetections, image_detections
 from .settings import DEFAULT_BATCH, METHODS, TestConfig, TestError
 
 __all__ = [
@@ -46,13 +47,15 @@ __all__ = [
 
 @dataclass
 class TestResult:
-    """What a run wrote and measured: metrics per IoU type, output files, seconds per step."""
+    """What a run wrote and measured: metrics per IoU type, output files, seconds per step, and
+    the scoring rule the metrics are of."""
 
     __test__ = False
 
     metrics: dict[str, dict[str, float]]
     files: dict[str, str]
     seconds: dict[str, float]
+    scoring: str = "regionspot"
 
 
 def logits_stream(inputs: Inputs, models: Models) -> Iterator[ImageLogits]:
@@ -79,6 +82,7 @@ class Scored:
     image_ids: set[int]
     boxes: int
     seconds: float
+    logits: LogitsWriter | None = None  # every image's logits, with --save_logits
 
 
 def score_images(stream: Iterator[ImageLogits], inputs: Inputs) -> Scored:
@@ -88,17 +92,23 @@ def score_images(stream: Iterator[ImageLogits], inputs: Inputs) -> Scored:
     if topk > MAX_DETS_PER_IMAGE:
         print(f"note: --topk {topk} capped at {MAX_DETS_PER_IMAGE}, the most the LVIS protocol scores per image")
         topk = MAX_DETS_PER_IMAGE
+    if config.scoring == "tap" and inputs.folder.manifest.config.get("boxes"):
+        print(
+            f"note: the shards in {config.shards} hold proposals: --scoring tap ranks them without their "
+            "proposal scores, as TAP's rule (written for GT boxes) does"
+        )
     total = (inputs.folder.counts or {}).get("samples")
-    scored = Scored([], set(), 0, 0.0)
+    scored = Scored([], set(), 0, 0.0, LogitsWriter(inputs.vocab.category_ids) if config.save_logits else None)
     start = time.perf_counter()
     progress = tqdm(stream, total=total, desc=f"test {config.method}", unit="img", dynamic_ncols=True, disable=None)
     for item in progress:
         scored.image_ids.add(item.image_id)
+        if scored.logits is not None:
+            scored.logits.add(item)
         if len(item.boxes) == 0:
             continue
         scored.boxes += len(item.boxes)
-        boxes, box_scores = torch.from_numpy(item.boxes), torch.from_numpy(item.scores)
-        scored.detections.append(detect(item.image_id, boxes, item.logits, box_scores, topk, item.masks))
+        scored.detections.append(image_detections(item, config.scoring, topk))
     scored.seconds = time.perf_counter() - start
     what = "head pass" if config.method == "regionspot" else f"{config.method} CLIP pass"
     rate = len(scored.image_ids) / max(scored.seconds, 1e-9)
@@ -138,11 +148,14 @@ def write_outputs(inputs: Inputs, scored: Scored) -> TestResult:
     metric_s = time.perf_counter() - start
     metrics = {t: e.metrics for t, e in evaluations.items()}
     print(f"metric step: {metric_s:.1f} s ({', '.join(metrics)})")
-    files["metrics"] = write_metrics(out, evaluations)
+    files["metrics"] = write_metrics(out, evaluations, scoring=config.scoring)
+    if scored.logits is not None:
+        files["logits"] = scored.logits.write(out / LOGITS_FILE)
     if evaluations:  # report.md, ap_per_class.png/.csv: what was evaluated, per-class AP
         sources = _sources(inputs, files, evaluations)
         files.update(write_report(out, evaluations, inputs.gt.data, sources, seconds=metric_s))
-    return TestResult(metrics, {k: str(v) for k, v in files.items()}, {"pass": scored.seconds, "metrics": metric_s})
+    seconds = {"pass": scored.seconds, "metrics": metric_s}
+    return TestResult(metrics, {k: str(v) for k, v in files.items()}, seconds, config.scoring)
 
 
 def _write_and_evaluate(inputs: Inputs, scored: Scored, out: Path, iou_type: str) -> tuple[Path, Evaluation | None]:
@@ -174,6 +187,7 @@ def _sources(inputs: Inputs, files: dict[str, Path], evaluations: dict[str, Eval
         "ground truth": config.annotations,
         "shards": config.shards,
         **model,
+        "scoring": SCORING_NAMES[config.scoring],
         "results": ", ".join(str(files[t]) for t in evaluations),
     }
 

@@ -68,7 +68,7 @@ class FeatureExtractor:
     def encode(self, items: list[dict]) -> list[EncodedImage]:
         """Prepared items -> per image, in order, the encoder's output for its boxes: region
         tokens [N, 256] float16, CLIP tokens [T, D] float16, masks [N, H, W] bool at the
-        original size (None when masks are not stored), on the device."""
+        original size (None when masks are not stored), predicted IoU [N] float32, on the device."""
         # all boxes of the batch go through SAM's decoder together: one call per image would
         # leave a GPU waiting on launches (equal results, tests/backbones/test_backbones.py)
         prompts = [Prompts(boxes=torch.from_numpy(it["record"].boxes)) for it in items]
@@ -88,5 +88,8 @@ class FeatureExtractor:
             if self.with_masks:
                 meta["masks"] = masks_to_rle(out.regions.masks)
             tokens, clip_tokens = out.regions.tokens.cpu().numpy(), out.image_tokens.cpu().numpy()
-            samples.append(encode_sample(rec.image_id, tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, meta))
+            iou = out.regions.iou.cpu().numpy()
+            samples.append(
+                encode_sample(rec.image_id, tokens, rec.boxes, rec.labels, rec.scores, clip_tokens, meta, iou=iou)
+            )
         return samples
