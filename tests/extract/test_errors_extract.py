@@ -60,7 +60,7 @@ FLAG_CASES = {
     "read_timeout_zero": ({"--read_timeout": 0}, ("--read_timeout is 0.0", ">= 1")),
     "read_timeout_infinite": ({"--read_timeout": ".inf"}, ("--read_timeout is inf", "finite")),
     "unknown_precision": ({"--precision": "fp8"}, ("--precision", "bf16")),
-    "clip_size_not_a_choice": ({"--clip_size": 300}, ("--clip_size", "224, 336")),
+    "clip_size_not_positive": ({"--clip_size": 0}, ("--clip_size is 0", ">= 1")),
     "rank_outside_world_size": ({"--rank": 2, "--world_size": 2}, ("--rank 2", "--world_size 2")),
     "rank_with_no_image": ({"--rank": 2, "--world_size": 3}, ("rank 2 of 3 gets no image", "--world_size")),
     "device_not_a_device": ({"--device": "gpu"}, ("--device 'gpu'",)),
