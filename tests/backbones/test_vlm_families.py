@@ -6,9 +6,11 @@ refusals; the model identity that keys the text cache; the encode path with the 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +273,55 @@ def test_tiny_siglip_positions_carry_the_grid(tiny_backbones):
     d = torch.cdist(pos, pos)
     assert d[0, 1] < d[0, 15] < d[0, 255]
     assert math.isclose(float(hf.logit_bias.detach()), -10.0)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module.split(".")[0]) is not None and importlib.util.find_spec(module) is not None
+
+
+def _with_siglip_tokenizer(siglip_dir, tmp_path, write_model) -> Path:
+    """The tiny SigLIP with a SentencePiece ``SiglipTokenizer`` (as SigLIP (1) folders hold) in place
+    of its Gemma tokenizer; ``write_model(path)`` writes the SentencePiece model file."""
+    folder = shutil.copytree(siglip_dir, tmp_path / "siglip_sentencepiece")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    write_model(folder / "spiece.model")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "SiglipTokenizer", "model_max_length": 64})
+    )
+    return folder
+
+
+@pytest.mark.skipif(not (_has("sentencepiece") and _has("google.protobuf")), reason="needs sentencepiece, protobuf")
+def test_siglip_sentencepiece_tokenizer(tiny_backbones, tmp_path):
+    """A SigLIP (1) folder: its SiglipTokenizer's prompts, padded to 64 without a mask, are HF's."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t.format(n) for n in CLEANED + ["dog", "cat"] for t in TEMPLATES * 20))
+
+    def train(path: Path) -> None:
+        prefix = str(path.with_suffix(""))
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=prefix, vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            hard_vocab_limit=False, minloglevel=2,
+        )  # fmt: skip
+        Path(prefix + ".model").replace(path)
+
+    folder = _with_siglip_tokenizer(tiny_backbones["siglip_dir"], tmp_path, train)
+    vlm = load_vlm(folder)
+    assert type(vlm.tokenizer).__name__ == "SiglipTokenizer"
+    family = {
+        "hf": AutoModel.from_pretrained(folder, local_files_only=True).eval(),
+        "tokenizer": AutoTokenizer.from_pretrained(folder, local_files_only=True),
+    }
+    expected = _hf_text_embeddings(family, padding="max_length", max_length=64)
+    got = vlm.encode_texts(NAMES, TEMPLATES, batch_size=4)
+    assert_close_across_batching(got, expected, family["hf"].config.text_config.intermediate_size)
+
+
+@pytest.mark.skipif(_has("sentencepiece"), reason="sentencepiece is installed")
+def test_siglip_sentencepiece_tokenizer_without_the_package(tiny_backbones, tmp_path):
+    folder = _with_siglip_tokenizer(tiny_backbones["siglip_dir"], tmp_path, lambda path: path.write_bytes(b"\0"))
+    message = _one_line_error(folder)
+    assert "needs a package that is not installed" in message and "pip install sentencepiece" in message

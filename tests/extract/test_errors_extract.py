@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from transformers import Siglip2Config
 
 from regionspot_pl.cache.manifest import MANIFEST
 from regionspot_pl.config import ConfigError
@@ -208,7 +209,14 @@ def clip_folder_not_clip(ctx):
     (ctx.tmp / "bert").mkdir()
     _write(ctx.tmp / "bert" / "config.json", json.dumps({"model_type": "bert"}))
     ctx.flags["--clip_model"] = ctx.tmp / "bert"
-    return ("bert", "is not a CLIP directory")
+    return ("bert", "is not a CLIP directory", "supported model_types: 'clip', 'metaclip_2', 'siglip'")
+
+
+@case
+def clip_folder_naflex_siglip2(ctx):
+    Siglip2Config().save_pretrained(ctx.tmp / "naflex")
+    ctx.flags["--clip_model"] = ctx.tmp / "naflex"
+    return ("naflex", "model_type 'siglip2'", "NaFlex", "fixed-resolution SigLIP 2")
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_CASES))

@@ -5,10 +5,10 @@ Each folder holds what a hub snapshot holds: config.json + model.safetensors (``
 preprocessor_config.json (the family's image processor) and tokenizer.json +
 tokenizer_config.json. Same seed, byte-identical files.
 
-Tokenizers: SigLIP's own ``SiglipTokenizer`` is SentencePiece, whose model file cannot be written
-(nor read) without the ``sentencepiece`` package, which is not a dependency; the tiny SigLIP
-therefore carries the tokenizer of the fixed-resolution SigLIP 2 checkpoints, which are
-``SiglipModel`` folders too: Gemma's byte-fallback BPE (``GemmaTokenizer``), which the
+Tokenizers: SigLIP's own ``SiglipTokenizer`` is SentencePiece, whose model file is written and
+read only with the ``sentencepiece`` (and ``protobuf``) packages; so that the tiny folders need
+neither, the tiny SigLIP carries the tokenizer of the fixed-resolution SigLIP 2 checkpoints, which
+are ``SiglipModel`` folders too: Gemma's byte-fallback BPE (``GemmaTokenizer``), which the
 ``tokenizers`` library writes as tokenizer.json. MetaCLIP 2 carries its own kind, an XLM-R
 Unigram tokenizer (``XLMRobertaTokenizer``). Both vocabularies are single characters without
 merges, so every character is one token.

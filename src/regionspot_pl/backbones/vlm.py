@@ -75,9 +75,14 @@ def load_hf_folder(
         raise BackboneError(f"the {name} model in {str(path)!r} could not be loaded: {err}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: a SentencePiece tokenizer without sentencepiece
+    except ImportError as err:  # e.g. SigLIP's SentencePiece tokenizer without the sentencepiece package
         raise BackboneError(
-            f"{str(path)!r} holds no loadable tokenizer ({err}); save one next to the model "
+            f"the tokenizer in {str(path)!r} needs a package that is not installed ({' '.join(str(err).split())}); "
+            "install it (SigLIP's SiglipTokenizer: pip install sentencepiece protobuf)"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise BackboneError(
+            f"{str(path)!r} holds no loadable tokenizer ({' '.join(str(err).split())}); save one next to the model "
             "with tokenizer.save_pretrained(dir)"
         ) from err
     model.eval()
