@@ -2,7 +2,8 @@
 
 ``sam_tiny.pth`` is a state dict for ``build_sam('tiny', path)``; ``clip_tiny/`` is a Hugging
 Face CLIP snapshot (config, safetensors weights, a real byte-level BPE CLIPTokenizer built from a
-generated vocabulary) that ``load_clip`` reads offline. Same seed, byte-identical files.
+generated vocabulary) that ``load_clip`` reads offline; ``siglip_tiny/`` and ``metaclip2_tiny/``
+come from :mod:`.tiny_vlm`. Same seed, byte-identical files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .positions import give_sincos_positions, sincos_position_embedding_2d
 from .sam import OFFICIAL_SAM_CHECKPOINTS, build_tiny_sam
+from .tiny_vlm import TINY_METACLIP2_DIR, TINY_SIGLIP_DIR, write_tiny_metaclip2, write_tiny_siglip
 
 TINY_CLIP_DIR = "clip_tiny"
 
@@ -100,8 +102,6 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     give_sincos_positions(clip.vision_model.embeddings)
     clip.save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
-    from .tiny_vlm import TINY_METACLIP2_DIR, TINY_SIGLIP_DIR, write_tiny_metaclip2, write_tiny_siglip
-
     return {
         "sam_checkpoint": sam_path,
         "clip_dir": clip_dir,
