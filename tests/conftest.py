@@ -19,7 +19,8 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny} for seed 0."""
+    """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny, "siglip_dir": .../siglip_tiny,
+    "metaclip2_dir": .../metaclip2_tiny} for seed 0 (``write_tiny_backbones``)."""
     return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0)
 
 

@@ -1,7 +1,9 @@
-"""``python -m regionspot_pl.tiny DIR [--seed N]``: write random tiny SAM + CLIP backbones.
+"""``python -m regionspot_pl.tiny DIR [--seed N]``: write random tiny SAM + CLIP backbones (and
+tiny SigLIP and MetaCLIP 2 folders).
 
 For tests and CPU smoke runs of the whole pipeline: give the other commands
-``--sam_type tiny --sam_checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory.
+``--sam_type tiny --sam_checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory
+(or ``DIR/siglip_tiny``, ``DIR/metaclip2_tiny`` as ``--clip_model``).
 """
 
 import sys
@@ -15,7 +17,7 @@ class TinyConfig:
     """The settings of ``python -m regionspot_pl.tiny``."""
 
     out_dir: str
-    """directory to write sam_tiny.pth and clip_tiny/ into"""
+    """directory to write sam_tiny.pth, clip_tiny/, siglip_tiny/ and metaclip2_tiny/ into"""
     seed: int = 0
     """random seed (same seed, same bytes)"""
 

@@ -372,14 +372,20 @@ def test_load_clip_errors(tmp_path):
 def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys):
     assert tiny_main([str(tmp_path), "--seed", "0"]) == 0
     paths = {name: Path(path) for name, path in (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())}
-    assert paths == {"sam_checkpoint": tmp_path / "sam_tiny.pth", "clip_dir": tmp_path / "clip_tiny"}
+    assert paths == {
+        "sam_checkpoint": tmp_path / "sam_tiny.pth",
+        "clip_dir": tmp_path / "clip_tiny",
+        "siglip_dir": tmp_path / "siglip_tiny",
+        "metaclip2_dir": tmp_path / "metaclip2_tiny",
+    }
     reference = tiny_backbones
     assert paths["sam_checkpoint"].read_bytes() == reference["sam_checkpoint"].read_bytes()
-    files = sorted(p.name for p in reference["clip_dir"].iterdir())
-    assert "model.safetensors" in files and "config.json" in files
-    assert files == sorted(p.name for p in paths["clip_dir"].iterdir())
-    for name in files:
-        assert (paths["clip_dir"] / name).read_bytes() == (reference["clip_dir"] / name).read_bytes()
+    for folder in ("clip_dir", "siglip_dir", "metaclip2_dir"):
+        files = sorted(p.name for p in reference[folder].iterdir())
+        assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
+        assert files == sorted(p.name for p in paths[folder].iterdir())
+        for name in files:
+            assert (paths[folder] / name).read_bytes() == (reference[folder] / name).read_bytes(), (folder, name)
     # loadable offline by the library's own entry points
     build_sam("tiny", paths["sam_checkpoint"])
     model, tokenizer = load_clip(paths["clip_dir"])

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from transformers import Siglip2Config
 
 from regionspot_pl.cache.manifest import MANIFEST
 from regionspot_pl.config import ConfigError
@@ -60,7 +61,7 @@ FLAG_CASES = {
     "read_timeout_zero": ({"--read_timeout": 0}, ("--read_timeout is 0.0", ">= 1")),
     "read_timeout_infinite": ({"--read_timeout": ".inf"}, ("--read_timeout is inf", "finite")),
     "unknown_precision": ({"--precision": "fp8"}, ("--precision", "bf16")),
-    "clip_size_not_a_choice": ({"--clip_size": 300}, ("--clip_size", "224, 336")),
+    "clip_size_not_positive": ({"--clip_size": 0}, ("--clip_size is 0", ">= 1")),
     "rank_outside_world_size": ({"--rank": 2, "--world_size": 2}, ("--rank 2", "--world_size 2")),
     "rank_with_no_image": ({"--rank": 2, "--world_size": 3}, ("rank 2 of 3 gets no image", "--world_size")),
     "device_not_a_device": ({"--device": "gpu"}, ("--device 'gpu'",)),
@@ -208,7 +209,14 @@ def clip_folder_not_clip(ctx):
     (ctx.tmp / "bert").mkdir()
     _write(ctx.tmp / "bert" / "config.json", json.dumps({"model_type": "bert"}))
     ctx.flags["--clip_model"] = ctx.tmp / "bert"
-    return ("bert", "is not a CLIP directory")
+    return ("bert", "is not a CLIP directory", "supported model_types: 'clip', 'metaclip_2', 'siglip'")
+
+
+@case
+def clip_folder_naflex_siglip2(ctx):
+    Siglip2Config().save_pretrained(ctx.tmp / "naflex")
+    ctx.flags["--clip_model"] = ctx.tmp / "naflex"
+    return ("naflex", "model_type 'siglip2'", "NaFlex", "fixed-resolution SigLIP 2")
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_CASES))

@@ -1,5 +1,5 @@
 """Frozen backbones: a promptable segmenter (SAM: region tokens, masks, IoUs) and a
-vision-language model (CLIP: feature map, text embeddings), behind the interfaces of
+vision-language model (CLIP, MetaCLIP 2, SigLIP: feature map, text embeddings), behind the interfaces of
 :mod:`.interfaces`, combined by :class:`RegionEncoder` into the one encode path.
 
 The names below are imported from their modules on first use: SAM and CLIP code (transformers)
@@ -11,10 +11,11 @@ from typing import Any
 
 _MODULE_OF = {
     **dict.fromkeys(
-        ("CLIP_MEAN", "CLIP_STD", "ClipEncoder", "clean_class_name", "clip_preprocess", "load_clip",
-         "model_identity", "text_embeddings"),
-        "clip",
+        ("CLIP_MEAN", "CLIP_STD", "ClipEncoder", "MetaClip2Encoder", "clip_preprocess", "load_clip"), "clip"
     ),
+    **dict.fromkeys(("FrozenVisionLanguageModel", "clean_class_name", "square_preprocess"), "vlm"),
+    "SiglipEncoder": "siglip",
+    **dict.fromkeys(("model_identity", "text_embeddings"), "text_cache"),
     **dict.fromkeys(
         ("EncodedImage", "ImageFeatures", "ImageInput", "RegionEncoder", "RegionFeatures", "image_input"), "encoder"
     ),
@@ -27,6 +28,7 @@ _MODULE_OF = {
     **dict.fromkeys(("load_segmenter", "load_vlm"), "build"),
     "TEMPLATES": "templates",
     "write_tiny_backbones": "tiny",
+    **dict.fromkeys(("write_tiny_metaclip2", "write_tiny_siglip"), "tiny_vlm"),
 }  # fmt: skip
 
 __all__ = sorted(_MODULE_OF)

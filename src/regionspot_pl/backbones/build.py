@@ -24,11 +24,39 @@ def load_segmenter(sam_type: str, checkpoint: str | Path | None) -> PromptableSe
     return SamSegmenter(build_sam(sam_type, checkpoint))
 
 
-def load_vlm(model_dir: str | Path) -> VisionLanguageModel:
-    """The frozen vision-language model saved in the local folder ``model_dir``."""
-    from .clip import ClipEncoder, load_clip
+# config.json's model_type -> (module, class) of the VisionLanguageModel that reads the folder
+VLM_FAMILIES = {
+    "clip": ("clip", "ClipEncoder"),  # OpenAI CLIP, MetaCLIP 1, any CLIPModel
+    "metaclip_2": ("clip", "MetaClip2Encoder"),
+    "siglip": ("siglip", "SiglipEncoder"),  # SigLIP and the fixed-resolution SigLIP 2
+}
+# model_types refused with the reason and what to use instead (docs/fidelity.md)
+REFUSED_VLM_FAMILIES = {
+    "siglip2": "a NaFlex SigLIP 2 (Siglip2Model) takes patchified inputs of a variable number of patches with an "
+    "attention mask and their spatial shapes, not the fixed square grid of tokens the feature cache holds; use a "
+    "fixed-resolution SigLIP 2 checkpoint (SiglipModel, model_type 'siglip', e.g. google/siglip2-base-patch16-224)",
+}
 
-    return ClipEncoder(*load_clip(model_dir))
+
+def load_vlm(model_dir: str | Path) -> VisionLanguageModel:
+    """The frozen vision-language model saved in the local folder ``model_dir``, of the family
+    its config.json's ``model_type`` names (``VLM_FAMILIES``)."""
+    from importlib import import_module
+
+    from .common import BackboneError
+    from .vlm import read_model_type
+
+    model_type = read_model_type(model_dir)
+    if model_type in REFUSED_VLM_FAMILIES:
+        raise BackboneError(f"{str(model_dir)!r} (model_type {model_type!r}): {REFUSED_VLM_FAMILIES[model_type]}")
+    if model_type not in VLM_FAMILIES:
+        found = "config.json missing" if model_type is None else f"config.json has model_type {model_type!r}"
+        raise BackboneError(
+            f"{str(model_dir)!r} is not a CLIP directory of a supported family: {found}; supported model_types: "
+            f"{', '.join(map(repr, VLM_FAMILIES))} (a Hugging Face snapshot saved with save_pretrained)"
+        )
+    module, name = VLM_FAMILIES[model_type]
+    return getattr(import_module(f".{module}", __package__), name).from_folder(model_dir)
 
 
 class LazyTextEncoder:

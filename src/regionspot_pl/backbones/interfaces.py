@@ -2,12 +2,13 @@
 
 A promptable segmenter (SAM) localizes: it embeds an image once, then turns region prompts
 (boxes and/or points with labels) into one region token, mask and predicted IoU each. A
-vision-language model (CLIP) describes: it turns an image into a feature map whose first token
+vision-language model (CLIP, MetaCLIP 2, SigLIP) describes: it turns an image into a feature map whose first token
 is global, and class names into text embeddings of the same space.
 :class:`~regionspot_pl.backbones.encoder.RegionEncoder` holds one of each. Another family plugs
 in by implementing the protocol of its kind (structural typing: nothing to inherit);
 :class:`~regionspot_pl.backbones.sam.SamSegmenter` and
-:class:`~regionspot_pl.backbones.clip.ClipEncoder` are the implementations.
+:class:`~regionspot_pl.backbones.vlm.FrozenVisionLanguageModel`'s families (``ClipEncoder``,
+``MetaClip2Encoder``, ``SiglipEncoder``) are the implementations.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class PromptableSegmenter(Protocol):
 
 
 class VisionLanguageModel(Protocol):
-    """A vision-language model (CLIP): images -> feature map, global token first; class names ->
+    """A vision-language model (CLIP, SigLIP): images -> feature map, global token first; class names ->
     text embeddings of the same space. Frozen; an ``nn.Module`` (``to``, ``eval``)."""
 
     image_size: int  # side of the square input

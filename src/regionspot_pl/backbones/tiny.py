@@ -2,7 +2,8 @@
 
 ``sam_tiny.pth`` is a state dict for ``build_sam('tiny', path)``; ``clip_tiny/`` is a Hugging
 Face CLIP snapshot (config, safetensors weights, a real byte-level BPE CLIPTokenizer built from a
-generated vocabulary) that ``load_clip`` reads offline. Same seed, byte-identical files.
+generated vocabulary) that ``load_clip`` reads offline; ``siglip_tiny/`` and ``metaclip2_tiny/``
+come from :mod:`.tiny_vlm`. Same seed, byte-identical files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+from .positions import give_sincos_positions, sincos_position_embedding_2d
 from .sam import OFFICIAL_SAM_CHECKPOINTS, build_tiny_sam
+from .tiny_vlm import TINY_METACLIP2_DIR, TINY_SIGLIP_DIR, write_tiny_metaclip2, write_tiny_siglip
 
 TINY_CLIP_DIR = "clip_tiny"
 
@@ -45,22 +48,6 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def sincos_position_embedding_2d(grid: int, dim: int) -> torch.Tensor:
-    """[grid*grid, dim] fixed 2-D sin-cos position embeddings (MAE style): the first half of the
-    channels encode the row, the second half the column, each as sin/cos at dim/4 frequencies."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position embeddings need dim divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
-
-
 def tiny_clip_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> CLIPConfig:
     """ViT-B/16-shaped geometry (224 input, patch 16 -> 197 tokens) at toy width and depth."""
     return CLIPConfig(
@@ -90,31 +77,13 @@ def tiny_clip_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> C
     )
 
 
-def _give_sincos_positions(model: CLIPModel) -> None:
-    """Replace the vision position embeddings by 2-D sin-cos ones at the patch content's scale.
-
-    With HF's init (std 0.02, far below the patch content) the tokens carry almost no location
-    and a head cannot learn to route its cross-attention to a box (on the demo's scenes: 24%
-    held-out top-1 with HF's init, 43% with these, 8% chance); trained CLIPs do carry location.
-    The scale is the RMS a unit-variance input gives
-    through the patch embedding, sqrt(sum(w^2) / width); the class token gets a zero position.
-    """
-    embeddings = model.vision_model.embeddings
-    weight = embeddings.patch_embedding.weight  # [width, 3, patch, patch]
-    width = weight.shape[0]
-    grid = embeddings.image_size // embeddings.patch_size
-    pos = sincos_position_embedding_2d(grid, width)
-    content_rms = weight.double().pow(2).sum().div(width).sqrt()
-    pos = pos * (content_rms / pos.double().pow(2).mean().sqrt()).float()
-    with torch.no_grad():
-        embeddings.position_embedding.weight.copy_(torch.cat([torch.zeros(1, width), pos]))
-
-
 def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write random tiny SAM and CLIP weights under ``out_dir``.
+    """Write random tiny SAM and CLIP weights under ``out_dir``, and tiny SigLIP and MetaCLIP 2
+    folders (:mod:`.tiny_vlm`).
 
     Returns:
-        {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny}
+        {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny,
+        "siglip_dir": out_dir/siglip_tiny, "metaclip2_dir": out_dir/metaclip2_tiny}
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,10 +99,15 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     config = tiny_clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
     torch.manual_seed(seed + 1)
     clip = CLIPModel(config)
-    _give_sincos_positions(clip)
+    give_sincos_positions(clip.vision_model.embeddings)
     clip.save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
-    return {"sam_checkpoint": sam_path, "clip_dir": clip_dir}
+    return {
+        "sam_checkpoint": sam_path,
+        "clip_dir": clip_dir,
+        "siglip_dir": write_tiny_siglip(out / TINY_SIGLIP_DIR, seed + 2),
+        "metaclip2_dir": write_tiny_metaclip2(out / TINY_METACLIP2_DIR, seed + 3),
+    }
 
 
 __all__ = [

@@ -1,7 +1,9 @@
 """The CLIP crop baselines of RegionSpot's Table 1: name each box by CLIP on its crop alone.
 
-``clip-box``: the box is cut out of the original image, resized to CLIP's square input
-(``clip_preprocess``) and embedded with CLIP's image tower; logits = 100 * cos(crop, text).
+``clip-box``: the box is cut out of the original image, resized to the model's square input
+(``square_preprocess`` with the model's mean and std) and embedded with its image tower (the
+model's own image embedding: CLIP's projected class token, SigLIP's attention-pooled feature);
+logits = 100 * cos(crop, text), the scale the head uses.
 ``clip-mask``: the same crop, but the pixels outside the box's SAM mask are filled with the
 image's mean colour first, so the background inside the box does not vote.
 
@@ -21,7 +23,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from ..backbones.clip import ClipEncoder, clip_preprocess
+from ..backbones.clip import CLIP_MEAN, CLIP_STD
+from ..backbones.vlm import FrozenVisionLanguageModel, square_preprocess
 from ..model.head import CLIP_LOGIT_SCALE
 
 BASELINES: tuple[str, ...] = ("clip-box", "clip-mask")
@@ -45,18 +48,21 @@ def box_crops(
     boxes: np.ndarray,
     size: int,
     masks_rle: Sequence[dict[str, Any]] | None = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> Tensor:
     """Crops of an image's boxes, ready for CLIP.
 
     Args:
         image: [H, W, 3] uint8 RGB, the original image the boxes are in.
         boxes: [N, 4] xyxy in original image pixels.
-        size: CLIP's square input side (``ClipEncoder.image_size``).
+        size: the model's square input side (``image_size`` of the vision-language model).
         masks_rle: N COCO RLEs of the boxes' SAM masks (``clip-mask``), or None (``clip-box``).
             Pixels outside a box's mask are set to the image's mean colour.
+        mean, std: the model's pixel normalisation (CLIP's by default).
 
     Returns:
-        [N, 3, size, size] float32, CLIP-normalized.
+        [N, 3, size, size] float32, normalized.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be [H, W, 3] uint8, got {image.dtype} {image.shape}")
@@ -79,15 +85,17 @@ def box_crops(
         if masks is not None:
             inside = torch.from_numpy(masks[y0:y1, x0:x1, n].astype(bool))[None]  # [1, h, w]
             crop = torch.where(inside, crop, fill)
-        crops.append(clip_preprocess(crop, size))
+        crops.append(square_preprocess(crop, size, mean, std))
     return torch.stack(crops)
 
 
 @torch.no_grad()
-def crop_logits(encoder: ClipEncoder, crops: Tensor, text_embeddings: Tensor, batch_size: int = 256) -> Tensor:
+def crop_logits(
+    encoder: FrozenVisionLanguageModel, crops: Tensor, text_embeddings: Tensor, batch_size: int = 256
+) -> Tensor:
     """[N, 3, S, S] crops x [C, D] text embeddings -> [N, C] logits = 100 * cosine (on CPU).
 
-    CLIP's image tower runs ``batch_size`` crops at a time on the encoder's device.
+    The model's image tower runs ``batch_size`` crops at a time on the encoder's device.
     """
     texts = torch.nn.functional.normalize(text_embeddings.float(), dim=-1).to(encoder.device)
     out = []

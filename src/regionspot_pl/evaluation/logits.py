@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..backbones.clip import ClipEncoder
 from ..backbones.image import ImageReadError, read_image, resolve_image_path
+from ..backbones.vlm import FrozenVisionLanguageModel
 from ..cache.shards import iter_samples
 from ..model.head import RegionSpotHead
 from ..train.datamodule import collate_regions
@@ -58,8 +58,9 @@ class _CropStream(IterableDataset):
     A bad image yields ``{"error": message}``, raised as a clean error by the main process.
     """
 
-    def __init__(self, shards: list[str], images: str, size: int, with_masks: bool) -> None:
-        self.shards, self.images, self.size, self.with_masks = shards, Path(images), size, with_masks
+    def __init__(self, shards: list[str], images: str, encoder: FrozenVisionLanguageModel, with_masks: bool) -> None:
+        self.shards, self.images, self.with_masks = shards, Path(images), with_masks
+        self.size, self.mean, self.std = encoder.image_size, encoder.mean, encoder.std  # not the model: workers copy
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -76,7 +77,7 @@ class _CropStream(IterableDataset):
                 }
                 return
             masks = meta.get("masks")
-            crops = box_crops(image, s["boxes"], self.size, masks if self.with_masks else None)
+            crops = box_crops(image, s["boxes"], self.size, masks if self.with_masks else None, self.mean, self.std)
             yield {
                 "image_id": int(meta["image_id"]),
                 "boxes": s["boxes"],
@@ -88,7 +89,7 @@ class _CropStream(IterableDataset):
 
 
 def baseline_logits(
-    encoder: ClipEncoder,
+    encoder: FrozenVisionLanguageModel,
     shards: list[str],
     texts: Tensor,
     images: str,
@@ -99,7 +100,7 @@ def baseline_logits(
     """CLIP on each box's crop (masked outside the SAM mask when ``with_masks``), batched over
     the boxes of consecutive images: ``batch_size`` crops per CLIP forward."""
     loader = DataLoader(
-        _CropStream(shards, images, encoder.image_size, with_masks),
+        _CropStream(shards, images, encoder, with_masks),
         batch_size=None,
         num_workers=min(workers, len(shards)),
         collate_fn=_identity,

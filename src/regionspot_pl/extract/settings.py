@@ -44,9 +44,11 @@ class ExtractConfig:
     sam_checkpoint: str | None = None
     """SAM .pth, e.g. sam_vit_b_01ec64.pth (required)"""
     clip_model: str | None = None
-    """local Hugging Face CLIP folder, save_pretrained layout (required)"""
-    clip_size: Literal[224, 336] | None = None
-    """CLIP input size; must match the model (default: the model's own)"""
+    """local Hugging Face folder of the vision-language model, save_pretrained layout (required): CLIP,
+    MetaCLIP 2 or SigLIP, told apart by the model_type of its config.json"""
+    clip_size: Annotated[int, Range(1)] | None = None
+    """input size of the vision-language model (CLIP 224 or 336, SigLIP 224, 256, 384 or 512); must match the model
+    (default: the model's own)"""
     boxes: str | None = None
     """proposals to use instead of the ground-truth boxes: COCO results (image_id, bbox xywh, score) or the
     reference's GLIP file"""
