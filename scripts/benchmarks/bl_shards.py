@@ -53,7 +53,7 @@ def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path
             writer.write(bl_sample(rng, image_id))
         writer.commit({"num_classes": BL["classes"]})
     vocab = Vocabulary(tuple(f"class_{i}" for i in range(BL["classes"])), tuple(range(1, BL["classes"] + 1)))
-    clip = ClipBackbone("synthetic ViT-L/14", "synthetic", 224, BL["tokens"], BL["clip_dim"], BL["text_dim"])
+    clip = ClipBackbone("synthetic ViT-L/14", "synthetic", 224, BL["tokens"], BL["clip_dim"], BL["text_dim"], 100.0)
     sam = SamBackbone("synthetic", "none", "synthetic", 1024)
     Manifest(
         vocab, sam, clip, text_cache="", precision="fp16", dataset="bl", config={"masks": False, "images": num_images}

@@ -53,3 +53,6 @@ def test_siglip_shards_extract_and_train(demo_data, tiny_backbones, tmp_path):
     assert summary["variant"] == "custom"
     head = json.loads((tmp_path / "run" / "head" / "config.json").read_text())
     assert (head["clip_dim"], head["text_dim"]) == (128, 128)
+    # SigLIP's own temperature, as the model computes it, in the manifest and the head it trains
+    assert clip.logit_scale == head["logit_scale"] == hf.logit_scale.exp().item()
+    assert clip.logit_scale == pytest.approx(10.0, rel=1e-6)  # the tiny SigLIP's log 10

@@ -96,6 +96,8 @@ def test_folder_whose_config_and_weights_disagree_is_refused(tmp_path):
         ({"model_type": "bert"}, "model_type is 'bert', expected 'regionspot_head'"),
         ({"format_version": 7}, "format_version 7 is not supported"),
         ({"metrics": [1]}, "metrics must be an object or null"),
+        ({"logit_scale": -3.0}, "logit_scale must be a positive number, got -3.0"),
+        ({"logit_scale": "hot"}, "logit_scale must be float"),
     ],
 )
 def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, edit, message):
@@ -105,6 +107,14 @@ def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message) as err:
         load_pretrained(folder)
     assert str(folder / "config.json") in str(err.value)
+
+
+def test_a_folder_written_before_heads_recorded_their_logit_scale_is_a_clip_head(tmp_path):
+    folder = save_pretrained(_head(), tmp_path / "h")
+    config = json.loads((folder / "config.json").read_text())
+    del config["logit_scale"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_pretrained(folder).config.logit_scale == 100.0  # CLIP's exp(logit_scale), as the reference
 
 
 def test_missing_or_broken_folders(tmp_path):
@@ -177,6 +187,8 @@ def test_fit_exports_the_head_folder_beside_head_pt(demo_shards, tmp_path):
     # the pair is the shards' one, recorded in both files
     clip_id = json.loads((demo_shards["train"] / "manifest.json").read_text())["backbones"]["clip"]["id"]
     assert config["backbones"]["clip_id"] == clip_id
+    scale = json.loads((demo_shards["train"] / "manifest.json").read_text())["backbones"]["clip"]["logit_scale"]
+    assert config["logit_scale"] == scale == pytest.approx(100.0, rel=1e-6)  # the tiny CLIP's exp(log 100)
     assert load_head(tmp_path / "head.pt").backbones == load_head(tmp_path / "head").backbones == config["backbones"]
 
 

@@ -349,7 +349,7 @@ def test_advanced_stage_mixes_datasets_with_their_own_vocabularies(shards, tmp_p
     ],
 )
 def test_head_is_sized_to_the_shards_clip(dims, asked, variant):
-    clip = ClipBackbone("some/clip", "id", dims[2], 257, dims[0], dims[1])
+    clip = ClipBackbone("some/clip", "id", dims[2], 257, dims[0], dims[1], 100.0)
     config, got = size_head(ModelConfig(asked), clip)
     assert got == variant and (config.clip_dim, config.text_dim) == dims[:2]
     if variant:
@@ -360,7 +360,7 @@ def test_head_is_sized_to_the_shards_clip(dims, asked, variant):
 
 
 def test_a_variant_that_does_not_fit_names_the_one_that_does():
-    clip = ClipBackbone("clip-vit-base-patch16", "id", 224, 197, 768, 512)
+    clip = ClipBackbone("clip-vit-base-patch16", "id", 224, 197, 768, 512, 100.0)
     with pytest.raises(HeadMismatchError, match="the BL head expects .* width 1024.*use the BB head"):
         size_head(ModelConfig("BL"), clip)
     with pytest.raises(FitError, match="published sizes"):

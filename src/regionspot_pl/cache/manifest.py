@@ -9,6 +9,7 @@ refused with the fix instead of giving other numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ PROTOCOL = "reference-v1"
 
 @dataclass(frozen=True)
 class ClipBackbone:
-    """The CLIP the features came from: folder, identity, input size, tokens and widths."""
+    """The vision-language model the features came from: folder, identity, input size, tokens,
+    widths and its logit scale (exp of its learnt temperature), the scale its heads' logits take."""
 
     model: str
     id: str
@@ -39,6 +41,7 @@ class ClipBackbone:
     tokens: int
     vision_dim: int
     text_dim: int
+    logit_scale: float
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,13 @@ def _typed(cls: type, data: object, path: str | Path, key: str) -> Any:
         raise ShardFormatError(f"{path}: {key!r} is missing; {_FIX}")
     values = {}
     for f in cls.__dataclass_fields__.values():
-        tp = int if f.type in ("int", int) else str
-        values[f.name] = _typed_value(data.get(f.name), tp, path, f"{key}.{f.name}")
+        tp = {"int": int, "float": float}.get(f.type, str)
+        value = data.get(f.name)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # JSON writes 100.0 as 100 in some writers
+        values[f.name] = _typed_value(value, tp, path, f"{key}.{f.name}")
+        if tp is float and not (math.isfinite(value) and value > 0):  # a scale: positive and finite
+            raise ShardFormatError(f"{path}: {key}.{f.name} must be a positive number, got {value!r}; {_FIX}")
     return cls(**values)
 
 

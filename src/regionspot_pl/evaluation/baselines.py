@@ -25,7 +25,6 @@ from torch import Tensor
 
 from ..backbones.clip import CLIP_MEAN, CLIP_STD
 from ..backbones.vlm import FrozenVisionLanguageModel, square_preprocess
-from ..model.head import CLIP_LOGIT_SCALE
 
 BASELINES: tuple[str, ...] = ("clip-box", "clip-mask")
 
@@ -93,7 +92,8 @@ def box_crops(
 def crop_logits(
     encoder: FrozenVisionLanguageModel, crops: Tensor, text_embeddings: Tensor, batch_size: int = 256
 ) -> Tensor:
-    """[N, 3, S, S] crops x [C, D] text embeddings -> [N, C] logits = 100 * cosine (on CPU).
+    """[N, 3, S, S] crops x [C, D] text embeddings -> [N, C] logits = the model's logit scale x
+    cosine (on CPU; 100 for CLIP).
 
     The model's image tower runs ``batch_size`` crops at a time on the encoder's device.
     """
@@ -101,5 +101,5 @@ def crop_logits(
     out = []
     for start in range(0, len(crops), batch_size):
         emb = encoder.encode_image_embeddings(crops[start : start + batch_size]).float()
-        out.append((CLIP_LOGIT_SCALE * emb @ texts.t()).cpu())
+        out.append((encoder.logit_scale * emb @ texts.t()).cpu())
     return torch.cat(out) if out else torch.zeros(0, len(text_embeddings))

@@ -233,7 +233,7 @@ def batch_logits(head: RegionSpotHead, batch: RegionBatch, texts: Tensor) -> Ten
     embeddings [C, D]. Padded queries are masked out of the self-attention, so an image's logits
     do not depend on the batch it lands in."""
     regions = head(batch.sam, batch.clip, padding_mask=batch.padding_mask)  # [B, N, text_dim]
-    return region_logits(regions, texts)
+    return region_logits(regions, texts, head.config.logit_scale)
 
 
 @dataclass

@@ -59,6 +59,7 @@ def build_manifest(
             tokens=clip.num_tokens,
             vision_dim=clip.vision_dim,
             text_dim=clip.text_dim,
+            logit_scale=clip.logit_scale,
         ),
         text_cache=str(Path(cfg.text_cache).resolve()),
         precision=resolved_precision(extractor.device, cfg.precision),

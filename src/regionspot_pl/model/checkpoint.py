@@ -10,6 +10,7 @@ This module sits above the folder format: it imports :mod:`.pretrained`, never t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -87,7 +88,10 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Reg
         )
     if payload.get("version") != HEAD_FORMAT_VERSION:
         raise CheckpointError(f"{path}: head format version {payload.get('version')} is not supported")
-    head = RegionSpotHead(**HeadConfig(**payload["config"]).to_dict())
+    config = HeadConfig(**payload["config"])
+    if not (config.logit_scale > 0 and math.isfinite(config.logit_scale)):
+        raise CheckpointError(f"{path}: logit_scale must be a positive number, got {config.logit_scale}")
+    head = RegionSpotHead(**config.to_dict())
     head.load_state_dict(payload["state_dict"], strict=True)
     head.variant = payload.get("variant", "custom")
     head.backbones = _recorded_backbones(payload.get("backbones"), path)

@@ -15,9 +15,6 @@ from torch import Tensor, nn
 from ..errors import RegionSpotError
 from .pretrained import HeadFolderMixin
 
-# exp(CLIP's learned logit_scale) in the released CLIP models.
-CLIP_LOGIT_SCALE = 100.0
-
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -31,6 +28,9 @@ class HeadConfig:
     ffn_dim: int = 2048
     dropout: float = 0.1
     use_class_token: bool = True
+    # the temperature of its logits: the frozen vision-language model's exp(logit_scale), which
+    # fit takes from the shards (100 for CLIP; SigLIP learns its own)
+    logit_scale: float = 100.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,9 +155,12 @@ class RegionSpotHead(nn.Module, HeadFolderMixin):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         use_class_token: bool = True,
+        logit_scale: float = HeadConfig.logit_scale,
     ) -> None:
         super().__init__()
-        self.config = HeadConfig(sam_dim, clip_dim, text_dim, depth, num_heads, ffn_dim, dropout, use_class_token)
+        self.config = HeadConfig(
+            sam_dim, clip_dim, text_dim, depth, num_heads, ffn_dim, dropout, use_class_token, logit_scale
+        )
         self.to_clip = nn.Linear(sam_dim, clip_dim)
         layer = nn.TransformerDecoderLayer(
             d_model=clip_dim,
@@ -216,7 +219,7 @@ class RegionSpotHead(nn.Module, HeadFolderMixin):
         return self.projector(hidden)
 
 
-def region_logits(region_embeddings: Tensor, text_embeddings: Tensor, scale: float = CLIP_LOGIT_SCALE) -> Tensor:
+def region_logits(region_embeddings: Tensor, text_embeddings: Tensor, scale: float = HeadConfig.logit_scale) -> Tensor:
     """Scaled cosine similarity between regions [..., D] and class texts [C, D] -> [..., C]."""
     regions = F.normalize(region_embeddings.float(), dim=-1, eps=1e-7)
     texts = F.normalize(text_embeddings.float(), dim=-1, eps=1e-7)

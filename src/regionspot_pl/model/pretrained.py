@@ -39,6 +39,9 @@ FOLDER_FORMAT_VERSION = 1
 
 # config.json keys besides the head sizes; the card's facts, each a dict or null.
 _META_KEYS = ("model_type", "format_version", "variant", "backbones", "training", "metrics")
+# sizes a folder written before they existed lacks: read as their default (every such head is a
+# CLIP head, whose logit scale is 100)
+_OPTIONAL_SIZES = ("logit_scale",)
 _CARD_KEYS = ("backbones", "training", "metrics")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -151,7 +154,7 @@ class HeadFolderMixin(ModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS))
     ) -> Any:
         """The head of a checked local folder; ``model_kwargs``: its sizes (ModelHubMixin reads
         them from config.json) and the unused download arguments."""
-        sizes = {f.name: model_kwargs[f.name] for f in fields(cls.config_class)}
+        sizes = {f.name: model_kwargs.get(f.name, f.default) for f in fields(cls.config_class)}
         head = cls(**sizes)
         folder = Path(model_id)
         weights = folder / WEIGHTS_NAME
@@ -244,7 +247,7 @@ def check_config(config: object, path: Path, sizes: type) -> None:
         )
     size_keys = [f.name for f in fields(sizes)]
     unknown = sorted(set(config) - set(size_keys) - set(_META_KEYS))
-    missing = [k for k in size_keys if k not in config]
+    missing = [k for k in size_keys if k not in config and k not in _OPTIONAL_SIZES]
     if unknown or missing:
         raise CheckpointError(f"{path}: unknown keys {unknown}, missing keys {missing}")
     _check_sizes(config, path, sizes())
@@ -256,9 +259,10 @@ def check_config(config: object, path: Path, sizes: type) -> None:
 
 
 def _check_sizes(config: dict[str, Any], path: Path, defaults: Any) -> None:
-    """Each size of the type of its default (ints >= 1), dropout in [0, 1), heads dividing the width."""
+    """Each size of the type of its default (ints >= 1), dropout in [0, 1), heads dividing the width,
+    a positive finite logit scale."""
     for f in fields(defaults):
-        value, kind = config[f.name], type(getattr(defaults, f.name))
+        value, kind = config.get(f.name, getattr(defaults, f.name)), type(getattr(defaults, f.name))
         ok = isinstance(value, bool) if kind is bool else (
             isinstance(value, (int, float)) and not isinstance(value, bool)
             and (kind is float or isinstance(value, int))
@@ -269,6 +273,9 @@ def _check_sizes(config: dict[str, Any], path: Path, defaults: Any) -> None:
             raise CheckpointError(f"{path}: {f.name} must be >= 1, got {value}")
     if not (0 <= config["dropout"] < 1 and math.isfinite(config["dropout"])):
         raise CheckpointError(f"{path}: dropout must be in [0, 1), got {config['dropout']}")
+    scale = config.get("logit_scale", defaults.logit_scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise CheckpointError(f"{path}: logit_scale must be a positive number, got {scale}")
     if config["clip_dim"] % config["num_heads"]:
         raise CheckpointError(
             f"{path}: clip_dim {config['clip_dim']} is not divisible by num_heads {config['num_heads']}"

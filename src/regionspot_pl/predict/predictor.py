@@ -265,7 +265,8 @@ class Predictor:
             return []
         tokens, masks, iou = self._prompt_tokens(prompts, multimask_output)
         embeddings, attention = self._run_head(tokens, return_attention)
-        probs = region_logits(embeddings, self._text(names).to(embeddings.device)).softmax(-1)
+        texts = self._text(names).to(embeddings.device)
+        probs = region_logits(embeddings, texts, self.head.config.logit_scale).softmax(-1)
         return _named_regions(prompts, names, probs.cpu(), topk, masks, iou, attention)
 
     def region_embeddings(

@@ -57,7 +57,8 @@ def size_head(model: ModelConfig, clip: ClipBackbone) -> tuple[HeadConfig, str |
             f"the {variant} head has the published sizes: --model.ffn_dim and --model.num_heads size only a head "
             "for another CLIP (or pass --model.variant auto)"
         )
-    return dataclasses.replace(config, **sizes), variant
+    # logits at the temperature of the shards' vision-language model (100 for CLIP)
+    return dataclasses.replace(config, logit_scale=clip.logit_scale, **sizes), variant
 
 
 def vocabulary_embeddings(info: ShardFolder, clip: LazyTextEncoder, text_cache: str | None) -> torch.Tensor:
@@ -87,7 +88,8 @@ def build_module(cfg: FitConfig, dm: RegionDataModule, head: HeadConfig) -> Regi
     )
     if cfg.init_from and not cfg.resume:
         init = load_head(cfg.init_from)
-        if init.config != module.head.config:
+        # the same sizes; the logit scale is the shards' (a temperature, not a weight)
+        if dataclasses.replace(init.config, logit_scale=head.logit_scale) != module.head.config:
             raise FitError(
                 f"--init_from {cfg.init_from} is a head of sizes {init.config.to_dict()}, but this run "
                 f"trains {head.to_dict()}: start from a checkpoint of the same variant"
