@@ -19,7 +19,9 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny} for seed 0."""
+    """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny,
+    "sam2_checkpoint": .../sam2.1_hiera_tiny_random.pt, "sam2_config": .../sam2.1_hiera_tiny_random.yaml}
+    for seed 0."""
     return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0)
 
 

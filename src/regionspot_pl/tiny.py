@@ -1,7 +1,9 @@
 """``python -m regionspot_pl.tiny DIR [--seed N]``: write random tiny SAM + CLIP backbones.
 
 For tests and CPU smoke runs of the whole pipeline: give the other commands
-``--sam_type tiny --sam_checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory.
+``--sam_type tiny --sam_checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory
+(or, for SAM 2.1, ``--sam_type DIR/sam2.1_hiera_tiny_random.yaml --sam_checkpoint
+DIR/sam2.1_hiera_tiny_random.pt``).
 """
 
 import sys

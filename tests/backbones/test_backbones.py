@@ -372,9 +372,15 @@ def test_load_clip_errors(tmp_path):
 def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys):
     assert tiny_main([str(tmp_path), "--seed", "0"]) == 0
     paths = {name: Path(path) for name, path in (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())}
-    assert paths == {"sam_checkpoint": tmp_path / "sam_tiny.pth", "clip_dir": tmp_path / "clip_tiny"}
+    assert paths == {
+        "sam_checkpoint": tmp_path / "sam_tiny.pth",
+        "clip_dir": tmp_path / "clip_tiny",
+        "sam2_checkpoint": tmp_path / "sam2.1_hiera_tiny_random.pt",
+        "sam2_config": tmp_path / "sam2.1_hiera_tiny_random.yaml",
+    }
     reference = tiny_backbones
-    assert paths["sam_checkpoint"].read_bytes() == reference["sam_checkpoint"].read_bytes()
+    for name in ("sam_checkpoint", "sam2_checkpoint", "sam2_config"):
+        assert paths[name].read_bytes() == reference[name].read_bytes()
     files = sorted(p.name for p in reference["clip_dir"].iterdir())
     assert "model.safetensors" in files and "config.json" in files
     assert files == sorted(p.name for p in paths["clip_dir"].iterdir())

@@ -24,7 +24,9 @@ _MODULE_OF = {
     ),
     **dict.fromkeys(("OFFICIAL_SAM_CHECKPOINTS", "SAM_TYPES", "TINY_SAM_CONFIG", "SamTransform", "build_sam"), "sam"),
     "SamSegmenter": "sam_segmenter",
-    **dict.fromkeys(("load_segmenter", "load_vlm"), "build"),
+    **dict.fromkeys(("OFFICIAL_SAM2_CHECKPOINTS", "SAM2_TYPES", "Sam2Transform", "build_sam2_model"), "sam2_model"),
+    "Sam2Segmenter": "sam2_segmenter",
+    **dict.fromkeys(("SEGMENTER_TYPES", "check_sam_type", "load_segmenter", "load_vlm"), "build"),
     "TEMPLATES": "templates",
     "write_tiny_backbones": "tiny",
 }  # fmt: skip

@@ -14,6 +14,7 @@ settings.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,18 @@ def sam2_config(sam_type: str) -> Any:
 
 
 def _trunk_signature(cfg: Any) -> tuple[int, int] | None:
-    """(Hiera embed dim, number of blocks) a config asks for; None when the config leaves them
-    to Hiera's defaults (then only loading the state dict checks them)."""
+    """(Hiera embed dim, number of blocks) a config builds: its trunk's values, else Hiera's
+    defaults (the packaged b+ config leaves ``stages`` to them); None for a trunk that is not
+    Hiera (then only loading the state dict checks it)."""
+    from sam2.modeling.backbones.hieradet import Hiera
+
     trunk = cfg.model.image_encoder.trunk
-    if trunk.get("embed_dim") is None or trunk.get("stages") is None:
+    if trunk.get("_target_") != f"{Hiera.__module__}.{Hiera.__name__}":
         return None
-    return int(trunk.embed_dim), int(sum(trunk.stages))
+    defaults = inspect.signature(Hiera).parameters
+    embed_dim = trunk.get("embed_dim", defaults["embed_dim"].default)
+    stages = trunk.get("stages", defaults["stages"].default)
+    return int(embed_dim), int(sum(stages))
 
 
 def _state_signature(state: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -150,8 +157,7 @@ def _guess(signature: tuple[int, int]) -> str:
     from omegaconf import OmegaConf
 
     for name in SAM2_TYPES:
-        trunk = OmegaConf.load(config_path(name)).model.image_encoder.trunk
-        if (trunk.embed_dim, sum(trunk.stages)) == signature:
+        if _trunk_signature(OmegaConf.load(config_path(name))) == signature:
             return f"it looks like --sam_type {name}"
     return "it matches no packaged SAM 2.1 type"
 

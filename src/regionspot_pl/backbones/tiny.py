@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .sam import OFFICIAL_SAM_CHECKPOINTS, build_tiny_sam
+from .tiny_sam2 import write_tiny_sam2
 
 TINY_CLIP_DIR = "clip_tiny"
 
@@ -114,7 +115,8 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write random tiny SAM and CLIP weights under ``out_dir``.
 
     Returns:
-        {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny}
+        {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny,
+        "sam2_checkpoint": out_dir/sam2.1_hiera_tiny_random.pt, "sam2_config": out_dir/sam2.1_hiera_tiny_random.yaml}
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,7 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     _give_sincos_positions(clip)
     clip.save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
-    return {"sam_checkpoint": sam_path, "clip_dir": clip_dir}
+    return {"sam_checkpoint": sam_path, "clip_dir": clip_dir, **write_tiny_sam2(out, seed=seed + 2)}
 
 
 __all__ = [

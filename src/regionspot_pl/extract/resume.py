@@ -47,7 +47,8 @@ def build_manifest(
     return Manifest(
         vocabulary=vocab,
         sam=SamBackbone(
-            type=cfg.sam_type,
+            # a named type, or a SAM 2 config's file name (its full path is in `config`)
+            type=Path(cfg.sam_type).name,
             checkpoint=str(Path(cfg.sam_checkpoint).resolve()),
             sha256_16=file_digest(cfg.sam_checkpoint),
             image_size=extractor.encoder.segmenter.image_size,
