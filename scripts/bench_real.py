@@ -68,8 +68,8 @@ from regionspot_pl.utils.io import AtomicFile  # noqa: E402
 STAGES = ("extract", "segmenters", "train")
 
 
-def write_real_backbones(folder: Path) -> dict[str, Path]:
-    """Random SAM ViT-B and CLIP ViT-L/14 in the official files' formats (written once)."""
+def write_real_backbones(folder: Path, clip: bool = True) -> dict[str, Path]:
+    """Random SAM ViT-B and CLIP ViT-L/14 (``clip``; 1.7 GB) in the official files' formats (written once)."""
     folder.mkdir(parents=True, exist_ok=True)
     sam_path, clip_dir = folder / OFFICIAL_SAM_CHECKPOINTS["vit_b"], folder / "clip-vit-large-patch14"
     if not sam_path.is_file():
@@ -77,7 +77,7 @@ def write_real_backbones(folder: Path) -> dict[str, Path]:
         state = sam_model_registry["vit_b"](checkpoint=None).state_dict()
         with AtomicFile(sam_path) as tmp:
             torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
-    if not (clip_dir / "config.json").is_file():
+    if clip and not (clip_dir / "config.json").is_file():
         tokenizer = tiny_clip_tokenizer()  # a real CLIPTokenizer; the vocabulary does not change speed
         config = CLIPConfig(
             text_config={
@@ -140,11 +140,12 @@ class Backbones:
         return (sam_gflop + clip_gflop + boxes_per_image * box_gflop) / 1e3
 
 
-def backbones_for(out: Path, tiny: bool) -> Backbones:
+def backbones_for(out: Path, tiny: bool, clip: bool = True) -> Backbones:
     if tiny:
         paths = write_tiny_backbones(out / "tiny")
         return Backbones("tiny SAM + tiny CLIP", "tiny", paths, image_size=256)
-    return Backbones("SAM ViT-B@1024 + CLIP ViT-L/14", "vit_b", write_real_backbones(out / "real"), image_size=640)
+    paths = write_real_backbones(out / "real", clip)
+    return Backbones("SAM ViT-B@1024 + CLIP ViT-L/14", "vit_b", paths, image_size=640)
 
 
 def timed_pass(extractor: FeatureExtractor, prepared: list[list[dict]], device: torch.device) -> tuple[float, float]:
@@ -265,7 +266,7 @@ def profile_extraction(extractor: FeatureExtractor, prepared: list, device: torc
 def bench_segmenter_pair(table: Table, out: Path, device: torch.device, num_images: int, tiny: bool) -> None:
     """SAM 2.1 hiera-b+ beside SAM ViT-B (``--tiny``: the tiny pair) on the extraction's demo
     images and boxes: image-encoder time per image, decoder time per box."""
-    backbones = backbones_for(out, tiny)
+    backbones = backbones_for(out, tiny, clip=False)
     data = generate_demo_dataset(
         out / f"{backbones.sam_type}_data", num_train=num_images, num_val=14, image_size=backbones.image_size, seed=0
     )

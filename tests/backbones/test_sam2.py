@@ -239,7 +239,11 @@ def test_checkpoint_errors_name_the_file_the_type_and_the_fix(tmp_path, tiny_bac
     sam1 = torch.load(tiny_backbones["sam_checkpoint"], weights_only=True)
     _sam2_error(tmp_path, tiny_yaml, sam1, r"SAM \(segment-anything\) state dict: pass its --sam_type")
     # a pickle of more than tensors is refused unread (weights_only=True)
-    _sam2_error(tmp_path, tiny_yaml, {"model": {"x": Path("x")}}, "could not be read as a weights-only")
+    _sam2_error(tmp_path, tiny_yaml, {"model": {"x": Path("x")}}, "weights-only SAM 2 checkpoint: it pickles objects")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match=r"garbage\.pt.*weights-only SAM 2 checkpoint: not a readable PyTorch file"):
+        build_sam2_model(tiny_yaml, garbage)
     # another size: refused from the state dict, before the (possibly large) model is built
     state = torch.load(tiny_backbones["sam2_checkpoint"], weights_only=True)
     _sam2_error(tmp_path, "sam2.1_hiera_t", state, r"\(16, 5\), the config asks for \(96, 12\); it matches no packaged")

@@ -162,6 +162,14 @@ def _guess(signature: tuple[int, int]) -> str:
     return "it matches no packaged SAM 2.1 type"
 
 
+def _load_failure(err: Exception) -> str:
+    """``torch.load``'s error in a few words: its own text spans lines and advises loading the
+    file unrestricted, which this package never does."""
+    if "Unsupported global" in str(err):
+        return "it pickles objects other than tensors, which are never unpickled"
+    return f"not a readable PyTorch file ({type(err).__name__})"
+
+
 def read_sam2_checkpoint(checkpoint: str | Path, sam_type: str, cfg: Any) -> dict[str, torch.Tensor]:
     """The state dict of an official-format SAM 2 checkpoint (``{"model": state_dict}``),
     read weights-only and checked against ``cfg``'s image encoder; each problem is one
@@ -177,7 +185,7 @@ def read_sam2_checkpoint(checkpoint: str | Path, sam_type: str, cfg: Any) -> dic
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickles of other objects, truncated files, ...
         raise BackboneError(
-            f"{where} could not be read as a weights-only SAM 2 checkpoint: {err}; expected {expected}"
+            f"{where} could not be read as a weights-only SAM 2 checkpoint: {_load_failure(err)}; expected {expected}"
         ) from None
     state = content.get("model") if isinstance(content, dict) else None
     if not isinstance(state, dict) or _PATCH_EMBED not in state:
