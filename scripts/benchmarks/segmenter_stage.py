@@ -87,8 +87,8 @@ def bench_segmenters(
     for j, case in enumerate(cases):
         table.add(
             f"real segmenter ({device.type}): {case.label}, {len(records)} img / {num_boxes} boxes",
-            f"encoder {encoder_ms[j]:.4g} ms/img, decoder {decoder_ms[j]:.3g} ms/box",
-            f"{cases[0].label}: encoder {encoder_ms[0]:.4g} ms/img, decoder {decoder_ms[0]:.3g} ms/box",
+            f"encoder {encoder_ms[j]:.0f} ms/img, decoder {decoder_ms[j]:.1f} ms/box",
+            f"{cases[0].label}: encoder {encoder_ms[0]:.0f} ms/img, decoder {decoder_ms[0]:.1f} ms/box",
             encoder_ms[0] / encoder_ms[j],
             ratio_fmt="{:.2f}x (encoder)",
             sam_type=case.sam_type,
