@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# sam2 (SAM 2.1) is a source package whose setup.py would compile a CUDA extension (used only by
+	# an optional mask post-processing): built without it, against the torch installed above (no
+	# build isolation, so setuptools must be in the venv). See the comment in pyproject.toml.
+	$(PY) -m pip install -q -c constraints.txt setuptools
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -c constraints.txt sam2==1.1.0
 	touch $(STAMP)
 
 # CI runs this: formatting, line length and lint first, then the suite in two worker processes

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_real.py                 # GPU: defaults (64 images, 50 head steps)
     .venv/bin/python scripts/bench_real.py --images 2 --steps 3 --workers 0   # CPU smoke run (~5 min on 2 cores)
     .venv/bin/python scripts/bench_real.py --tiny          # the tiny backbones instead: the same code in seconds
+    .venv/bin/python scripts/bench_real.py --stages segmenters --images 2   # SAM 2.1 beside SAM only
 
 SAM ViT-B (1024 input) and CLIP ViT-L/14 (224) with random weights (speed does not depend on
 their values), written once under bench_out/real/ in the real files' formats (a SAM ``.pth`` state
@@ -12,6 +13,9 @@ dict, a Hugging Face CLIP folder) and loaded by the package's own code, as a use
   the device supports (fp32, bf16, fp16) with and without ``--compile``; images/s, boxes/s, peak
   GPU memory, and the fraction of the device's *measured* matmul rate in that dtype achieved on the
   FLOPs counted by torch's FlopCounterMode (SAM encoder + CLIP + the decoder for each box).
+- segmenters (``benchmarks/segmenter_stage.py``): SAM 2.1 hiera-b+ (random weights, built from
+  sam2's packaged config) beside SAM ViT-B on the same images and boxes, image by image in turn:
+  image-encoder ms per image, prompt + mask decoder ms per box.
 - training: the RegionSpot-BL head step (batch 16, ~16 boxes, focal loss, AdamW) from batches in
   device memory under autocast, and the shard reader (``RegionDataModule``) with 0..N workers,
   against the goal of 5,000 images/s.
@@ -44,6 +48,7 @@ from benchmarks.bl_shards import bl_batch, write_bl_shards  # noqa: E402
 from benchmarks.common import BL, TRAIN_TARGET, Table, counted_gflop, cpu_name, matmul_gflops, now, sync  # noqa: E402
 from benchmarks.flops_stage import backbone_gflops  # noqa: E402
 from benchmarks.load_stage import reader_rate  # noqa: E402
+from benchmarks.segmenter_stage import bench_segmenters, segmenter_cases  # noqa: E402
 from benchmarks.train_stage import head_step  # noqa: E402
 from segment_anything import sam_model_registry  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
@@ -59,9 +64,12 @@ from regionspot_pl.extract.run import ExtractConfig, load_extractor  # noqa: E40
 from regionspot_pl.model import RegionSpotHead  # noqa: E402
 from regionspot_pl.utils.io import AtomicFile  # noqa: E402
 
+# extraction, the segmenter pair (SAM 2.1 beside SAM), head training + shard reading
+STAGES = ("extract", "segmenters", "train")
 
-def write_real_backbones(folder: Path) -> dict[str, Path]:
-    """Random SAM ViT-B and CLIP ViT-L/14 in the official files' formats (written once)."""
+
+def write_real_backbones(folder: Path, clip: bool = True) -> dict[str, Path]:
+    """Random SAM ViT-B and CLIP ViT-L/14 (``clip``; 1.7 GB) in the official files' formats (written once)."""
     folder.mkdir(parents=True, exist_ok=True)
     sam_path, clip_dir = folder / OFFICIAL_SAM_CHECKPOINTS["vit_b"], folder / "clip-vit-large-patch14"
     if not sam_path.is_file():
@@ -69,7 +77,7 @@ def write_real_backbones(folder: Path) -> dict[str, Path]:
         state = sam_model_registry["vit_b"](checkpoint=None).state_dict()
         with AtomicFile(sam_path) as tmp:
             torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
-    if not (clip_dir / "config.json").is_file():
+    if clip and not (clip_dir / "config.json").is_file():
         tokenizer = tiny_clip_tokenizer()  # a real CLIPTokenizer; the vocabulary does not change speed
         config = CLIPConfig(
             text_config={
@@ -132,11 +140,12 @@ class Backbones:
         return (sam_gflop + clip_gflop + boxes_per_image * box_gflop) / 1e3
 
 
-def backbones_for(out: Path, tiny: bool) -> Backbones:
+def backbones_for(out: Path, tiny: bool, clip: bool = True) -> Backbones:
     if tiny:
         paths = write_tiny_backbones(out / "tiny")
         return Backbones("tiny SAM + tiny CLIP", "tiny", paths, image_size=256)
-    return Backbones("SAM ViT-B@1024 + CLIP ViT-L/14", "vit_b", write_real_backbones(out / "real"), image_size=640)
+    paths = write_real_backbones(out / "real", clip)
+    return Backbones("SAM ViT-B@1024 + CLIP ViT-L/14", "vit_b", paths, image_size=640)
 
 
 def timed_pass(extractor: FeatureExtractor, prepared: list[list[dict]], device: torch.device) -> tuple[float, float]:
@@ -254,6 +263,17 @@ def profile_extraction(extractor: FeatureExtractor, prepared: list, device: torc
     print(f"[bench-real] profile written to {out}/ (GPU idle {'n/a on CPU' if idle is None else f'{idle:.0%}'})")
 
 
+def bench_segmenter_pair(table: Table, out: Path, device: torch.device, num_images: int, tiny: bool) -> None:
+    """SAM 2.1 hiera-b+ beside SAM ViT-B (``--tiny``: the tiny pair) on the extraction's demo
+    images and boxes: image-encoder time per image, decoder time per box."""
+    backbones = backbones_for(out, tiny, clip=False)
+    data = generate_demo_dataset(
+        out / f"{backbones.sam_type}_data", num_train=num_images, num_val=14, image_size=backbones.image_size, seed=0
+    )
+    records = sorted(load_coco(data["train_json"])[0], key=lambda r: r.image_id)[:num_images]
+    bench_segmenters(table, segmenter_cases(backbones.paths, tiny), records, data["train_images"], device)
+
+
 def bench_training(table: Table, out: Path, device: torch.device, steps: int, workers: list[int], tiny: bool) -> None:
     """The BL head step from device memory in each precision, and the shard reader with each number
     of ``workers``, against the training goal (``tiny``: batches of 2, one warm-up step, 32 samples)."""
@@ -304,6 +324,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed head steps per precision (default 50; --tiny 1)")
     p.add_argument("--workers", type=int, nargs="+", help="reader workers to try (default 0 2 4 8, capped by cores)")
     p.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="which stages to run (default: all)"
+    )
+    p.add_argument(
         "--profile", action="store_true", help="profile one extraction pass (lowest precision, eager): OUT/profile/"
     )
     p.add_argument(
@@ -328,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench-real] {name}, torch {torch.__version__}, into {out}/", flush=True)
     started = now()
     table = Table()
-    bench_extraction(table, out, device, args.images, args.batch_size, args.profile, args.tiny)
-    bench_training(table, out, device, args.steps, args.workers, args.tiny)
+    if "extract" in args.stages:
+        bench_extraction(table, out, device, args.images, args.batch_size, args.profile, args.tiny)
+    if "segmenters" in args.stages:
+        bench_segmenter_pair(table, out, device, args.images, args.tiny)
+    if "train" in args.stages:
+        bench_training(table, out, device, args.steps, args.workers, args.tiny)
     total = now() - started
     print(f"\nregionspot_pl bench-real, {name}, torch {torch.__version__}, {total:.0f} s\n")
     print(table.render())

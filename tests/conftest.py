@@ -20,7 +20,8 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny, "siglip_dir": .../siglip_tiny,
-    "metaclip2_dir": .../metaclip2_tiny} for seed 0 (``write_tiny_backbones``)."""
+    "metaclip2_dir": .../metaclip2_tiny, "sam2_checkpoint": .../sam2.1_hiera_tiny_random.pt,
+    "sam2_config": .../sam2.1_hiera_tiny_random.yaml} for seed 0 (``write_tiny_backbones``)."""
     return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0)
 
 

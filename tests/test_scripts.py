@@ -67,8 +67,12 @@ def test_make_bench_real_tiny_runs_extraction_and_training(tmp_path):
     out = tmp_path / "real"
     printed = make("bench-real", ["--tiny", "--device", "cpu", "--out", str(out)], tmp_path / "installed")
     rows = json.loads((out / "bench_real.json").read_text())["rows"]
-    assert stages(rows) == {"real extract (cpu)", "real train (cpu)", "real load"}
+    assert stages(rows) == {"real extract (cpu)", "real segmenter (cpu)", "real train (cpu)", "real load"}
     assert {r["raw"]["tflop_per_image"] > 0 for r in rows if r["stage"].startswith("real extract")} == {True}
+    segmenters = [r["raw"] for r in rows if r["stage"].startswith("real segmenter")]
+    assert [r["sam_type"].rsplit("/", 1)[-1] for r in segmenters] == ["tiny", "sam2.1_hiera_tiny_random.yaml"]
+    for raw in segmenters:
+        assert raw["encoder_ms_per_image"] > 0 and raw["decoder_ms_per_box"] > 0 and raw["boxes_per_image"] > 0
     assert "| stage" in printed
 
 

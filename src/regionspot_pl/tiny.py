@@ -3,7 +3,8 @@ tiny SigLIP and MetaCLIP 2 folders).
 
 For tests and CPU smoke runs of the whole pipeline: give the other commands
 ``--sam_type tiny --sam_checkpoint DIR/sam_tiny.pth`` and ``DIR/clip_tiny`` as the CLIP directory
-(or ``DIR/siglip_tiny``, ``DIR/metaclip2_tiny`` as ``--clip_model``).
+(or ``DIR/siglip_tiny``, ``DIR/metaclip2_tiny`` as ``--clip_model``; for SAM 2.1,
+``--sam_type DIR/sam2.1_hiera_tiny_random.yaml --sam_checkpoint DIR/sam2.1_hiera_tiny_random.pt``).
 """
 
 import sys

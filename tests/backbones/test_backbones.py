@@ -377,9 +377,12 @@ def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys
         "clip_dir": tmp_path / "clip_tiny",
         "siglip_dir": tmp_path / "siglip_tiny",
         "metaclip2_dir": tmp_path / "metaclip2_tiny",
+        "sam2_checkpoint": tmp_path / "sam2.1_hiera_tiny_random.pt",
+        "sam2_config": tmp_path / "sam2.1_hiera_tiny_random.yaml",
     }
     reference = tiny_backbones
-    assert paths["sam_checkpoint"].read_bytes() == reference["sam_checkpoint"].read_bytes()
+    for name in ("sam_checkpoint", "sam2_checkpoint", "sam2_config"):
+        assert paths[name].read_bytes() == reference[name].read_bytes()
     for folder in ("clip_dir", "siglip_dir", "metaclip2_dir"):
         files = sorted(p.name for p in reference[folder].iterdir())
         assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files

@@ -39,7 +39,7 @@ def ctx(demo_data, tiny_backbones, tmp_path, monkeypatch) -> SimpleNamespace:
         "--limit": 2,
         "--text_cache": tmp_path / "text.h5",
     }
-    return SimpleNamespace(flags=flags, tmp=tmp_path, monkeypatch=monkeypatch, demo_data=demo_data)
+    return SimpleNamespace(flags=flags, tmp=tmp_path, monkeypatch=monkeypatch, demo_data=demo_data, tiny=tiny_backbones)
 
 
 def _argv(flags: dict) -> list[str]:
@@ -156,6 +156,20 @@ def image_folder_without_the_images(ctx):
 def proposals_of_the_wrong_format(ctx):
     ctx.flags["--boxes"] = _write(ctx.tmp / "props.json", json.dumps({"7": {"boxes": "none"}}))
     return ("props.json", "entry '7'")
+
+
+@case
+def sam2_checkpoint_of_another_size(ctx):
+    ctx.flags["--sam_type"] = "sam2.1_hiera_t"
+    ctx.flags["--sam_checkpoint"] = ctx.tiny["sam2_checkpoint"]
+    return ("sam2.1_hiera_tiny_random.pt", "--sam_type sam2.1_hiera_t", "does not fit", "no packaged SAM 2.1 type")
+
+
+@case
+def sam2_config_missing(ctx):
+    ctx.flags["--sam_type"] = ctx.tmp / "sam2_custom.yaml"
+    ctx.flags["--sam_checkpoint"] = ctx.tiny["sam2_checkpoint"]
+    return ("sam2_custom.yaml", "not found", "SAM 2 model config")
 
 
 @case

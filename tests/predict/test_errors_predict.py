@@ -87,13 +87,22 @@ PREDICT_CASES = {
     "SAM checkpoint of no SAM": ({"sam_checkpoint": "@no_model"}, [], ["no_model.pth", "--sam_type tiny"]),
     "missing CLIP folder": ({"clip_model": "@empty_dir/clip"}, [], ["CLIP directory", "clip"]),
     "topk below 1": ({"topk": "0"}, [], ["--topk is 0", "must be >= 1"]),
-    "unknown SAM type": ({"sam_type": "vit_x"}, [], ["--sam_type", "vit_b, vit_l, vit_h, tiny", "got vit_x"]),
+    "unknown SAM type": (
+        {"sam_type": "vit_x"},
+        [],
+        ["--sam_type is 'vit_x'", "vit_b, vit_l, vit_h, tiny, sam2.1_hiera_t", ".yaml"],
+    ),
     "missing --head": ({"head": None}, [], ["--head is required"]),
     "no regions": ({"boxes": None}, [], ["give the regions: --boxes and/or --points"]),
     "unknown flag": ({}, ["--bogus", "1"], ["unrecognized arguments: --bogus"]),
     "not an integer": ({"topk": "three"}, [], ["--topk", "got three"]),
     "out in a file": ({"out": "@a_file/out.png"}, [], ["cannot write", "a_file"]),
     "everything without --json": ({"boxes": None}, ["--everything", "true"], ["--everything needs --json"]),
+    "everything with SAM 2.1": (
+        {"boxes": None, "sam_type": "sam2.1_hiera_t", "json": "x.json"},
+        ["--everything", "true"],
+        ["--everything runs segment-anything's automatic mask generator", "not sam2.1_hiera_t"],
+    ),
     "everything on no images": (
         {"image": None, "boxes": None, "out": None, "images": "@empty_dir", "json": "@empty_dir/o.json"},
         ["--everything", "true"],

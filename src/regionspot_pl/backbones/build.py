@@ -12,16 +12,49 @@ from pathlib import Path
 
 import torch
 
-from .common import BackboneNotFoundError
+from ..utils.checks import SettingError
+from .common import BackboneError, BackboneNotFoundError
 from .interfaces import PromptableSegmenter, VisionLanguageModel
+from .sam import OFFICIAL_SAM_CHECKPOINTS, SAM_TYPES
+from .sam2_model import OFFICIAL_SAM2_CHECKPOINTS, SAM2_TYPES, is_sam2_type
+
+# The named --sam_type values: segment-anything's SAMs, then the packaged SAM 2.1 models; a path
+# ending in .yaml (a SAM 2 model config) is accepted besides.
+SEGMENTER_TYPES = SAM_TYPES + SAM2_TYPES
+SEGMENTER_CHOICES = f"{', '.join(SEGMENTER_TYPES)}, or the path of a SAM 2 model config .yaml"
+
+
+def check_sam_type(value: str) -> None:
+    """Refuse a ``--sam_type`` that names no segmenter (a :class:`SettingError` of ``sam_type``)."""
+    if not isinstance(value, str) or not (value in SAM_TYPES or is_sam2_type(value)):
+        raise SettingError("sam_type", f"is {value!r}; expected one of: {SEGMENTER_CHOICES}")
+
+
+def segmenter_name(sam_type: str) -> str:
+    """The name a ``--sam_type`` is recorded under (manifests, heads): the type itself, or a SAM 2
+    config's file name, so that the same model named from two folders is one segmenter."""
+    return Path(sam_type).name
+
+
+def official_checkpoint(sam_type: str) -> str | None:
+    """The released checkpoint file of a named ``sam_type`` (None for a config YAML)."""
+    return {**OFFICIAL_SAM_CHECKPOINTS, **OFFICIAL_SAM2_CHECKPOINTS}.get(sam_type)
 
 
 def load_segmenter(sam_type: str, checkpoint: str | Path | None) -> PromptableSegmenter:
-    """The frozen promptable segmenter of ``sam_type`` with the weights of ``checkpoint``."""
-    from .sam import build_sam
-    from .sam_segmenter import SamSegmenter
+    """The frozen promptable segmenter of ``sam_type`` with the weights of ``checkpoint``: a SAM
+    for segment-anything's types, a SAM 2 for the SAM 2.1 names and SAM 2 config YAMLs."""
+    if sam_type in SAM_TYPES:
+        from .sam import build_sam
+        from .sam_segmenter import SamSegmenter
 
-    return SamSegmenter(build_sam(sam_type, checkpoint))
+        return SamSegmenter(build_sam(sam_type, checkpoint))
+    if is_sam2_type(sam_type):
+        from .sam2_model import build_sam2_model
+        from .sam2_segmenter import Sam2Segmenter
+
+        return Sam2Segmenter(build_sam2_model(sam_type, checkpoint))
+    raise BackboneError(f"unknown --sam_type {sam_type!r}; choose one of {SEGMENTER_CHOICES}")
 
 
 # config.json's model_type -> (module, class) of the VisionLanguageModel that reads the folder

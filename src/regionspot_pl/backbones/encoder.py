@@ -4,8 +4,8 @@
 one device at one autocast precision, and runs, in batches, the steps both extraction and the
 predictor take (the image path of :mod:`regionspot_pl.backbones.image`):
 
-1. host (loader workers): the image -> detectron2's resize -> the segmenter's longest-side
-   resize, both uint8 (:func:`image_input`);
+1. host (loader workers): the image -> detectron2's resize -> the host half of the segmenter's
+   transform (SAM: its longest-side resize), both uint8 (:func:`image_input`);
 2. device: both model inputs (``segmenter_batch``, ``vlm_batch``), the segmenter's image
    embeddings (``embed_images``) and the vision-language feature map (``image_tokens``);
 3. device: the prompts, scaled from original pixels into the resized image, through the
@@ -42,8 +42,9 @@ class ImageInput:
     Attributes:
         original_size: (H, W) of the image as read.
         resized_size: (h, w) after detectron2's resize: the image both models see.
-        segmenter_image: [3, h', w'] uint8, the resized image after the segmenter's own
-            longest-side resize (``SegmenterTransform.resize``).
+        segmenter_image: [3, h', w'] uint8, the resized image after the host half of the
+            segmenter's transform (``SegmenterTransform.resize``: SAM's longest-side resize;
+            SAM 2 resizes on the device).
         vlm_image: [3, h, w] uint8, the resized image (the vision-language model resizes it
             on the device).
     """
@@ -75,7 +76,8 @@ class ImageFeatures:
     """An image encoded by both models, ready for any number of prompts.
 
     Attributes:
-        embedding: the segmenter's image embedding (SAM: [256, 64, 64] float, 32 x 32 tiny).
+        embedding: the segmenter's image embedding (SAM: [256, 64, 64] float, 32 x 32 tiny;
+            SAM 2: [1024, 64, 64], its high-resolution maps packed in).
         image_tokens: [T, vision_dim] float16, the vision-language feature map (global token first).
         original_size, resized_size: as in :class:`ImageInput`.
     """

@@ -117,6 +117,19 @@ def read_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     )
 
 
+def check_rgb_uint8(image: np.ndarray, model: str) -> None:
+    """Refuse anything but an HxWx3 uint8 RGB array as ``model``'s input (``model`` names it in
+    the error): a float or single-channel array would otherwise be scaled or broadcast silently."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"{model} preprocess expects an HxWx3 RGB numpy array, got {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"{model} preprocess expects uint8 pixels in [0, 255], got {image.dtype}; "
+            "read images with regionspot_pl.backbones.image.read_image"
+        )
+
+
 def resized_shape(height: int, width: int, short_edge: int = SHORT_EDGE, max_size: int = MAX_SIZE) -> tuple[int, int]:
     """(h, w) of detectron2's ``ResizeShortestEdge.get_output_shape`` for an (H, W) image.
 

@@ -6,7 +6,8 @@ vision-language model (CLIP, MetaCLIP 2, SigLIP) describes: it turns an image in
 is global, and class names into text embeddings of the same space.
 :class:`~regionspot_pl.backbones.encoder.RegionEncoder` holds one of each. Another family plugs
 in by implementing the protocol of its kind (structural typing: nothing to inherit);
-:class:`~regionspot_pl.backbones.sam.SamSegmenter` and
+:class:`~regionspot_pl.backbones.sam_segmenter.SamSegmenter` (SAM),
+:class:`~regionspot_pl.backbones.sam2_segmenter.Sam2Segmenter` (SAM 2.1) and
 :class:`~regionspot_pl.backbones.vlm.FrozenVisionLanguageModel`'s families (``ClipEncoder``,
 ``MetaClip2Encoder``, ``SiglipEncoder``) are the implementations.
 """
@@ -102,15 +103,17 @@ class SegmenterTransform(Protocol):
     image_size: int  # side of the square input
 
     def resize(self, image: np.ndarray) -> Tensor:
-        """HxWx3 uint8 RGB -> [3, h, w] uint8, the longest side ``image_size``."""
+        """HxWx3 uint8 RGB -> [3, h, w] uint8, the host half of the transform (SAM: the longest
+        side ``image_size``; SAM 2: the pixels unchanged, as it resizes float pixels)."""
         ...
 
     def normalize_and_pad(self, resized: Tensor) -> Tensor:
-        """[3, h, w] uint8 from ``resize`` -> [3, S, S] float32 (normalized, padded), same device."""
+        """[3, h, w] uint8 from ``resize`` -> [3, S, S] float32 (normalized, resized or padded
+        to the square), same device."""
         ...
 
     def unpadded_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) that an (H, W) image takes inside the padded square."""
+        """(h, w) that an (H, W) image takes inside the square ((S, S) where it fills it)."""
         ...
 
     def apply_boxes(self, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -138,7 +141,9 @@ class PromptableSegmenter(Protocol):
     def eval(self) -> PromptableSegmenter: ...
 
     def encode_images(self, batch: Tensor) -> Tensor:
-        """[B, 3, S, S] from ``transform.normalize_and_pad`` -> [B, ...] image embeddings."""
+        """[B, 3, S, S] from ``transform.normalize_and_pad`` -> [B, ...] image embeddings: one
+        tensor whose row b is all that ``decode`` needs of image b, in the family's own layout
+        (SAM: [B, 256, S/16, S/16]; SAM 2 also packs its high-resolution maps into channels)."""
         ...
 
     def decode(

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .common import BackboneError, BackboneNotFoundError
+from .image import check_rgb_uint8
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
 
@@ -185,14 +186,7 @@ class SamTransform:
 
     def resize(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> [3, h, w] uint8 with the longest side ``image_size``."""
-        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
-            shape = getattr(image, "shape", type(image).__name__)
-            raise ValueError(f"SAM preprocess expects an HxWx3 RGB numpy array, got {shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(
-                f"SAM preprocess expects uint8 pixels in [0, 255], got {image.dtype}; "
-                "read images with regionspot_pl.backbones.image.read_image"
-            )
+        check_rgb_uint8(image, "SAM")
         return torch.as_tensor(self.resizer.apply_image(image)).permute(2, 0, 1).contiguous()
 
     def normalize_and_pad(self, resized: torch.Tensor) -> torch.Tensor:

@@ -11,17 +11,14 @@ only batches it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from segment_anything.modeling import Sam
-from torch import nn
 
-from .interfaces import DecodedRegions, Prompts
+from .prompt_batching import BatchedSegmenter
 from .sam import SamTransform
 
 
-class SamSegmenter(nn.Module):
+class SamSegmenter(BatchedSegmenter):
     """Frozen SAM as a :class:`~regionspot_pl.backbones.interfaces.PromptableSegmenter`: images
     -> embeddings; prompts of several images -> region tokens, masks, predicted IoUs, batched.
 
@@ -47,137 +44,44 @@ class SamSegmenter(nn.Module):
     @torch.no_grad()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] from ``transform.normalize_and_pad`` -> [B, 256, S/16, S/16] embeddings."""
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(
-                f"encode_images expects [B, 3, {self.image_size}, {self.image_size}] from "
-                f"transform.normalize_and_pad, got {tuple(batch.shape)}"
-            )
-        return self.sam.image_encoder(batch.to(self.device))
+        return self.sam.image_encoder(self._checked_input(batch))
 
-    @torch.no_grad()
-    def decode(
+    def _decode_chunk(
         self,
         embeddings: torch.Tensor,
-        prompts: Sequence[Prompts],
-        image_sizes: Sequence[tuple[int, int]],
-        multimask_output: bool = False,
-        with_masks: bool = True,
-        max_prompts_per_call: int | None = None,
-    ) -> list[DecodedRegions]:
-        """Region tokens, masks and predicted IoUs for the prompts of B images, in as few decoder
-        calls as ``max_prompts_per_call`` allows, each prompt as ``SamPredictor.predict_torch``
+        owner: torch.Tensor,
+        boxes: torch.Tensor | None,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One prompt-encoder + mask-decoder call on n prompts (in SAM's input frame), prompt j
+        against image ``owner[j]`` of ``embeddings`` [B, 256, h, w], as ``SamPredictor.predict_torch``
         prompts SAM.
 
         SAM's decoder adds the image embedding to each prompt's dense embedding
         (``src = repeat(image) + dense``); giving it a zero image and ``dense + image`` per
         prompt computes the same sum, so prompts of different images share one call.
 
-        Args:
-            embeddings: [B, 256, h, w] from ``encode_images``.
-            prompts: B ``Prompts`` of one signature, in pixels of the images SAM was given.
-            image_sizes: B (H, W) of those images.
-            multimask_output: SAM's three candidate masks per prompt instead of one.
-            with_masks: False skips upsampling the masks (``masks`` None).
-            max_prompts_per_call: prompts per decoder call (each costs 256 x h x w floats);
-                None = all in one call.
-
         Returns:
-            B ``DecodedRegions``: tokens [N_b, 256] float32, the first mask token's output
-            ``hs[:, 1]`` (``hs[:, 0]`` is the iou token), or [N_b, 3, 256] the multimask
-            tokens ``hs[:, 2:5]``; masks [N_b, H_b, W_b] bool (SAM's ``postprocess_masks``,
-            threshold 0), [N_b, 3, H_b, W_b] with multimask; iou [N_b] float32 ([N_b, 3]).
+            tokens [n, 256] float32, the first mask token's output ``hs[:, 1]`` (``hs[:, 0]``
+            is the iou token), or [n, 3, 256] the multimask tokens ``hs[:, 2:5]``; low-res
+            logits [n, C, h', w']; iou [n, C] float32.
         """
-        if not (len(prompts) == len(image_sizes) == embeddings.shape[0]):
-            raise ValueError(
-                f"{embeddings.shape[0]} embeddings, {len(prompts)} prompt sets and "
-                f"{len(image_sizes)} sizes: give one of each per image"
-            )
-        if not prompts:
-            return []
-        if len({p.signature for p in prompts}) > 1:
-            raise ValueError("the prompts of one decode call must be alike: all with boxes or none, K points each")
-        owner = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(prompts)])
-        step = max(1, len(owner) if max_prompts_per_call is None else int(max_prompts_per_call))
-        model_prompts = self._model_prompts(prompts, image_sizes)
-        parts = [
-            self._decode_chunk(embeddings, owner[start : start + step], model_prompts, start, multimask_output)
-            for start in range(0, len(owner), step)
-        ]
-        tokens, low_res, iou = (torch.cat([p[j] for p in parts]) if parts else None for j in range(3))
-        return [
-            self._image_regions(tokens, low_res, iou, (owner == i).nonzero().flatten(), size, multimask_output,
-                                with_masks)
-            for i, size in enumerate(image_sizes)
-        ]  # fmt: skip
-
-    def _model_prompts(
-        self, prompts: Sequence[Prompts], image_sizes: Sequence[tuple[int, int]]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(boxes [N, 4], point coords [N, K, 2], point labels [N, K] int) of all images in
-        SAM's input frame, on its device, concatenated in image order; None where absent."""
-        device, transform = self.device, self.transform
-        boxes = coords = labels = None
-        if prompts[0].boxes is not None:
-            boxes = torch.cat(
-                [transform.apply_boxes(p.boxes.to(device, torch.float32).reshape(-1, 4), size)
-                 for p, size in zip(prompts, image_sizes)]
-            )  # fmt: skip
-        if prompts[0].point_coords is not None:
-            coords = torch.cat(
-                [transform.apply_coords(p.point_coords.to(device, torch.float32), size)
-                 for p, size in zip(prompts, image_sizes)]
-            )  # fmt: skip
-            labels = torch.cat([p.point_labels.to(device, torch.int) for p in prompts])
-        return boxes, coords, labels
-
-    def _decode_chunk(
-        self,
-        embeddings: torch.Tensor,
-        owner: torch.Tensor,
-        model_prompts: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
-        start: int,
-        multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One prompt-encoder + mask-decoder call for prompts ``start:start + len(owner)`` of
-        ``model_prompts``, prompt j against image ``owner[j]`` -> (tokens, low-res logits, iou)."""
-        sam, device = self.sam, self.device
-        boxes, coords, labels = (None if t is None else t[start : start + len(owner)] for t in model_prompts)
+        sam = self.sam
         points = None if coords is None else (coords, labels)
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-        embeddings = embeddings.to(device)
         hs, low_res, iou = self._decoder(
-            torch.zeros_like(embeddings[:1]), sparse, dense + embeddings[owner.to(device)], multimask_output
+            torch.zeros_like(embeddings[:1]), sparse, dense + embeddings[owner], multimask_output
         )
         # token i+1 of hs is mask output i; multimask answers with mask outputs 1..3
         tokens = (hs[:, 2:5] if multimask_output else hs[:, 1]).float()
         return tokens, low_res, iou.float()
 
-    def _image_regions(
-        self,
-        tokens: torch.Tensor | None,
-        low_res: torch.Tensor | None,
-        iou: torch.Tensor | None,
-        rows: torch.Tensor,
-        image_size: tuple[int, int],
-        multimask_output: bool,
-        with_masks: bool,
-    ) -> DecodedRegions:
-        """The ``rows`` of the decoded prompts that are one image's, masks upsampled to its size."""
-        extra = (3,) if multimask_output else ()
-        if len(rows) == 0:
-            device = self.device
-            return DecodedRegions(
-                torch.zeros(0, *extra, self.token_dim, device=device),
-                torch.zeros(0, *extra, *image_size, dtype=torch.bool, device=device) if with_masks else None,
-                torch.zeros(0, *extra, device=device),
-            )
-        rows = rows.to(tokens.device)
-        masks = None
-        if with_masks:
-            masks = self.sam.postprocess_masks(low_res[rows], self.transform.unpadded_size(image_size), image_size)
-            masks = masks > self.sam.mask_threshold
-            masks = masks if multimask_output else masks[:, 0]
-        return DecodedRegions(tokens[rows], masks, iou[rows] if multimask_output else iou[rows, 0])
+    def _masks(self, low_res: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """SAM's ``postprocess_masks`` (unpad, upsample to the image size), threshold 0."""
+        masks = self.sam.postprocess_masks(low_res, self.transform.unpadded_size(image_size), image_size)
+        return masks > self.sam.mask_threshold
 
     def _decoder(
         self, image: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool

@@ -16,6 +16,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .positions import give_sincos_positions, sincos_position_embedding_2d
 from .sam import OFFICIAL_SAM_CHECKPOINTS, build_tiny_sam
+from .tiny_sam2 import write_tiny_sam2
 from .tiny_vlm import TINY_METACLIP2_DIR, TINY_SIGLIP_DIR, write_tiny_metaclip2, write_tiny_siglip
 
 TINY_CLIP_DIR = "clip_tiny"
@@ -83,7 +84,8 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
 
     Returns:
         {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny,
-        "siglip_dir": out_dir/siglip_tiny, "metaclip2_dir": out_dir/metaclip2_tiny}
+        "siglip_dir": out_dir/siglip_tiny, "metaclip2_dir": out_dir/metaclip2_tiny,
+        "sam2_checkpoint": out_dir/sam2.1_hiera_tiny_random.pt, "sam2_config": out_dir/sam2.1_hiera_tiny_random.yaml}
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,7 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "clip_dir": clip_dir,
         "siglip_dir": write_tiny_siglip(out / TINY_SIGLIP_DIR, seed + 2),
         "metaclip2_dir": write_tiny_metaclip2(out / TINY_METACLIP2_DIR, seed + 3),
+        **write_tiny_sam2(out, seed=seed + 4),
     }
 
 

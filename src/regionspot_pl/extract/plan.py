@@ -12,9 +12,9 @@ from pathlib import Path
 
 import h5py
 
+from ..backbones.build import official_checkpoint
 from ..backbones.common import resolve_device
 from ..backbones.image import ImageReadError, resolve_image_path
-from ..backbones.sam import OFFICIAL_SAM_CHECKPOINTS
 from ..data.annotations import Vocabulary
 from ..data.records import ImageRecord, ReadStats, load_coco
 from .resume import previous_manifest
@@ -50,8 +50,8 @@ def _check_paths(cfg: ExtractConfig) -> None:
         if path.is_dir() if kind == "folder" else path.is_file():
             continue
         problem = f"is not a {kind}" if path.exists() else "not found"
-        if key == "sam_checkpoint":
-            problem += f" (--sam_type {cfg.sam_type} takes the official {OFFICIAL_SAM_CHECKPOINTS[cfg.sam_type]})"
+        if key == "sam_checkpoint" and official_checkpoint(cfg.sam_type):
+            problem += f" (--sam_type {cfg.sam_type} takes the official {official_checkpoint(cfg.sam_type)})"
         raise ExtractError(f"--{key} {value}: {problem}; pass the right path as --{key} or `{key}:` in a --config file")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ExtractError(f"--out {cfg.out} is a file, not a folder: pass another --out")

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
+from ..backbones.build import segmenter_name
 from ..backbones.clip import model_identity
 from ..backbones.common import resolved_precision
 from ..cache.manifest import MANIFEST, ClipBackbone, Manifest, SamBackbone
@@ -47,7 +48,8 @@ def build_manifest(
     return Manifest(
         vocabulary=vocab,
         sam=SamBackbone(
-            type=cfg.sam_type,
+            # a named type, or a SAM 2 config's file name (its full path is in `config`)
+            type=segmenter_name(cfg.sam_type),
             checkpoint=str(Path(cfg.sam_checkpoint).resolve()),
             sha256_16=file_digest(cfg.sam_checkpoint),
             image_size=extractor.encoder.segmenter.image_size,

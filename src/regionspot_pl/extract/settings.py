@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from ..backbones.build import check_sam_type
 from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS
-from ..backbones.sam import SAM_TYPES
 from ..errors import RegionSpotError
 from ..utils.checks import Range, check_settings
 
@@ -39,10 +39,11 @@ class ExtractConfig:
     """COCO-format JSON: categories, images, annotations (required)"""
     out: str | None = None
     """output folder for the shards and manifest.json (required)"""
-    sam_type: Literal[SAM_TYPES] = "vit_b"
-    """the SAM variant of sam_checkpoint"""
+    sam_type: str = "vit_b"
+    """the segmenter of sam_checkpoint: vit_b, vit_l, vit_h, tiny (SAM); sam2.1_hiera_t, sam2.1_hiera_s,
+    sam2.1_hiera_b+, sam2.1_hiera_l (SAM 2.1); or the path of a SAM 2 model config .yaml"""
     sam_checkpoint: str | None = None
-    """SAM .pth, e.g. sam_vit_b_01ec64.pth (required)"""
+    """SAM .pth or SAM 2 .pt, e.g. sam_vit_b_01ec64.pth, sam2.1_hiera_base_plus.pt (required)"""
     clip_model: str | None = None
     """local Hugging Face folder of the vision-language model, save_pretrained layout (required): CLIP,
     MetaCLIP 2 or SigLIP, told apart by the model_type of its config.json"""
@@ -89,6 +90,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         """torchrun's environment: $RANK and $WORLD_SIZE where no rank is given, one GPU per process."""
         check_settings(self)
+        check_sam_type(self.sam_type)
         if self.rank is None:
             self.rank = _env_int("RANK", 0)
         if self.world_size is None:
@@ -100,6 +102,7 @@ class ExtractConfig:
         """Every value's range and choices (again: a field may have been set after the settings were
         made) and the rules between fields."""
         check_settings(self)
+        check_sam_type(self.sam_type)
         missing = [f"--{key}" for key in REQUIRED if not getattr(self, key)]
         if missing:
             raise ExtractError(f"missing {', '.join(missing)}: pass them as flags or as keys of a --config file")

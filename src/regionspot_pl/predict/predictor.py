@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..backbones.build import load_segmenter, load_vlm
+from ..backbones.build import load_segmenter, load_vlm, segmenter_name
 from ..backbones.clip import model_identity, text_embeddings
 from ..backbones.common import DEFAULT_TEXT_CACHE
 from ..backbones.encoder import ImageFeatures, RegionEncoder
@@ -133,7 +133,7 @@ class Predictor:
         # before building SAM, which can take a while for the real models
         _check_head_fits(head_module, clip, f"head {head}", f"the CLIP model in {clip_model}")
         clip_id = model_identity(clip_model)
-        check_head_backbones(head_module.backbones, sam_type, clip_id, str(clip_model), f"head {head}")
+        check_head_backbones(head_module.backbones, segmenter_name(sam_type), clip_id, str(clip_model), f"head {head}")
         segmenter = load_segmenter(sam_type, sam_checkpoint)
         encoder = RegionEncoder(segmenter, clip, device, precision, max_prompts_per_call=PROMPTS_PER_CALL)
         return cls(head_module, encoder, clip_id, text_cache)

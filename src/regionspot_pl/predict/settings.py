@@ -6,6 +6,7 @@ A light module (no CLIP, no Lightning), so that the command line starts without 
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
+from ..backbones.build import check_sam_type
 from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device
 from ..backbones.sam import SAM_TYPES
 from ..errors import RegionSpotError
@@ -74,10 +75,11 @@ class PredictConfig:
     """class-name file (one a line) or 'cat,dog,...' (required)"""
     head: str | None = None
     """head file (.pt: fit's head.pt, convert's output) or model folder / Hugging Face Hub id (required)"""
-    sam_type: Literal[SAM_TYPES] | None = None
-    """SAM backbone (required)"""
+    sam_type: str | None = None
+    """segmenter: vit_b, vit_l, vit_h, tiny (SAM); sam2.1_hiera_t, sam2.1_hiera_s, sam2.1_hiera_b+, sam2.1_hiera_l
+    (SAM 2.1); or the path of a SAM 2 model config .yaml (required)"""
     sam_checkpoint: str | None = None
-    """SAM checkpoint, e.g. sam_vit_b_01ec64.pth (required)"""
+    """SAM or SAM 2 checkpoint, e.g. sam_vit_b_01ec64.pth, sam2.1_hiera_base_plus.pt (required)"""
     clip_model: str | None = None
     """local Hugging Face CLIP folder (required)"""
     out: str | None = None
@@ -105,12 +107,15 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.sam_type is not None:
+            check_sam_type(self.sam_type)
 
     def check(self) -> None:
         """Required settings and flags that do not go together, before anything is loaded."""
         for name in ("vocab", "head", "sam_type", "sam_checkpoint", "clip_model"):
             if getattr(self, name) is None:
                 raise PredictConfigError(f"--{name} is required (see --help)")
+        check_sam_type(self.sam_type)
         resolve_device(self.device)
         if self.everything:
             self._check_everything()
@@ -125,6 +130,11 @@ class PredictConfig:
             raise PredictConfigError("give --out PICTURE.png")
 
     def _check_everything(self) -> None:
+        if self.sam_type not in SAM_TYPES:
+            raise PredictConfigError(
+                f"--everything runs segment-anything's automatic mask generator: pass a SAM --sam_type "
+                f"({', '.join(SAM_TYPES)}), not {self.sam_type}"
+            )
         given = [f"--{f}" for f in ("boxes", "points", "attention_out") if getattr(self, f)]
         if given or self.multimask:
             flag = given[0] if given else "--multimask true"
