@@ -98,11 +98,6 @@ PREDICT_CASES = {
     "not an integer": ({"topk": "three"}, [], ["--topk", "got three"]),
     "out in a file": ({"out": "@a_file/out.png"}, [], ["cannot write", "a_file"]),
     "everything without --json": ({"boxes": None}, ["--everything", "true"], ["--everything needs --json"]),
-    "everything with SAM 2.1": (
-        {"boxes": None, "sam_type": "sam2.1_hiera_t", "json": "x.json"},
-        ["--everything", "true"],
-        ["--everything runs segment-anything's automatic mask generator", "not sam2.1_hiera_t"],
-    ),
     "everything on no images": (
         {"image": None, "boxes": None, "out": None, "images": "@empty_dir", "json": "@empty_dir/o.json"},
         ["--everything", "true"],

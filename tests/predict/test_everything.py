@@ -50,7 +50,7 @@ def test_settings_are_the_generators_parameters_with_its_defaults():
 
 def test_regions_are_the_generators_masks(setup):
     predictor, image = setup["predictor"], setup["image"]
-    regions = name_everything(predictor, image, VOCAB, SETTINGS.build(predictor.encoder.segmenter.sam))
+    regions = name_everything(predictor, image, VOCAB, SETTINGS.build(predictor.encoder.segmenter))
     # the generator run independently, on its own SAM read from the same checkpoint
     sam = build_sam("tiny", setup["backbones"]["sam_checkpoint"])
     records = SamAutomaticMaskGenerator(sam, **vars(SETTINGS)).generate(image)
@@ -69,9 +69,31 @@ def test_regions_are_the_generators_masks(setup):
                                rtol=0, atol=1e-6)  # fmt: skip
 
 
+def test_with_sam2_the_regions_are_sam2s_generators_masks(setup, tiny_head):
+    """SAM 2.1's own generator (sam2's SAM2AutomaticMaskGenerator) finds the regions."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from regionspot_pl import Predictor
+    from regionspot_pl.backbones.sam2_model import build_sam2_model
+
+    tiny = setup["backbones"]
+    predictor = Predictor.from_pretrained(
+        head=tiny_head["file"], sam_type=str(tiny["sam2_config"]), sam_checkpoint=tiny["sam2_checkpoint"],
+        clip_model=tiny["clip_dir"], text_cache=tiny_head["text_cache"],
+    )  # fmt: skip
+    regions = name_everything(predictor, setup["image"], VOCAB, SETTINGS.build(predictor.encoder.segmenter))
+    # the generator run independently, on its own SAM 2 read from the same files
+    sam2 = build_sam2_model(str(tiny["sam2_config"]), tiny["sam2_checkpoint"])
+    records = SAM2AutomaticMaskGenerator(sam2, **vars(SETTINGS)).generate(setup["image"])
+    assert len(records) == len(regions) > 0
+    for region, record in zip(regions, records):
+        assert np.array_equal(region["mask"], record["segmentation"])
+        assert region["predicted_iou"] == pytest.approx(record["predicted_iou"])
+
+
 def test_score_threshold_drops_regions(setup):
     predictor, image = setup["predictor"], setup["image"]
-    generator = SETTINGS.build(predictor.encoder.segmenter.sam)
+    generator = SETTINGS.build(predictor.encoder.segmenter)
     every = name_everything(predictor, image, VOCAB, generator)
     # most masks of the random SAM cover the whole image, so most scores are equal: cut
     # between the two highest distinct scores

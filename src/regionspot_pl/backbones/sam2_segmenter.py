@@ -129,6 +129,13 @@ class Sam2Segmenter(BatchedSegmenter):
         """``SAM2Transforms.postprocess_masks`` (bilinear to the image size), threshold 0."""
         return self.postprocess.postprocess_masks(low_res, image_size) > self.postprocess.mask_threshold
 
+    def automatic_mask_generator(self, **settings: Any) -> Any:
+        """sam2's ``SAM2AutomaticMaskGenerator`` on this SAM 2 (``settings``: its arguments, named as
+        segment-anything's generator names them)."""
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+        return SAM2AutomaticMaskGenerator(self.model, **settings)
+
     def compile(self) -> None:
         """torch.compile SAM 2's mask decoder (dynamic shapes: the prompt count varies per call)
         and image encoder, in place, as :meth:`SamSegmenter.compile` does for SAM."""

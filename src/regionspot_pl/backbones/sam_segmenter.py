@@ -11,6 +11,8 @@ only batches it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from segment_anything.modeling import Sam
 
@@ -109,6 +111,12 @@ class SamSegmenter(BatchedSegmenter):
         finally:
             handle.remove()
         return captured[0], low_res, iou
+
+    def automatic_mask_generator(self, **settings: Any) -> Any:
+        """segment-anything's ``SamAutomaticMaskGenerator`` on this SAM (``settings``: its arguments)."""
+        from segment_anything import SamAutomaticMaskGenerator
+
+        return SamAutomaticMaskGenerator(self.sam, **settings)
 
     def compile(self) -> None:
         """torch.compile SAM's mask decoder (dynamic shapes: the prompt count varies per call)

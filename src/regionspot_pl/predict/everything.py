@@ -3,10 +3,11 @@
     python -m regionspot_pl.predict --everything --image IMG --out PICTURE.png --json OUT.json ...
     python -m regionspot_pl.predict --everything --images DIR [--out PICTURES] --json OUT.json ...
 
-For each image, segment-anything's ``SamAutomaticMaskGenerator`` (its parameters exposed as
-:class:`GeneratorSettings`) runs on the image as read; each mask's box (the pixels it covers)
-becomes a region prompt on the predictor's normal box path, all boxes of an image in one call;
-each region is named against the vocabulary and kept when its top probability reaches
+For each image, the segmenter's own automatic mask generator (segment-anything's
+``SamAutomaticMaskGenerator`` for SAM, sam2's ``SAM2AutomaticMaskGenerator`` for SAM 2.1; their
+shared parameters exposed as :class:`GeneratorSettings`) runs on the image as read; each mask's
+box (the pixels it covers) becomes a region prompt on the predictor's normal box path, all boxes
+of an image in one call; each region is named against the vocabulary and kept when its top probability reaches
 ``score_thresh``. The generator encodes the image with SAM itself, so SAM's image encoder runs
 twice per image (the generator's grid of point prompts usually costs more than either).
 
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from segment_anything import SamAutomaticMaskGenerator
 from tqdm import tqdm
 
 from ..backbones.image import ImageReadError
@@ -54,7 +54,7 @@ def name_everything(
     predictor: Predictor,
     image: ImageLike,
     vocabulary: VocabularyLike,
-    generator: SamAutomaticMaskGenerator,
+    generator: Any,
     score_thresh: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Every mask the generator finds in ``image``, named by the predictor.
@@ -134,7 +134,7 @@ def label_images(
     from . import viz  # matplotlib is needed only here
 
     names = read_vocabulary(vocabulary)
-    generator = settings.build(predictor.encoder.segmenter.sam)  # SAM's own generator
+    generator = settings.build(predictor.encoder.segmenter)  # the segmenter's own generator
     data: dict[str, Any] = {
         "info": {"description": "regions found by SAM's automatic mask generator, named by "
                  "RegionSpot (python -m regionspot_pl.predict --everything)",

@@ -130,10 +130,11 @@ class Predictor:
         """
         head_module = load_head(head)
         clip = load_vlm(clip_model)
-        # before building SAM, which can take a while for the real models
-        _check_head_fits(head_module, clip, f"head {head}", f"the CLIP model in {clip_model}")
+        # before SAM is built (which can take a while for the real models): the pair the head was
+        # trained on, then the widths it reads
         clip_id = model_identity(clip_model)
         check_head_backbones(head_module.backbones, segmenter_name(sam_type), clip_id, str(clip_model), f"head {head}")
+        _check_head_fits(head_module, clip, f"head {head}", f"the CLIP model in {clip_model}")
         segmenter = load_segmenter(sam_type, sam_checkpoint)
         encoder = RegionEncoder(segmenter, clip, device, precision, max_prompts_per_call=PROMPTS_PER_CALL)
         return cls(head_module, encoder, clip_id, text_cache)

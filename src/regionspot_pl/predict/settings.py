@@ -8,7 +8,6 @@ from typing import Annotated, Any, Literal
 
 from ..backbones.build import check_sam_type
 from ..backbones.common import DEFAULT_TEXT_CACHE, PRECISIONS, resolve_device
-from ..backbones.sam import SAM_TYPES
 from ..errors import RegionSpotError
 from ..utils.checks import Range, check_settings
 
@@ -49,11 +48,10 @@ class GeneratorSettings:
     def __post_init__(self) -> None:
         check_settings(self)
 
-    def build(self, sam: Any) -> Any:
-        """The ``SamAutomaticMaskGenerator`` on the SAM model ``sam``, giving binary masks."""
-        from segment_anything import SamAutomaticMaskGenerator
-
-        return SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **asdict(self))
+    def build(self, segmenter: Any) -> Any:
+        """The segmenter's own automatic mask generator (segment-anything's for SAM, sam2's for
+        SAM 2.1) with these settings, giving binary masks."""
+        return segmenter.automatic_mask_generator(output_mode="binary_mask", **asdict(self))
 
 
 @dataclass
@@ -130,11 +128,6 @@ class PredictConfig:
             raise PredictConfigError("give --out PICTURE.png")
 
     def _check_everything(self) -> None:
-        if self.sam_type not in SAM_TYPES:
-            raise PredictConfigError(
-                f"--everything runs segment-anything's automatic mask generator: pass a SAM --sam_type "
-                f"({', '.join(SAM_TYPES)}), not {self.sam_type}"
-            )
         given = [f"--{f}" for f in ("boxes", "points", "attention_out") if getattr(self, f)]
         if given or self.multimask:
             flag = given[0] if given else "--multimask true"
