@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from regionspot_pl.backbones.tiny import tiny_backbone_paths
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import evaluate_detections, format_metrics_table
 from regionspot_pl.predict.predictor import Predictor
@@ -45,11 +46,7 @@ class Pair:
     @classmethod
     def of(cls, sam: str, clip: str, backbones: Path) -> Pair:
         """The tiny models of these families in ``backbones`` (the folder the tiny command wrote)."""
-        paths = {
-            "tiny": "tiny", "sam_checkpoint": backbones / "sam_tiny.pth", "clip_dir": backbones / "clip_tiny",
-            "sam2_config": backbones / "sam2.1_tiny.yaml", "sam2_checkpoint": backbones / "sam2.1_tiny.pt",
-            "siglip_dir": backbones / "siglip_tiny", "metaclip2_dir": backbones / "metaclip2_tiny",
-        }  # fmt: skip
+        paths = {"tiny": "tiny", **tiny_backbone_paths(backbones)}
         sam_type, checkpoint = SAM_FAMILIES[sam]
         return cls(str(paths[sam_type]), paths[checkpoint], paths[CLIP_FAMILIES[clip]])
 

@@ -77,11 +77,14 @@ def test_make_bench_real_tiny_runs_extraction_and_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_make_demo_quick_runs_every_stage(tmp_path):
-    out = tmp_path / "demo"
-    printed = make("demo", ["--quick", "--out", str(out)], tmp_path / "installed")
+@pytest.mark.parametrize("pair", [(), ("--sam", "sam2.1", "--clip", "siglip")], ids=["sam+clip", "sam2.1+siglip"])
+def test_make_demo_quick_runs_every_stage(pair, tmp_path):
+    printed = make("demo", ["--quick", "--out", str(tmp_path / "demo"), *pair], tmp_path / "installed")
+    # a pair other than the default runs in its own subfolder
+    out = tmp_path / "demo" / (f"{pair[1]}+{pair[3]}" if pair else "")
     for stage in ("tiny backbones", "extract train", "extract val", "fit", "test"):
         assert f"[demo] {stage}: " in printed
+    assert f"RegionSpot demo ({pair[1] if pair else 'sam'} + {pair[3] if pair else 'clip'})" in printed
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     assert 0 <= metrics["bbox"]["AP"] <= 1
     assert "shuffled labels (chance)" in printed

@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .positions import give_sincos_positions, sincos_position_embedding_2d
 from .sam import OFFICIAL_SAM_CHECKPOINTS, build_tiny_sam
-from .tiny_sam2 import write_tiny_sam2
+from .tiny_sam2 import TINY_SAM2_CHECKPOINT, TINY_SAM2_CONFIG, write_tiny_sam2
 from .tiny_vlm import TINY_METACLIP2_DIR, TINY_SIGLIP_DIR, write_tiny_metaclip2, write_tiny_siglip
 
 TINY_CLIP_DIR = "clip_tiny"
@@ -78,19 +78,32 @@ def tiny_clip_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> C
     )
 
 
+def tiny_backbone_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Where :func:`write_tiny_backbones` writes each model under ``out_dir`` (its return value)."""
+    out = Path(out_dir)
+    return {
+        "sam_checkpoint": out / OFFICIAL_SAM_CHECKPOINTS["tiny"],
+        "clip_dir": out / TINY_CLIP_DIR,
+        "siglip_dir": out / TINY_SIGLIP_DIR,
+        "metaclip2_dir": out / TINY_METACLIP2_DIR,
+        "sam2_checkpoint": out / TINY_SAM2_CHECKPOINT,
+        "sam2_config": out / TINY_SAM2_CONFIG,
+    }
+
+
 def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write random tiny SAM and CLIP weights under ``out_dir``, and tiny SigLIP and MetaCLIP 2
     folders (:mod:`.tiny_vlm`).
 
     Returns:
-        {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny,
+        :func:`tiny_backbone_paths`: {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny,
         "siglip_dir": out_dir/siglip_tiny, "metaclip2_dir": out_dir/metaclip2_tiny,
         "sam2_checkpoint": out_dir/sam2.1_hiera_tiny_random.pt, "sam2_config": out_dir/sam2.1_hiera_tiny_random.yaml}
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sam_path = out / OFFICIAL_SAM_CHECKPOINTS["tiny"]
-    clip_dir = out / TINY_CLIP_DIR
+    paths = tiny_backbone_paths(out)
+    sam_path, clip_dir = paths["sam_checkpoint"], paths["clip_dir"]
 
     torch.manual_seed(seed)
     sam = build_tiny_sam()
@@ -104,19 +117,17 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     give_sincos_positions(clip.vision_model.embeddings)
     clip.save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
-    return {
-        "sam_checkpoint": sam_path,
-        "clip_dir": clip_dir,
-        "siglip_dir": write_tiny_siglip(out / TINY_SIGLIP_DIR, seed + 2),
-        "metaclip2_dir": write_tiny_metaclip2(out / TINY_METACLIP2_DIR, seed + 3),
-        **write_tiny_sam2(out, seed=seed + 4),
-    }
+    write_tiny_siglip(paths["siglip_dir"], seed + 2)
+    write_tiny_metaclip2(paths["metaclip2_dir"], seed + 3)
+    write_tiny_sam2(out, seed=seed + 4)  # its two files, named as tiny_backbone_paths names them
+    return paths
 
 
 __all__ = [
     "TINY_CLIP_DIR",
     "sincos_position_embedding_2d",
     "tiny_clip_config",
+    "tiny_backbone_paths",
     "tiny_clip_tokenizer",
     "write_tiny_backbones",
 ]
