@@ -28,6 +28,21 @@ class DeviceError(RegionSpotError, ValueError):
     """A --device that is no device, or one this machine does not have."""
 
 
+def frozen_with_weights(
+    model: torch.nn.Module, state: dict | None, checkpoint: object, sam_type: str
+) -> torch.nn.Module:
+    """``model`` with ``state`` loaded (None: its random initialization), in eval mode and with
+    ``requires_grad`` off; a state that does not fit is a :class:`BackboneError` naming the file."""
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit --sam_type {sam_type}: {err}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def resolve_device(device: str | None) -> torch.device:
     """The one reading of ``--device``: 'auto' (or None) is cuda when there is one, else cpu; a
     named device must parse and exist on this machine."""

@@ -23,7 +23,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from torch.nn import functional as F
 
-from .common import BackboneError, BackboneNotFoundError
+from .common import BackboneError, BackboneNotFoundError, frozen_with_weights
 from .image import check_rgb_uint8
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
@@ -158,14 +158,7 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
             )
 
     sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
-    if state is not None:
-        try:
-            sam.load_state_dict(state)
-        except RuntimeError as err:
-            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit --sam_type {sam_type}: {err}") from err
-    sam.eval()
-    sam.requires_grad_(False)
-    return sam
+    return frozen_with_weights(sam, state, checkpoint, sam_type)
 
 
 class SamTransform:

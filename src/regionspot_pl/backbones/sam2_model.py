@@ -23,7 +23,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .common import BackboneError, BackboneNotFoundError
+from .common import BackboneError, BackboneNotFoundError, frozen_with_weights
 from .image import check_rgb_uint8
 
 SAM2_TYPES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
@@ -216,15 +216,7 @@ def build_sam2_model(sam_type: str, checkpoint: str | Path | None) -> Any:
     state = None if checkpoint is None else read_sam2_checkpoint(checkpoint, sam_type, cfg)
     from hydra.utils import instantiate
 
-    model = instantiate(cfg.model, _recursive_=True)
-    if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit --sam_type {sam_type}: {err}") from None
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return frozen_with_weights(instantiate(cfg.model, _recursive_=True), state, checkpoint, sam_type)
 
 
 class Sam2Transform:

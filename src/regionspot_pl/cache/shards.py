@@ -41,7 +41,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, url_opener
 
 from ..errors import RegionSpotError
-from ..utils.io import AtomicFile, write_json_atomic
+from ..utils.io import AtomicFile, array_mismatch, write_json_atomic
 
 ARRAY_MEMBERS = {
     "sam.npy": (np.float16, 2),
@@ -155,11 +155,8 @@ def validate_sample(s: dict) -> dict:
     """Check dtypes and that the per-box arrays agree; returns the sample."""
     key = s.get("__key__", "?")
     for name, (dtype, ndim) in ARRAY_MEMBERS.items():
-        a = s[name[:-4]]
-        if a.dtype != dtype or a.ndim != ndim:
-            raise ShardFormatError(
-                f"sample {key}: {name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} with {ndim} dims"
-            )
+        if (wrong := array_mismatch(s[name[:-4]], dtype, ndim)) is not None:
+            raise ShardFormatError(f"sample {key}: {name} {wrong}")
     n = len(s["sam"])
     if (
         s["sam"].shape[1] != 256

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RegionSpotError
-from ..utils.io import AtomicFile
+from ..utils.io import AtomicFile, array_mismatch
 
 LOGITS_FILE = "logits.npz"
 # 1: the members above. A file of another version is refused with the command that rewrites it.
@@ -164,11 +164,8 @@ def _check_members(arrays: dict[str, np.ndarray], path: Path) -> None:
         a = arrays.get(name)
         if a is None:
             raise LogitsFileError(f"{path} lacks member {name!r}; {_REWRITE}")
-        if a.dtype != dtype or a.ndim != ndim:
-            raise LogitsFileError(
-                f"{path}: member {name!r} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} with {ndim} dims; "
-                + _REWRITE
-            )
+        if (wrong := array_mismatch(a, dtype, ndim)) is not None:
+            raise LogitsFileError(f"{path}: member {name!r} {wrong}; {_REWRITE}")
     counts, num_boxes = arrays["box_counts"], len(arrays["boxes"])
     shapes_fit = (
         len(arrays["image_ids"]) == len(counts)

@@ -88,6 +88,14 @@ class AtomicFile:
             self.abort()
 
 
+def array_mismatch(array: np.ndarray, dtype: type, ndim: int) -> str | None:
+    """None when ``array`` read from disk has this dtype and number of dims, else what it is and
+    what was expected (for the caller's error, which names the file and the member)."""
+    if array.dtype == dtype and array.ndim == ndim:
+        return None
+    return f"is {array.dtype} {array.shape}, expected {np.dtype(dtype)} with {ndim} dims"
+
+
 def write_json_atomic(path: str | Path, obj: object, indent: int | None = 1) -> Path:
     """Write JSON through an :class:`AtomicFile`. ``indent=None`` writes it compact."""
     separators = (",", ":") if indent is None else None
