@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 # CI runs this: formatting, line length and lint first, then the suite in two worker processes
 # of one thread each. Most tests wait on process start-up, files or small tensors, so one
-# process keeps about one core busy; two keep both of a 2-core machine busy.
+# process keeps about one core busy; two keep both of a 2-core machine busy. An idle worker
+# takes tests queued for the other (worksteal), so the long end-to-end tests do not end alone.
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests
 
 lint: install
 	$(PY) -m ruff format --check src tests scripts

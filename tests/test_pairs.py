@@ -24,7 +24,8 @@ from regionspot_pl.predict import cli as predict_cli
 # (SAM family, vision-language family) -> the tiny models' keys in write_tiny_backbones' dict
 SAMS = {"sam": ("tiny", "sam_checkpoint"), "sam2.1": ("sam2_config", "sam2_checkpoint")}
 VLMS = {"clip": "clip_dir", "siglip": "siglip_dir", "metaclip2": "metaclip2_dir"}
-PAIRS = [("sam2.1", "clip"), ("sam", "siglip"), ("sam", "metaclip2"), ("sam2.1", "siglip")]
+# every family at least once beside another family (SAM + CLIP is every other test's pair)
+PAIRS = [("sam2.1", "siglip"), ("sam", "metaclip2"), ("sam", "siglip")]
 
 
 def _pair_flags(tiny: dict, sam: str, vlm: str) -> dict[str, str]:

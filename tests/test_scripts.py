@@ -77,7 +77,7 @@ def test_make_bench_real_tiny_runs_extraction_and_training(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pair", [(), ("--sam", "sam2.1", "--clip", "siglip")], ids=["sam+clip", "sam2.1+siglip"])
+@pytest.mark.parametrize("pair", [(), ("--sam", "sam2.1", "--clip", "metaclip2")], ids=["sam+clip", "sam2.1+metaclip2"])
 def test_make_demo_quick_runs_every_stage(pair, tmp_path):
     printed = make("demo", ["--quick", "--out", str(tmp_path / "demo"), *pair], tmp_path / "installed")
     # a pair other than the default runs in its own subfolder
