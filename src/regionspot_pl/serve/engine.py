@@ -12,6 +12,7 @@ on a recent image runs neither image encoder.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -181,3 +182,20 @@ def load_vocabularies(config: ServeConfig) -> dict[str, list[str]]:
         except RegionSpotError as err:
             raise ServeConfigError(f"--vocabulary {name}={file}: {err}") from None
     return vocabularies
+
+
+def check_before_start(config: ServeConfig) -> None:
+    """What can be checked before any worker starts: the files, the vocabularies, the port."""
+    for flag, path in (("--sam_checkpoint", config.sam_checkpoint), ("--clip_model", config.clip_model)):
+        if not Path(path).exists():
+            raise ServeConfigError(f"{flag} {path} does not exist; give the path of the file or folder")
+    load_vocabularies(config)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as err:
+            raise ServeConfigError(
+                f"--port {config.port} on {config.host} cannot be used ({err}); pick another"
+            ) from None

@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pydantic import ValidationError
 
 from ..errors import RegionSpotError
-from .engine import NamingEngine
+from .engine import NamingEngine, check_before_start
 from .requests import NamingRequestBody, RequestError, read_request
 from .settings import Limits, ServeConfig
 
@@ -151,6 +151,7 @@ def build_page(engine: NamingEngine, limits: Limits) -> Any:
 
 def launch(config: ServeConfig) -> None:
     """Load the models and serve the page on ``config.host``:``config.port`` until stopped."""
+    check_before_start(config)
     engine = NamingEngine.from_settings(config)
     build_page(engine, config.limits()).launch(
         server_name=config.host, server_port=config.port, show_error=True, max_file_size=config.max_request_bytes

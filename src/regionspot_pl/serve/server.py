@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..errors import RegionSpotError
 from ..utils.stopping import STOP_SIGNALS, Stopped
-from .engine import NamingEngine, load_vocabularies
+from .engine import NamingEngine, check_before_start
 from .requests import NamingRequest, NamingRequestBody, RequestError, read_request
 from .settings import ServeConfig, ServeConfigError
 
@@ -158,23 +157,6 @@ def build_server(config: ServeConfig, setup_errors: str | None = None) -> ls.Lit
     )
     server.app.add_exception_handler(RequestValidationError, refuse_invalid_body)
     return server
-
-
-def check_before_start(config: ServeConfig) -> None:
-    """What can be checked before any worker starts: the files, the vocabularies, the port."""
-    for flag, path in (("--sam_checkpoint", config.sam_checkpoint), ("--clip_model", config.clip_model)):
-        if not Path(path).exists():
-            raise ServeConfigError(f"{flag} {path} does not exist; give the path of the file or folder")
-    load_vocabularies(config)
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((config.host, config.port))
-        except OSError as err:
-            raise ServeConfigError(
-                f"--port {config.port} on {config.host} cannot be used ({err}); pick another"
-            ) from None
 
 
 @contextmanager
