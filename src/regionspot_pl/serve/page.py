@@ -7,8 +7,7 @@ takes (the image file's bytes in base64), read by ``read_request`` and answered 
 ``NamingEngine.answer_all``, with the server's limits.
 """
 
-from __future__ import annotations
-
+# No postponed annotations: Gradio reads the click handler's ``gr.SelectData`` annotation to pass the event.
 import base64
 import os
 import re
@@ -86,10 +85,10 @@ def name_regions(
     if isinstance(answer, RequestError):
         return None, [], f"not named: {answer}"
     regions = answer["regions"]
-    shown = [
-        (mask_utils.decode(r["mask"]).astype(bool), f"{i}: {r['labels'][0]} {r['scores'][0]:.2f}")
-        for i, r in enumerate(regions)
-    ]
+    shown = []  # each region's box and mask, under one label
+    for i, r in enumerate(regions):
+        label = f"{i}: {r['labels'][0]} {r['scores'][0]:.2f}"
+        shown += [(tuple(round(v) for v in r["box"]), label), (mask_utils.decode(r["mask"]).astype(bool), label)]
     rows = [
         [i, label, round(score, 4), round(r["iou"], 3)]
         for i, r in enumerate(regions)
@@ -123,7 +122,9 @@ def build_page(engine: NamingEngine, limits: Limits) -> Any:
     with gr.Blocks(title="RegionSpot: name any region") as page:
         corner = gr.State(None)
         with gr.Row():
-            image = gr.Image(type="filepath", format="png", label="image: click to add a prompt", elem_id="image")
+            image = gr.Image(
+                type="filepath", format="png", sources=["upload"], label="image: click to add a prompt", elem_id="image"
+            )
             shown = gr.AnnotatedImage(label="named regions", elem_id="shown")
         mode = gr.Radio([CORNER, POINT], value=CORNER, label="a click on the image adds", elem_id="mode")
         with gr.Row():
