@@ -51,17 +51,19 @@ def environment() -> dict[str, str]:
 
 
 @contextmanager
-def running(command: list[str], ready_url: str, log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+def running(
+    command: list[str], ready_url: str, log: Path, start_timeout: float = START_TIMEOUT_S
+) -> Iterator[subprocess.Popen]:
     """``command`` in a process group of its own until the block ends; yields once ``ready_url``
     answers 200. At the end the group gets SIGTERM (SIGKILL if it is not gone in 60 s)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment(), cwd=cwd,
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment(),
                                 start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout
         while True:
             assert proc.poll() is None, f"{command[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready in {start_timeout} s:\n{log.read_text()[-3000:]}"
             try:
                 if httpx.get(ready_url, timeout=5).status_code == 200:
                     break
