@@ -21,6 +21,10 @@ RegionSpot-BL-size shards); nothing is downloaded. Stages (scripts/benchmarks/):
   boxes per image, batch 16, fp32, AdamW step) from features in memory and through the shard
   reader, against running a real-size CLIP ViT-L/14 vision tower (and SAM ViT-B's image encoder)
   per batch as the reference does.
+- serving (``serve_stage``): ``python -m regionspot_pl.serve`` on the tiny backbones over HTTP, 16
+  concurrent clients: throughput with LitServe's batching (``--max_batch_size 8``) against one
+  request at a time, latency p50/p99, a second round of prompts on cached images against the first,
+  and the server's memory before and after 2,000 requests that keep its caches evicting.
 - evaluation (``eval_stage``): ``test.regionspot_logits`` over cached splits, batched against one
   image at a time; the LVIS metric step at full LVIS v1 val size (19,809 images, 1,203 classes,
   300 detections per image; scripts/bench_metrics.py), hotcoco against the LVIS API, each as
@@ -59,6 +63,8 @@ from benchmarks.eval_stage import bench_evaluation, bench_metric_step  # noqa: E
 from benchmarks.extract_stage import OPTIONS, bench_extraction  # noqa: E402
 from benchmarks.flops_stage import bench_flops  # noqa: E402
 from benchmarks.load_stage import bench_loading  # noqa: E402
+from benchmarks.serve_stage import QUICK as SERVE_QUICK  # noqa: E402
+from benchmarks.serve_stage import ServeSizes, bench_serving  # noqa: E402
 from benchmarks.train_stage import bench_training  # noqa: E402
 
 
@@ -81,12 +87,13 @@ class Sizes:
     on_the_fly_batches: int = 2
     with_sam: bool = True
     eval_repeat: int = 3
+    serve: ServeSizes = ServeSizes()
 
 
 QUICK = Sizes(
     images=2, val_images=4, metric_scale=0.002, reps=1, options=("--precision bf16",), bl_train=32, bl_eval=4,
     load_samples=(64, 32), load_rounds=1, train_steps=1, train_batch=2, on_the_fly_batches=0, with_sam=False,
-    eval_repeat=1, matmul_size=1024,
+    eval_repeat=1, matmul_size=1024, serve=SERVE_QUICK,
 )  # fmt: skip
 
 
@@ -126,6 +133,7 @@ def run_stages(table: Table, out: Path, sizes: Sizes) -> None:
     bench_flops(table, sizes.train_batch)
     bench_training(table, bl_train, sizes.train_steps, sizes.on_the_fly_batches, sizes.with_sam, sizes.train_batch)
     bench_evaluation(table, val, bl_eval, sizes.eval_repeat)
+    bench_serving(table, out, data, backbones, sizes.serve)
 
 
 def report(table: Table, out: Path, quick: bool, sizes: Sizes, seconds: float, load: tuple[float, float]) -> None:
