@@ -85,10 +85,13 @@ def name_regions(
     if isinstance(answer, RequestError):
         return None, [], f"not named: {answer}"
     regions = answer["regions"]
-    shown = []  # each region's box and mask, under one label
+    shown = []  # each region's box under its name, and its mask
     for i, r in enumerate(regions):
-        label = f"{i}: {r['labels'][0]} {r['scores'][0]:.2f}"
-        shown += [(tuple(round(v) for v in r["box"]), label), (mask_utils.decode(r["mask"]).astype(bool), label)]
+        box = tuple(round(v) for v in r["box"])
+        shown += [
+            (box, f"{i}: {r['labels'][0]} {r['scores'][0]:.2f}"),
+            (mask_utils.decode(r["mask"]).astype(bool), f"{i}: mask"),
+        ]
     rows = [
         [i, label, round(score, 4), round(r["iou"], 3)]
         for i, r in enumerate(regions)

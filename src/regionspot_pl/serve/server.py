@@ -188,7 +188,10 @@ def serve(config: ServeConfig) -> None:
         setup_errors = Path(folder) / "setup_error.txt"
         server = build_server(config, str(setup_errors))
         try:
-            server.run(host=config.host, port=config.port, generate_client_file=False)
+            server.run(
+                host=config.host, port=config.port, generate_client_file=False,
+                limit_concurrency=config.max_connections,
+            )  # fmt: skip
         except RuntimeError:
             if not setup_errors.is_file():
                 raise

@@ -69,6 +69,9 @@ class ServeConfig:
     """seconds to wait for a batch to fill (the server)"""
     request_timeout: Annotated[float, Range(0.1)] = 120.0
     """seconds a request may wait in the queue before it is answered 504 (the server)"""
+    max_connections: Positive = 64
+    """connections served at once, past which a new one is answered 503 (the server); with
+    --max_request_bytes it bounds the memory requests in flight hold"""
     image_cache: Positive = 16
     """images whose features are kept (least recently used dropped first): a new round of prompts on one of them
     runs neither image encoder"""
