@@ -29,7 +29,7 @@ from ..predict.predictor import Predictor, region_box
 from ..predict.prompts import read_vocabulary
 from ..utils.io import masks_to_rle
 from .caches import LRUCache
-from .requests import NamingRequest, RequestError, check_vocabulary
+from .requests import NamingRequest, RequestError
 from .settings import ServeConfig, ServeConfigError
 
 logger = logging.getLogger(__name__)
@@ -174,11 +174,12 @@ class NamingEngine:
 
 
 def load_vocabularies(config: ServeConfig) -> dict[str, list[str]]:
-    """The ``--vocabulary NAME=FILE`` files, read and held to the request limits."""
+    """The ``--vocabulary NAME=FILE`` files, read and checked (the operator's choice: the request
+    limits do not apply to them)."""
     vocabularies = {}
     for name, file in config.vocabulary_files().items():
         try:
-            vocabularies[name] = check_vocabulary(read_vocabulary(Path(file)), config.limits())
+            vocabularies[name] = read_vocabulary(Path(file))
         except RegionSpotError as err:
             raise ServeConfigError(f"--vocabulary {name}={file}: {err}") from None
     return vocabularies

@@ -30,7 +30,7 @@ class Limits:
     max_pixels: int = 16_777_216
     max_regions: int = 100
     max_points: int = 32
-    max_vocabulary: int = 2000
+    max_vocabulary: int = 400
     max_name_length: int = 200
 
 
@@ -86,7 +86,8 @@ class ServeConfig:
     max_points: Positive = Limits.max_points
     """most points a region"""
     max_vocabulary: Positive = Limits.max_vocabulary
-    """most class names a request"""
+    """most class names a request gives (each is encoded with 81 prompt templates); a larger vocabulary is
+    better loaded at start (--vocabulary), where no limit applies"""
     max_name_length: Positive = Limits.max_name_length
     """longest class name, in characters"""
 
