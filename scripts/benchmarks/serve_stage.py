@@ -189,19 +189,22 @@ def prompt_rounds(url: str, images: list[Path], count: int) -> tuple[float, floa
 
 
 def memory(url: str, pid: int, images: list[Path], sizes: ServeSizes) -> tuple[float, float, float]:
-    """Memory (MB) at start, after one pass that fills both caches, and after ``memory_requests`` more
-    (one box each) that cycle over twice the images and vocabularies the caches hold."""
+    """Memory (MB) at start, after one pass that fills both caches, and after ``memory_requests``
+    more (one box each) over twice the images and vocabularies the caches hold, each used for 4
+    requests in a row: a new one every 4th request, so that both caches keep evicting."""
     files = unique_images(images, 2 * sizes.image_cache, seed=2000)
     vocabularies = [[f"shape {v} {i}" for i in range(5)] for v in range(2 * sizes.text_cache_entries)]
-    count = max(len(files), len(vocabularies))
+
+    def bodies(count: int, every: int) -> list[dict]:
+        return [
+            body(files[i // every % len(files)], BOXES[:1], vocabularies[i // every % len(vocabularies)])
+            for i in range(count)
+        ]
+
     start = memory_mb(pid)
-    fire(url, [body(files[i % len(files)], BOXES[:1], vocabularies[i % len(vocabularies)]) for i in range(count)])
+    fire(url, bodies(max(len(files), len(vocabularies)), every=1))
     filled = memory_mb(pid)
-    bodies = [
-        body(files[i % len(files)], BOXES[:1], vocabularies[i % len(vocabularies)])
-        for i in range(sizes.memory_requests)
-    ]
-    fire(url, bodies)
+    fire(url, bodies(sizes.memory_requests, every=4))
     return start, filled, memory_mb(pid)
 
 

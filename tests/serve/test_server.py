@@ -128,6 +128,7 @@ def bad_requests(image: str) -> dict:
         "a URL": ({**good, "image": "https://example.com/a.jpg"}, 400, "URL"),
         "not an image": ({**good, "image": b64(b"hello, not an image")}, 415, "JPEG, PNG or WebP"),
         "truncated image": ({**good, "image": b64(noise[: len(noise) // 2])}, 400, "truncated"),
+        "too elongated": ({**good, "image": b64(png((3000, 1)))}, 400, "too elongated"),
         "too many pixels": ({**good, "image": b64(png((1000, 400)))}, 413, "400000 pixels"),
         "decompression bomb": ({**good, "image": b64(bomb_png(100_000, 100_000))}, 413, "too large"),
         "too many regions": ({**good, "boxes": [[10, 10, 50, 50]] * 17}, 413, "17 regions"),

@@ -12,7 +12,6 @@ import base64
 import binascii
 import hashlib
 import io
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..backbones.image import pil_to_rgb
+from ..backbones.image import pil_to_rgb, resized_shape
 from ..errors import RegionSpotError
 from ..predict.prompts import read_vocabulary, region_prompts
 from .settings import Limits
@@ -77,8 +76,8 @@ def image_bytes(encoded: str) -> bytes:
     """The ``image`` field -> the file's bytes."""
     if encoded.lstrip()[:8].lower().startswith(("http://", "https://", "file:", "ftp:")):
         raise RequestError("image is a URL; send the file's bytes base64-encoded (the server fetches nothing)")
-    try:
-        data = base64.b64decode(encoded, validate=True)
+    try:  # line breaks are allowed, as `base64` writes them by default
+        data = base64.b64decode("".join(encoded.split()), validate=True)
     except (binascii.Error, ValueError) as err:
         raise RequestError(f"image is not base64 ({err}); send the file's bytes base64-encoded") from None
     if not data:
@@ -89,25 +88,25 @@ def image_bytes(encoded: str) -> bytes:
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """A JPEG/PNG/WebP file -> HxWx3 uint8 RGB, EXIF orientation applied as ``read_image`` does.
     Its size is read from the header and refused before anything is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))  # reads the header only
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise RequestError(f"image is too large to decode ({err})", 413) from None
-        except Exception as err:  # PIL raises many kinds for a file that is no image
-            raise RequestError(f"image is not a JPEG, PNG or WebP file ({type(err).__name__}: {err})", 415) from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; send a smaller"
-                " image",
-                413,
-            )
-        try:
-            image.load()
-        except Exception as err:
-            raise RequestError(f"image is truncated or corrupt ({type(err).__name__}: {err})") from None
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))  # reads the header only
+    except Image.DecompressionBombError as err:  # Pillow's own bound, far above any --max_pixels default
+        raise RequestError(f"image is too large to decode ({err})", 413) from None
+    except Exception as err:  # Pillow raises many kinds for a file that is no image
+        raise RequestError(f"image is not a JPEG, PNG or WebP file ({type(err).__name__}: {err})", 415) from None
+    width, height = image.size
+    if min(resized_shape(height, width)) < 2:  # the backbones' resizes would leave a side of 0 pixels
+        raise RequestError(f"image is {width}x{height}: too elongated for the backbones; crop it nearer to square")
+    if width * height > max_pixels:
+        raise RequestError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; send a smaller"
+            " image",
+            413,
+        )
+    try:
+        image.load()
+    except Exception as err:
+        raise RequestError(f"image is truncated or corrupt ({type(err).__name__}: {err})") from None
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block: orientation unknown, pixels as stored (as read_image does)

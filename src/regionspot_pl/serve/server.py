@@ -127,6 +127,9 @@ class NamingAPI(ls.LitAPI):
             return read_request(request, self.engine.vocabularies, self.limits)
         except RequestError as err:
             return err
+        except Exception:  # a fault of ours: this request fails, the others of its batch go on
+            logger.exception("reading a request failed")
+            return RequestError("internal error while reading the request (the server's log has the details)", 500)
 
     def batch(self, inputs: list) -> list:
         return list(inputs)
