@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATASET ?=
 ARGS ?=
 
-.PHONY: install test lint demo extract bench bench-real clean-demo
+.PHONY: install test lint demo extract bench bench-real clean-demo serve app browser
 
 install: $(STAMP)
 
@@ -52,3 +52,41 @@ bench: install
 # ARGS="--tiny": the same code on the tiny backbones, in seconds
 bench-real: install
 	$(PY) scripts/bench_real.py $(ARGS)
+
+# make serve / make app [ARGS="--port 8001"]: the demo's trained head on its tiny backbones, over HTTP
+# (README: "Name regions over HTTP and on a web page") or on a web page (port 7860), with the demo's
+# vocabulary loaded as "demo". The demo runs first when DEMO_OUT lacks its head (DEMO_ARGS="--quick":
+# its small mode, a head that has not learned).
+DEMO_OUT  ?= demo_out
+DEMO_ARGS ?=
+DEMO_HEAD := $(DEMO_OUT)/run/head.pt
+DEMO_MODEL = --head $(DEMO_HEAD) --sam_type tiny --sam_checkpoint $(DEMO_OUT)/backbones/sam_tiny.pth \
+             --clip_model $(DEMO_OUT)/backbones/clip_tiny --text_cache $(DEMO_OUT)/text_embeddings.h5 \
+             --vocabulary '[demo=$(DEMO_OUT)/data/vocabulary.txt]'
+
+$(DEMO_HEAD):
+	$(PY) scripts/demo.py --out $(DEMO_OUT) $(DEMO_ARGS)
+
+serve: install $(DEMO_HEAD)
+	$(PY) -m regionspot_pl.serve $(DEMO_MODEL) $(ARGS)
+
+app: install $(DEMO_HEAD)
+	$(PY) -m regionspot_pl.app $(DEMO_MODEL) --port 7860 $(ARGS)
+
+# The page's browser test (tests/serve/test_page.py) needs Playwright, pip-installed here at its pin,
+# and a Chromium from the OS (Playwright's own browser download is not used). Without one on PATH,
+# the OS package manager installs it when this runs as root with apt-get; otherwise this says how.
+CHROMIUM   ?= $(shell command -v chromium || command -v chromium-browser)
+APT        ?= apt-get
+OS_INSTALL ?= $(shell [ "$$(id -u)" = 0 ] && command -v $(APT) >/dev/null && echo yes)
+browser: install
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,browser]'
+ifneq ($(CHROMIUM),)
+	@echo "browser: Playwright with $(CHROMIUM)"
+else ifeq ($(OS_INSTALL),yes)
+	$(APT) install -y chromium
+else
+	@echo "no chromium on PATH and no root to install one: install it with the OS package manager" \
+	      "(Debian/Ubuntu: sudo apt-get install chromium; Fedora: sudo dnf install chromium), then make browser" >&2
+	@exit 1
+endif

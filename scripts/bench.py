@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench.py            # default: the full-size LVIS metric step (14 min on 2 CPU
                                                  # cores, ~3 min more to write its inputs once), then 2 min 47 s
     .venv/bin/python scripts/bench.py --quick    # a check that every stage runs: tiny sizes, one pass
+    .venv/bin/python scripts/bench.py --stages serve   # one stage (or a few) alone
     make bench ARGS="--quick"
 
 Everything is generated under bench_out/ (demo images, tiny random backbones, shards, synthetic
@@ -21,6 +22,10 @@ RegionSpot-BL-size shards); nothing is downloaded. Stages (scripts/benchmarks/):
   boxes per image, batch 16, fp32, AdamW step) from features in memory and through the shard
   reader, against running a real-size CLIP ViT-L/14 vision tower (and SAM ViT-B's image encoder)
   per batch as the reference does.
+- serving (``serve_stage``): ``python -m regionspot_pl.serve`` on the tiny backbones over HTTP, 16
+  concurrent clients: throughput with LitServe's batching (``--max_batch_size 8``) against one
+  request at a time, latency p50/p99, a second round of prompts on cached images against the first,
+  and the server's memory before and after 2,000 requests that keep its caches evicting.
 - evaluation (``eval_stage``): ``test.regionspot_logits`` over cached splits, batched against one
   image at a time; the LVIS metric step at full LVIS v1 val size (19,809 images, 1,203 classes,
   300 detections per image; scripts/bench_metrics.py), hotcoco against the LVIS API, each as
@@ -59,6 +64,8 @@ from benchmarks.eval_stage import bench_evaluation, bench_metric_step  # noqa: E
 from benchmarks.extract_stage import OPTIONS, bench_extraction  # noqa: E402
 from benchmarks.flops_stage import bench_flops  # noqa: E402
 from benchmarks.load_stage import bench_loading  # noqa: E402
+from benchmarks.serve_stage import QUICK as SERVE_QUICK  # noqa: E402
+from benchmarks.serve_stage import ServeSizes, bench_serving  # noqa: E402
 from benchmarks.train_stage import bench_training  # noqa: E402
 
 
@@ -81,12 +88,14 @@ class Sizes:
     on_the_fly_batches: int = 2
     with_sam: bool = True
     eval_repeat: int = 3
+    serve: ServeSizes = ServeSizes()
 
 
+STAGES = ("metrics", "extract", "load", "flops", "train", "eval", "serve")
 QUICK = Sizes(
     images=2, val_images=4, metric_scale=0.002, reps=1, options=("--precision bf16",), bl_train=32, bl_eval=4,
     load_samples=(64, 32), load_rounds=1, train_steps=1, train_batch=2, on_the_fly_batches=0, with_sam=False,
-    eval_repeat=1, matmul_size=1024,
+    eval_repeat=1, matmul_size=1024, serve=SERVE_QUICK,
 )  # fmt: skip
 
 
@@ -101,6 +110,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sizes]:
         help="fraction of LVIS v1 val for the metric step (default 1: full size, ~20 min, ~20 GB; quick 0.002)",
     )
     p.add_argument("--no-sam", action="store_true", help="skip SAM ViT-B's encoder on the fly (~20 s; quick skips it)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="the stages to run (default: all)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
     sizes = dataclasses.replace(
@@ -112,20 +122,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sizes]:
     return args, sizes
 
 
-def run_stages(table: Table, out: Path, sizes: Sizes) -> None:
-    # first, while this process is small: the LVIS API's process needs ~20 GB at full size
-    bench_metric_step(table, out / "metrics", sizes.metric_scale)
+def run_stages(table: Table, out: Path, sizes: Sizes, stages: set[str]) -> None:
+    if "metrics" in stages:  # first, while this process is small: the LVIS API's needs ~20 GB at full size
+        bench_metric_step(table, out / "metrics", sizes.metric_scale)
     data, backbones = demo_inputs(out, sizes.images, max(14, sizes.val_images))
-    bench_extraction(table, out, data, backbones, sizes.images, sizes.reps, list(sizes.options), sizes.matmul_size)
-    train = demo_shards(out, data, backbones, "train", sizes.images, max(1, sizes.images // 4))
-    val = demo_shards(out, data, backbones, "val", sizes.val_images, max(1, sizes.val_images // 2))
-    bl_train = write_bl_shards(out / "bl_train", sizes.bl_train)
-    bl_eval = write_bl_shards(out / "bl_eval", sizes.bl_eval, shard_size=16)
-    demo_samples, bl_samples = sizes.load_samples
-    bench_loading(table, {"demo": train, "BL": bl_train}, {"demo": demo_samples, "BL": bl_samples}, sizes.load_rounds)
-    bench_flops(table, sizes.train_batch)
-    bench_training(table, bl_train, sizes.train_steps, sizes.on_the_fly_batches, sizes.with_sam, sizes.train_batch)
-    bench_evaluation(table, val, bl_eval, sizes.eval_repeat)
+    if "extract" in stages:
+        bench_extraction(table, out, data, backbones, sizes.images, sizes.reps, list(sizes.options), sizes.matmul_size)
+    if stages & {"load", "train", "eval"}:
+        train = demo_shards(out, data, backbones, "train", sizes.images, max(1, sizes.images // 4))
+        val = demo_shards(out, data, backbones, "val", sizes.val_images, max(1, sizes.val_images // 2))
+        bl_train = write_bl_shards(out / "bl_train", sizes.bl_train)
+        bl_eval = write_bl_shards(out / "bl_eval", sizes.bl_eval, shard_size=16)
+    if "load" in stages:
+        samples = dict(zip(("demo", "BL"), sizes.load_samples))
+        bench_loading(table, {"demo": train, "BL": bl_train}, samples, sizes.load_rounds)
+    if "flops" in stages:
+        bench_flops(table, sizes.train_batch)
+    if "train" in stages:
+        bench_training(table, bl_train, sizes.train_steps, sizes.on_the_fly_batches, sizes.with_sam, sizes.train_batch)
+    if "eval" in stages:
+        bench_evaluation(table, val, bl_eval, sizes.eval_repeat)
+    if "serve" in stages:
+        bench_serving(table, out, data, backbones, sizes.serve)
 
 
 def report(table: Table, out: Path, quick: bool, sizes: Sizes, seconds: float, load: tuple[float, float]) -> None:
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     table = Table()
-    run_stages(table, out, sizes)
+    run_stages(table, out, sizes, set(args.stages))
     report(table, out, args.quick, sizes, now() - started, (load_before, os.getloadavg()[0]))
     return 0
 

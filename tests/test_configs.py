@@ -270,6 +270,11 @@ ROUND_TRIPS = {
     "demo.scenes": ("regionspot_pl.demo.scenes", ["demo", "--num_train", "2", "--num_val", "14",
                                                   "--preview", "true"]),
     "tiny": ("regionspot_pl.tiny", ["backbones", "--seed", "3"]),
+    "serve": ("regionspot_pl.serve.cli", [
+        "--head", "h.pt", "--sam_type", "tiny", "--sam_checkpoint", "s.pth", "--clip_model", "clip", "--port", "8001",
+        "--vocabulary", "[lvis=lvis.txt, coco=coco.txt]", "--max_batch_size", "4", "--max_regions", "20"]),
+    "app": ("regionspot_pl.app", ["--head", "h.pt", "--sam_type", "tiny", "--sam_checkpoint", "s.pth",
+                                  "--clip_model", "clip", "--host", "0.0.0.0", "--max_pixels", "1000000"]),
 }  # fmt: skip
 
 
@@ -291,7 +296,8 @@ def test_print_config_reads_back_to_the_same_settings(name, tmp_path, capsys, mo
 # evaluate, convert and fit always; the other commands' help in the slow runs (each start costs seconds)
 HELP_COMMANDS = [
     "evaluate", "convert", "fit",
-    *(pytest.param(name, marks=pytest.mark.slow) for name in ("test", "extract", "predict", "tiny", "demo.scenes")),
+    *(pytest.param(name, marks=pytest.mark.slow)
+      for name in ("test", "extract", "predict", "tiny", "demo.scenes", "serve", "app")),
 ]  # fmt: skip
 
 

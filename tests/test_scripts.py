@@ -57,7 +57,7 @@ def test_make_bench_quick_runs_every_stage(tmp_path):
     out = tmp_path / "bench"
     printed = make("bench", ["--quick", "--out", str(out)], tmp_path / "installed")
     report = json.loads((out / "bench.json").read_text())
-    assert report["quick"] and stages(report["rows"]) == {"eval", "extract", "cpu", "load", "flops", "train"}
+    assert report["quick"] and stages(report["rows"]) == {"eval", "extract", "cpu", "load", "flops", "train", "serve"}
     assert all(row["ratio"] != "nan" for row in report["rows"])
     assert "| stage" in printed and "host path per image" in printed  # the table, then bench_host.py
 

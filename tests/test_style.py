@@ -20,7 +20,7 @@ RUN_COMMAND = SRC / "config" / "run.py"
 # dataclasses that library code imports too).
 COMMAND_LAYER = {
     *(p.relative_to(SRC).as_posix() for p in (SRC / "config").glob("*.py")),
-    *("fit.py", "test.py", "evaluate.py", "convert.py", "tiny.py", "extract/cli.py", "predict/cli.py"),
+    *("fit.py", "test.py", "evaluate.py", "convert.py", "tiny.py", "extract/cli.py", "predict/cli.py", "serve/cli.py"),
     "demo/scenes.py",  # the demo data's generator and its command
 }
 

@@ -17,6 +17,7 @@ subclass naming what is wrong (:mod:`regionspot_pl.predict.prompts` checks the i
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,20 @@ class Predictor:
         encoder: the :class:`~regionspot_pl.backbones.encoder.RegionEncoder`.
         clip_grid: side of CLIP's patch grid (14 for ViT-B/16 at 224); tokens T = 1 + grid^2.
         image: the current image, HxWx3 uint8 (None before ``set_image``).
+        texts: text embeddings [C, text_dim] kept in memory by vocabulary (the tuple of its names);
+            a vocabulary missing there is read from (or written to) the HDF5 ``text_cache``.
     """
 
     def __init__(
-        self, head: RegionSpotHead, encoder: RegionEncoder, clip_id: str, text_cache: str | Path | None = None
+        self,
+        head: RegionSpotHead,
+        encoder: RegionEncoder,
+        clip_id: str,
+        text_cache: str | Path | None = None,
+        texts: MutableMapping[tuple[str, ...], Tensor] | None = None,
     ) -> None:
+        """``texts``: the in-memory text embeddings to use (default: a dict of its own, which keeps
+        every vocabulary asked for; a bounded mapping bounds that memory)."""
         _check_head_fits(head, encoder.vlm, "the head", "the CLIP model")
         self.encoder = encoder
         self.device = encoder.device
@@ -109,7 +119,7 @@ class Predictor:
         self.clip_grid: int = encoder.vlm.grid
         self.image: np.ndarray | None = None
         self._features: ImageFeatures | None = None
-        self._texts: dict[tuple[str, ...], Tensor] = {}
+        self.texts: MutableMapping[tuple[str, ...], Tensor] = {} if texts is None else texts
 
     @classmethod
     def from_pretrained(
@@ -140,12 +150,20 @@ class Predictor:
         return cls(head_module, encoder, clip_id, text_cache)
 
     # ----------------------------------------------------------------------------------- image
-    def set_image(self, image: ImageLike) -> None:
+    def set_image(self, image: ImageLike, features: ImageFeatures | None = None) -> None:
         """Compute the SAM image embedding and the CLIP feature map of ``image``, once
         (``RegionEncoder.embed``, as extraction does); later ``predict`` calls only run SAM's
-        prompt encoder + mask decoder and the head."""
+        prompt encoder + mask decoder and the head.
+
+        ``features``: this image's features when the caller has them already (``self.encoder.embed``
+        on a batch of images, or kept from an earlier call); then no encoder runs.
+        """
         pixels = load_image(image)
-        self._features = self.encoder.embed([self.encoder.image_input(pixels)])[0]
+        if features is None:
+            features = self.encoder.embed([self.encoder.image_input(pixels)])[0]
+        elif tuple(features.original_size) != pixels.shape[:2]:
+            raise ValueError(f"features of a {features.original_size} image given for a {pixels.shape[:2]} image")
+        self._features = features
         self.image = pixels
 
     @property
@@ -214,9 +232,9 @@ class Predictor:
 
     def _text(self, names: list[str]) -> Tensor:
         key = tuple(names)
-        if key not in self._texts:
-            self._texts[key] = text_embeddings(self.encoder.vlm, names, self.text_cache, self.clip_id)
-        return self._texts[key]
+        if key not in self.texts:
+            self.texts[key] = text_embeddings(self.encoder.vlm, names, self.text_cache, self.clip_id)
+        return self.texts[key]
 
     def predict(
         self,

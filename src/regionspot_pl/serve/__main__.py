@@ -1,0 +1,7 @@
+"""``python -m regionspot_pl.serve``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
