@@ -23,16 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from regionspot_pl.backbones.tiny import tiny_backbone_paths
+from regionspot_pl.backbones.tiny import TINY_SAMS, TINY_VLMS, tiny_pair
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.evaluation import evaluate_detections, format_metrics_table
 from regionspot_pl.predict.predictor import Predictor
 from regionspot_pl.predict.viz import draw_attention, draw_detections, save_grid
 
 PY = [sys.executable, "-m"]
-# --sam and --clip: the tiny models' keys in what `python -m regionspot_pl.tiny` writes
-SAM_FAMILIES = {"sam": ("tiny", "sam_checkpoint"), "sam2.1": ("sam2_config", "sam2_checkpoint")}
-CLIP_FAMILIES = {"clip": "clip_dir", "siglip": "siglip_dir", "metaclip2": "metaclip2_dir"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +43,8 @@ class Pair:
     @classmethod
     def of(cls, sam: str, clip: str, backbones: Path) -> Pair:
         """The tiny models of these families in ``backbones`` (the folder the tiny command wrote)."""
-        paths = {"tiny": "tiny", **tiny_backbone_paths(backbones)}
-        sam_type, checkpoint = SAM_FAMILIES[sam]
-        return cls(str(paths[sam_type]), paths[checkpoint], paths[CLIP_FAMILIES[clip]])
+        flags = tiny_pair(backbones, sam, clip)
+        return cls(flags["sam_type"], Path(flags["sam_checkpoint"]), Path(flags["clip_model"]))
 
     def flags(self) -> list[str]:
         return [
@@ -225,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the same stages at tiny sizes (8 train images, 2 steps, 1 picture): a check that the demo runs, "
         "in seconds; it does not train a head that beats chance, so the AP check is skipped",
     )
-    p.add_argument("--sam", choices=sorted(SAM_FAMILIES), default="sam", help="the localization model (default sam)")
-    p.add_argument("--clip", choices=sorted(CLIP_FAMILIES), default="clip", help="the vision-language model")
+    p.add_argument("--sam", choices=sorted(TINY_SAMS), default="sam", help="the localization model (default sam)")
+    p.add_argument("--clip", choices=sorted(TINY_VLMS), default="clip", help="the vision-language model")
     args = p.parse_args(argv)
     if (args.sam, args.clip) != ("sam", "clip"):  # shards and heads of two pairs never share a folder
         args.out = args.out / f"{args.sam}+{args.clip}"

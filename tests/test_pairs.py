@@ -15,26 +15,19 @@ from tiny_fit import tiny_fit_config
 from regionspot_pl import Predictor
 from regionspot_pl import test as test_cli
 from regionspot_pl.backbones.clip import model_identity
+from regionspot_pl.backbones.tiny import tiny_pair
 from regionspot_pl.demo.scenes import generate_demo_dataset
 from regionspot_pl.extract.run import ExtractConfig, run_extraction
 from regionspot_pl.fit import run as fit_run
 from regionspot_pl.model.head import HeadMismatchError
 from regionspot_pl.predict import cli as predict_cli
 
-# (SAM family, vision-language family) -> the tiny models' keys in write_tiny_backbones' dict
-SAMS = {"sam": ("tiny", "sam_checkpoint"), "sam2.1": ("sam2_config", "sam2_checkpoint")}
-VLMS = {"clip": "clip_dir", "siglip": "siglip_dir", "metaclip2": "metaclip2_dir"}
 # every family at least once beside another family (SAM + CLIP is every other test's pair)
 PAIRS = [("sam2.1", "siglip"), ("sam", "metaclip2"), ("sam", "siglip")]
 
 
 def _pair_flags(tiny: dict, sam: str, vlm: str) -> dict[str, str]:
-    sam_type, checkpoint = SAMS[sam]
-    return {
-        "sam_type": sam_type if sam_type == "tiny" else str(tiny[sam_type]),
-        "sam_checkpoint": str(tiny[checkpoint]),
-        "clip_model": str(tiny[VLMS[vlm]]),
-    }
+    return tiny_pair(Path(tiny["clip_dir"]).parent, sam, vlm)
 
 
 @pytest.fixture(scope="module")

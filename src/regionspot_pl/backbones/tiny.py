@@ -91,6 +91,23 @@ def tiny_backbone_paths(out_dir: str | Path) -> dict[str, Path]:
     }
 
 
+# family name -> the tiny model's key in tiny_backbone_paths (the demo's --sam and --clip choices)
+TINY_SAMS = {"sam": "sam_checkpoint", "sam2.1": "sam2_checkpoint"}
+TINY_VLMS = {"clip": "clip_dir", "siglip": "siglip_dir", "metaclip2": "metaclip2_dir"}
+
+
+def tiny_pair(out_dir: str | Path, sam: str = "sam", vlm: str = "clip") -> dict[str, str]:
+    """``sam_type``, ``sam_checkpoint`` and ``clip_model`` of the tiny models of these families
+    under ``out_dir`` (``sam`` a key of ``TINY_SAMS``, ``vlm`` of ``TINY_VLMS``)."""
+    paths = tiny_backbone_paths(out_dir)
+    sam_type = "tiny" if sam == "sam" else str(paths["sam2_config"])
+    return {
+        "sam_type": sam_type,
+        "sam_checkpoint": str(paths[TINY_SAMS[sam]]),
+        "clip_model": str(paths[TINY_VLMS[vlm]]),
+    }
+
+
 def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write random tiny SAM and CLIP weights under ``out_dir``, and tiny SigLIP and MetaCLIP 2
     folders (:mod:`.tiny_vlm`).
@@ -127,7 +144,10 @@ __all__ = [
     "TINY_CLIP_DIR",
     "sincos_position_embedding_2d",
     "tiny_clip_config",
+    "TINY_SAMS",
+    "TINY_VLMS",
     "tiny_backbone_paths",
+    "tiny_pair",
     "tiny_clip_tokenizer",
     "write_tiny_backbones",
 ]

@@ -162,6 +162,11 @@ def build_models(inputs: Inputs) -> Models:
         if model_id != clip.id:
             print(f"note: text embeddings from {inputs.clip_dir}, not the CLIP of the shards' features ({clip.model})")
         head = _load_head(config.head, inputs.device)
+        # the pair it was trained on, once; then its widths (the text width again once texts exist)
+        shards = f"the shards' {clip.model}"
+        check_head_backbones(
+            head.backbones, inputs.folder.manifest.sam.type, clip.id, shards, f"the head {config.head}"
+        )
         _check_head(head, inputs, clip.text_dim if inputs.same_clip else _config_text_dim(inputs.clip_dir))
     else:
         encoder = load_vlm(inputs.clip_dir).to(inputs.device)
@@ -189,10 +194,7 @@ def _check_head(head: RegionSpotHead, inputs: Inputs, text_dim: int | None) -> N
     else:
         clip_name = f"the shards' CLIP features ({clip.model}) with the text side of --clip_model {inputs.clip_dir}"
     text_dim = head.config.text_dim if text_dim is None else text_dim
-    head_name = f"the head {inputs.config.head}"
-    shards = f"the shards' {clip.model}"
-    check_head_backbones(head.backbones, inputs.folder.manifest.sam.type, clip.id, shards, head_name)
-    check_head_fits(head.config, clip.vision_dim, text_dim, clip_name, head_name)
+    check_head_fits(head.config, clip.vision_dim, text_dim, clip_name, f"the head {inputs.config.head}")
 
 
 def _config_text_dim(clip_dir: str) -> int | None:
