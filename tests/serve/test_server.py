@@ -226,3 +226,29 @@ def test_the_readme_curl_example_names_regions(server, demo_data, tmp_path):
     regions = json.loads(proc.stdout)["regions"]
     names = set(demo_data["vocabulary"].read_text().split())
     assert regions and all(r["labels"] and set(r["labels"][0].split()) <= names and "mask" in r for r in regions)
+
+
+def test_litserves_monitor_is_quiet_only_after_a_stop_signal():
+    """A stop signal sent to the whole group ends LitServe's manager with this process; the monitor
+    thread's failure on that closed pipe is dropped then, and reported before any stop."""
+    import logging
+    import os
+    import signal
+
+    from regionspot_pl.serve.server import stops_as_keyboard_interrupt
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    said, monitor, heard = [], logging.getLogger("litserve.server"), Said()
+    monitor.addHandler(heard)  # LitServe's loggers do not propagate to the root
+    with stops_as_keyboard_interrupt() as stops:
+        monitor.error("Monitoring worker crashed")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # CPython runs the handler before the next statement
+        monitor.error("Monitoring worker crashed")
+        monitor.error("Worker LitServer-0 died; shutting down")
+    monitor.removeHandler(heard)
+    assert stops == [signal.SIGTERM]
+    assert said == ["Monitoring worker crashed", "Worker LitServer-0 died; shutting down"]

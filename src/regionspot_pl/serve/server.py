@@ -176,12 +176,29 @@ def stops_as_keyboard_interrupt() -> Iterator[list[int]]:
         received.append(signum)
         raise KeyboardInterrupt
 
+    quiet = MonitorQuietAfterStop(received)
+    logging.getLogger("litserve.server").addFilter(quiet)
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        logging.getLogger("litserve.server").removeFilter(quiet)
+
+
+class MonitorQuietAfterStop(logging.Filter):
+    """Drops LitServe's "Monitoring worker crashed" once a stop signal has come: a signal sent to
+    the whole process group (Ctrl+C, systemd) ends LitServe's manager process at the same time as
+    this one, and LitServe's worker-monitoring thread, which polls that manager until this process
+    exits, then fails on a closed pipe. Before a stop the message means what it says and stays."""
+
+    def __init__(self, stops: list[int]) -> None:
+        super().__init__()
+        self.stops = stops
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.stops and record.getMessage() == "Monitoring worker crashed")
 
 
 def serve(config: ServeConfig) -> None:
