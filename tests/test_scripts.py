@@ -2,7 +2,8 @@
 interface that breaks one fails here. The make targets run through make itself (their command
 lines as the Makefile writes them, with this interpreter and the install step taken as done);
 the other scripts as `python scripts/NAME.py ARGS` runs them. `make bench` runs scripts/bench.py
-(and scripts/bench_host.py), `make bench-real` scripts/bench_real.py, `make demo` scripts/demo.py."""
+(and scripts/bench_host.py), `make bench-real` scripts/bench_real.py, `make demo` scripts/demo.py;
+`make serve`, `make app` and `make browser` are run by tests/serve/test_make_targets.py."""
 
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 concurrent clients.
 
 - throughput with LitServe's batching (``--max_batch_size 8``) against one request at a time
-  (``--max_batch_size 1``), every request a new image (so both image encoders run), the two servers
-  up at once and measured in alternating rounds;
+  (``--max_batch_size 1``), every request a new image (so both image encoders run), one server up
+  at a time (an idle batching worker polls its queue every millisecond), in alternating rounds;
 - latency p50 / p99 of those requests;
 - a second round of prompts on the same images (features from the image cache) against the first;
-- the server's memory (PSS of all its processes) before and after many requests that keep both
+- the server's memory (PSS of all its processes) before and during 2,000 requests that keep both
   caches evicting (images and vocabularies cycling over twice what the caches hold).
 """
 
@@ -161,22 +161,16 @@ def fire(url: str, bodies: list[dict], clients: int = CLIENTS) -> tuple[float, l
     return now() - start, latencies
 
 
-def throughput(urls: dict[str, str], images: list[Path], sizes: ServeSizes) -> dict[str, dict]:
-    """Each server's requests/s and latencies, new images every request, rounds alternating."""
-    seconds = dict.fromkeys(urls, 0.0)
-    latencies: dict[str, list[float]] = {name: [] for name in urls}
-    for r in range(sizes.rounds):
-        for k, (name, url) in enumerate(urls.items()):
-            bodies = [body(image) for image in unique_images(images, sizes.requests, seed=1 + 2 * r + k)]
-            wall, each = fire(url, bodies)
-            seconds[name] += wall
-            latencies[name] += each
-    return {
-        name: {"per_s": sizes.rounds * sizes.requests / seconds[name],
-               "p50_ms": 1000 * float(np.percentile(latencies[name], 50)),
-               "p99_ms": 1000 * float(np.percentile(latencies[name], 99))}
-        for name in urls
-    }  # fmt: skip
+def measure_round(url: str, images: list[Path], sizes: ServeSizes, seed: int) -> tuple[float, list[float]]:
+    """Warm-up (the demo vocabulary's text embeddings, first calls), then ``sizes.requests`` requests
+    on new images: (seconds in all, each request's seconds)."""
+    fire(url, [body(image) for image in unique_images(images, sizes.warmup, seed=10_000 + seed)])
+    return fire(url, [body(image) for image in unique_images(images, sizes.requests, seed=seed)])
+
+
+def summary(seconds: float, latencies: list[float], requests: int) -> dict[str, float]:
+    return {"per_s": requests / seconds, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+            "p99_ms": 1000 * float(np.percentile(latencies, 99))}  # fmt: skip
 
 
 def prompt_rounds(url: str, images: list[Path], count: int) -> tuple[float, float]:
@@ -188,24 +182,22 @@ def prompt_rounds(url: str, images: list[Path], count: int) -> tuple[float, floa
     return first / count, second / count
 
 
-def memory(url: str, pid: int, images: list[Path], sizes: ServeSizes) -> tuple[float, float, float]:
-    """Memory (MB) at start, after one pass that fills both caches, and after ``memory_requests``
-    more (one box each) over twice the images and vocabularies the caches hold, each used for 4
-    requests in a row: a new one every 4th request, so that both caches keep evicting."""
+def memory(url: str, pid: int, images: list[Path], sizes: ServeSizes) -> list[float]:
+    """Memory (MB) before ``memory_requests`` requests and after each quarter of them: one box each,
+    over twice the images and vocabularies the caches hold, each used for 4 requests in a row (a new
+    one every 4th request), so that both caches keep evicting."""
     files = unique_images(images, 2 * sizes.image_cache, seed=2000)
     vocabularies = [[f"shape {v} {i}" for i in range(5)] for v in range(2 * sizes.text_cache_entries)]
-
-    def bodies(count: int, every: int) -> list[dict]:
-        return [
-            body(files[i // every % len(files)], BOXES[:1], vocabularies[i // every % len(vocabularies)])
-            for i in range(count)
-        ]
-
-    start = memory_mb(pid)
-    fire(url, bodies(max(len(files), len(vocabularies)), every=1))
-    filled = memory_mb(pid)
-    fire(url, bodies(sizes.memory_requests, every=4))
-    return start, filled, memory_mb(pid)
+    bodies = [
+        body(files[i // 4 % len(files)], BOXES[:1], vocabularies[i // 4 % len(vocabularies)])
+        for i in range(sizes.memory_requests)
+    ]
+    used = [memory_mb(pid)]
+    quarter = -(-len(bodies) // 4)
+    for start in range(0, len(bodies), quarter):
+        fire(url, bodies[start : start + quarter])
+        used.append(memory_mb(pid))
+    return used
 
 
 def bench_serving(table: Table, out: Path, data: dict, backbones: dict, sizes: ServeSizes) -> dict:
@@ -219,15 +211,18 @@ def bench_serving(table: Table, out: Path, data: dict, backbones: dict, sizes: S
              "--vocabulary", f"[demo={data['vocabulary']}]", "--image_cache", str(sizes.image_cache),
              "--text_cache_entries", str(sizes.text_cache_entries), "--batch_timeout", "0.01"]  # fmt: skip
     images = sorted(Path(data["val_images"]).glob("*.jpg"))
-    with (
-        server([*flags, "--max_batch_size", "8"], folder / "batched.log") as (batched, pid),
-        server([*flags, "--max_batch_size", "1"], folder / "single.log") as (single, _),
-    ):
-        for url in (batched, single):  # warm-up: text embeddings of the demo vocabulary, first calls
-            fire(url, [body(image) for image in unique_images(images, sizes.warmup, seed=999)])
-        rates = throughput({"batched": batched, "single": single}, images, sizes)
-        first, second = prompt_rounds(batched, images, sizes.prompt_images)
-        used = memory(batched, pid, images, sizes)
+    batch = {"batched": ["--max_batch_size", "8"], "single": ["--max_batch_size", "1"]}
+    seconds, latencies = dict.fromkeys(batch, 0.0), {name: [] for name in batch}
+    for r in range(sizes.rounds):  # one server at a time (an idle one polls its queue), alternating
+        for name in ("single", "batched"):
+            with server([*flags, *batch[name]], folder / f"{name}.log") as (url, pid):
+                wall, each = measure_round(url, images, sizes, seed=1 + 2 * r + (name == "batched"))
+                seconds[name] += wall
+                latencies[name] += each
+                if name == "batched" and r == sizes.rounds - 1:
+                    first, second = prompt_rounds(url, images, sizes.prompt_images)
+                    used = memory(url, pid, images, sizes)
+    rates = {name: summary(seconds[name], latencies[name], sizes.rounds * sizes.requests) for name in batch}
     report(table, rates, (first, second), used, sizes)
     return {"rates": rates, "prompt_rounds_s": [first, second], "memory_mb": used}
 
@@ -251,9 +246,10 @@ def report(table: Table, rates: dict, rounds: tuple[float, float], used: tuple, 
         f"{1000 * second:.0f} ms/request", f"{1000 * first:.0f} ms/request (first round)", first / second,
         first_s=first, second_s=second, images=sizes.prompt_images,
     )  # fmt: skip
-    start, filled, end = used
+    before, *after = used
+    quarters = ", ".join(f"{m:.0f}" for m in after)
     table.add(
-        f"serve: server memory (PSS, all processes), caches full vs {sizes.memory_requests} requests later",
-        f"{end:.0f} MB after", f"{filled:.0f} MB when filled ({start:.0f} MB at start)", 100 * end / filled,
-        ratio_fmt="{:.1f}%", start_mb=start, filled_mb=filled, end_mb=end,
+        f"serve: server memory (PSS, all processes) after {sizes.memory_requests} requests vs after the first quarter",
+        f"{after[-1]:.0f} MB", f"{after[0]:.0f} MB ({before:.0f} before; each quarter: {quarters})",
+        100 * after[-1] / after[0], ratio_fmt="{:.1f}%", before_mb=before, after_quarters_mb=after,
     )  # fmt: skip
