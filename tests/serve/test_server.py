@@ -230,12 +230,13 @@ def test_the_readme_curl_example_names_regions(server, demo_data, tmp_path):
 
 def test_litserves_monitor_is_quiet_only_after_a_stop_signal():
     """A stop signal sent to the whole group ends LitServe's manager with this process; the monitor
-    thread's failure on that closed pipe is dropped then, and reported before any stop."""
+    thread's failure on that closed pipe is dropped then and after the block (the thread runs on
+    until the process exits), and reported before any stop."""
     import logging
     import os
     import signal
 
-    from regionspot_pl.serve.server import stops_as_keyboard_interrupt
+    from regionspot_pl.serve.server import MonitorQuietAfterStop, stops_as_keyboard_interrupt
 
     class Said(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -249,6 +250,9 @@ def test_litserves_monitor_is_quiet_only_after_a_stop_signal():
             os.kill(os.getpid(), signal.SIGTERM)  # CPython runs the handler before the next statement
         monitor.error("Monitoring worker crashed")
         monitor.error("Worker LitServer-0 died; shutting down")
+    monitor.error("Monitoring worker crashed")
     monitor.removeHandler(heard)
+    for quiet in [f for f in monitor.filters if isinstance(f, MonitorQuietAfterStop)]:
+        monitor.removeFilter(quiet)
     assert stops == [signal.SIGTERM]
     assert said == ["Monitoring worker crashed", "Worker LitServer-0 died; shutting down"]

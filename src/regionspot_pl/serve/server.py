@@ -184,7 +184,8 @@ def stops_as_keyboard_interrupt() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        logging.getLogger("litserve.server").removeFilter(quiet)
+        if not received:  # after a stop, LitServe's monitor thread runs on until the process exits
+            logging.getLogger("litserve.server").removeFilter(quiet)
 
 
 class MonitorQuietAfterStop(logging.Filter):
