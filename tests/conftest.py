@@ -103,3 +103,12 @@ def cli_error(capsys: pytest.CaptureFixture):
         return errors[0]
 
     return check
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files that hold a test marked slow run first, each file's tests together and in order (their
+    module fixtures are built once): with ``-n 2 --dist worksteal`` the long end-to-end runs then
+    start at once, and an idle worker takes the short tests queued behind them, instead of one long
+    test running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

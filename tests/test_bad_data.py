@@ -606,24 +606,27 @@ def test_12_test_refuses_a_zero_count(shards, tmp_path, capsys, flag, value):
 # ---------------------------------------------------------------- nothing waits forever
 
 
-def _wait_until_waiting_for_work(pid: int, timeout: float = 120) -> None:
-    """Wait until loader worker ``pid`` is blocked on its index queue (in poll/select), i.e. no
-    longer holds the loader's shared ``done`` event lock, which it takes briefly for each batch
-    index it receives. A worker SIGKILLed while holding that lock leaves PyTorch's main process
-    blocked forever on it (a PyTorch limitation that no read timeout reaches), so killing it at
-    that instant would test PyTorch's deadlock, not our error path. Where the kernel hides the
-    wait channel, a worker sleeping on the same channel for a while is taken as idle."""
+def _wait_until_stalled_on_a_pipe(pid: int, timeout: float = 120) -> None:
+    """Wait until loader worker ``pid`` is blocked reading a pipe that delivers nothing (the
+    stalled shard), the one instant at which killing it tests our error path alone: it then holds
+    no lock of the loader's (a worker SIGKILLed while holding the shared ``done`` event's lock,
+    which it takes for each batch index it receives, leaves PyTorch's main process blocked forever
+    on it) and is writing no batch (one killed while its queue thread writes a batch into the
+    pipe to the main process leaves a partial message that the main process waits on forever,
+    since it holds that pipe's write end too): PyTorch limitations no read timeout reaches. Where
+    the kernel hides the wait channel, a worker sleeping on the same channel for a while is taken
+    as stalled."""
     deadline, seen = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state == "S" and ("poll" in wchan or "select" in wchan):
+        if state == "S" and "pipe_read" in wchan:
             return
-        seen = [*seen[-19:], (state, wchan)]
-        if wchan in ("", "0") and len(seen) == 20 and all(s == ("S", wchan) for s in seen):
+        seen = [*seen[-199:], (state, wchan)]
+        if wchan in ("", "0") and len(seen) == 200 and all(s == ("S", wchan) for s in seen):
             return
         time.sleep(0.01)
-    pytest.fail(f"loader worker {pid} never waited for work: last states {seen[-3:]}")
+    pytest.fail(f"loader worker {pid} never stalled on its pipe: last states {seen[-3:]}")
 
 
 def test_a_stalled_read_or_a_dead_loader_worker_is_an_error_in_bounded_time(shards, tmp_path):
@@ -641,15 +644,14 @@ def test_a_stalled_read_or_a_dead_loader_worker_is_an_error_in_bounded_time(shar
     batches._shutdown_workers()
 
     # a dead worker is found by PyTorch's SIGCHLD handler, or at the latest when the read times out
-    dm = RegionDataModule(DataConfig([str(shards["train"])], batch_size=2, workers=1, read_timeout=5))
+    dm = RegionDataModule(DataConfig([str(stalled)], batch_size=2, workers=1, read_timeout=5))
     batches = iter(dm.train_dataloader())
-    next(batches)
-    _wait_until_waiting_for_work(batches._workers[0].pid)
-    os.kill(batches._workers[0].pid, 9)
+    worker = batches._workers[0].pid
+    _wait_until_stalled_on_a_pipe(worker)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="exited unexpectedly|killed by signal"):
-        for _ in range(1000):
-            next(batches)
+        os.kill(worker, 9)  # inside the block: the SIGCHLD handler may raise at once
+        next(batches)
     # within the 5 s read_timeout (with room for a slow machine), not the default's 600 s
     assert time.monotonic() - start < DataConfig([str(shards["train"])]).read_timeout / 10
     batches._shutdown_workers()

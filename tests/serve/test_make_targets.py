@@ -1,7 +1,8 @@
-"""``make serve``, ``make app`` and ``make browser`` run to what they are for, in a small mode: the
-first two train the demo in its quick mode where DEMO_OUT lacks it, then serve it (a request named
-over HTTP, the page answering); ``make browser``'s three cases run with stand-ins for pip and the
-OS package manager, so that nothing is installed."""
+"""``make serve``, ``make app`` and ``make browser`` run to what they are for, in a small mode:
+``make serve`` trains the demo in its quick mode where DEMO_OUT lacks it, then names a region over
+HTTP (the one run of the default pair's quick demo in the suite); ``make app`` serves the page of
+a DEMO_OUT that holds a head; ``make browser``'s three cases run with stand-ins for pip and the OS
+package manager, so that nothing is installed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving import b64, environment, free_port, running
+from demo_run import check_quick_demo
+from serving import b64, free_port, running
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,13 +55,9 @@ def test_make_browser(case, tmp_path):
         assert "no chromium on PATH" in proc.stderr and "apt-get install chromium" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("make_serve") / "demo_out"
-
-
 @pytest.mark.slow
-def test_make_serve_trains_the_quick_demo_then_names_a_region(demo_out, tmp_path):
+def test_make_serve_trains_the_quick_demo_then_names_a_region(tmp_path):
+    demo_out = tmp_path / "demo_out"
     port = free_port()
     command = make_command("serve", tmp_path, DEMO_OUT=str(demo_out), DEMO_ARGS="--quick", ARGS=f"--port {port}")
     url = f"http://127.0.0.1:{port}"
@@ -71,16 +69,30 @@ def test_make_serve_trains_the_quick_demo_then_names_a_region(demo_out, tmp_path
     names = set((demo_out / "data" / "vocabulary.txt").read_text().splitlines())
     (region,) = response.json()["regions"]
     assert len(region["labels"]) == 3 and set(region["labels"]) <= names
-    assert "[demo] fit" in (tmp_path / "make.log").read_text()  # the demo ran first
+    check_quick_demo((tmp_path / "make.log").read_text(), demo_out)  # the demo ran first
+
+
+@pytest.fixture
+def trained_demo_out(tiny_backbones, tiny_head, demo_data, tmp_path) -> Path:
+    """A DEMO_OUT that already holds what ``make app`` reads (the session's tiny
+    backbones and head, the demo data's vocabulary), so that the demo does not run first."""
+    out = tmp_path / "demo_out"
+    links = {
+        "run/head.pt": tiny_head["file"],
+        "backbones/sam_tiny.pth": tiny_backbones["sam_checkpoint"],
+        "backbones/clip_tiny": tiny_backbones["clip_dir"],
+        "data/vocabulary.txt": demo_data["vocabulary"],
+    }
+    for target, source in links.items():
+        (out / target).parent.mkdir(parents=True, exist_ok=True)
+        (out / target).symlink_to(source)
+    return out
 
 
 @pytest.mark.slow
-def test_make_app_serves_the_page(demo_out, tmp_path):
-    if not (demo_out / "run" / "head.pt").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(demo_out), "--quick"],
-                       check=True, capture_output=True, env=environment(), timeout=1200)  # fmt: skip
+def test_make_app_serves_the_page(trained_demo_out, tmp_path):
     port = free_port()
-    command = make_command("app", tmp_path, DEMO_OUT=str(demo_out), ARGS=f"--port {port}")
+    command = make_command("app", tmp_path, DEMO_OUT=str(trained_demo_out), ARGS=f"--port {port}")
     with running(command, f"http://127.0.0.1:{port}/", tmp_path / "make.log"):
         config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=60).json()
     assert "RegionSpot" in json.dumps(config) and "[demo]" not in (tmp_path / "make.log").read_text()
