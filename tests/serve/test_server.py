@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import zlib
@@ -20,6 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from serving import b64, check_answer, free_port, model_flags, points_as_prompts, python_module, running, stop
+
+from regionspot_pl.serve.server import MonitorQuietAfterStop, stops_as_keyboard_interrupt
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["red solid circle", "green solid square", "blue solid triangle", "yellow solid star", "white hexagon"]
@@ -232,11 +237,6 @@ def test_litserves_monitor_is_quiet_only_after_a_stop_signal():
     """A stop signal sent to the whole group ends LitServe's manager with this process; the monitor
     thread's failure on that closed pipe is dropped then and after the block (the thread runs on
     until the process exits), and reported before any stop."""
-    import logging
-    import os
-    import signal
-
-    from regionspot_pl.serve.server import MonitorQuietAfterStop, stops_as_keyboard_interrupt
 
     class Said(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
