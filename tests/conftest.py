@@ -17,12 +17,17 @@ from regionspot_pl.backbones.tiny import write_tiny_backbones
 # stream after it is closed. Imported here, before any test, it writes to the real stderr.
 
 
+# The tests' tiny SAM takes a 256 px input (the demo's, `python -m regionspot_pl.tiny`'s, 512):
+# a quarter of the image tokens, so a quarter of the mask decoder's work for every prompt.
+TESTS_SAM_SIZE = 256
+
+
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"sam_checkpoint": .../sam_tiny.pth, "clip_dir": .../clip_tiny, "siglip_dir": .../siglip_tiny,
     "metaclip2_dir": .../metaclip2_tiny, "sam2_checkpoint": .../sam2.1_hiera_tiny_random.pt,
     "sam2_config": .../sam2.1_hiera_tiny_random.yaml} for seed 0 (``write_tiny_backbones``)."""
-    return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0)
+    return write_tiny_backbones(tmp_path_factory.mktemp("tiny_backbones"), seed=0, sam_image_size=TESTS_SAM_SIZE)
 
 
 @pytest.fixture(scope="session")

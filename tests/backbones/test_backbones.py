@@ -30,6 +30,7 @@ from regionspot_pl.backbones import (
     model_identity,
     text_embeddings,
 )
+from regionspot_pl.backbones.sam import build_tiny_sam
 from regionspot_pl.backbones.tiny import write_tiny_backbones
 from regionspot_pl.tiny import main as tiny_main
 
@@ -107,7 +108,9 @@ def _decode_one(segmenter, embedding, prompts, image_size, **kwargs):
 def test_build_tiny_sam_is_frozen(sam):
     assert not sam.training
     assert all(not p.requires_grad for p in sam.parameters())
-    assert sam.image_encoder.img_size == TINY_SAM_CONFIG["image_size"] == 512
+    # the session's checkpoint is written at the tests' 256 px input and read back at it
+    assert sam.image_encoder.img_size == 256 and sam.prompt_encoder.image_embedding_size == (16, 16)
+    assert build_tiny_sam().image_encoder.img_size == TINY_SAM_CONFIG["image_size"] == 512
     assert sam.image_encoder.patch_embed.proj.out_channels == TINY_SAM_CONFIG["encoder_embed_dim"]
 
 
@@ -123,11 +126,12 @@ def test_segmenter_matches_sam_predictor(segmenter, sam, image):
     ref_input, ref_embedding, ref_tokens, ref_masks, ref_iou = _predictor_reference(sam, image, BOXES)
 
     x = segmenter.transform(image)
-    assert x.shape == (3, 512, 512) and x.dtype == torch.float32
+    side, grid = segmenter.image_size, segmenter.image_size // 16
+    assert x.shape == (3, side, side) and x.dtype == torch.float32
     torch.testing.assert_close(x, ref_input, rtol=0, atol=0)
 
     embedding = segmenter.encode_images(x[None])
-    assert embedding.shape == (1, 256, 32, 32)
+    assert embedding.shape == (1, 256, grid, grid)
     torch.testing.assert_close(embedding[0], ref_embedding)
 
     decoded = _decode_one(segmenter, embedding[0], Prompts(boxes=BOXES), IMAGE_HW)
@@ -184,13 +188,14 @@ def test_segmenter_rejects_bad_input(segmenter, image):
         segmenter.transform(image.astype(np.float32))
     with pytest.raises(ValueError, match="HxWx3"):
         segmenter.transform(image[..., 0])
-    with pytest.raises(ValueError, match=r"\[B, 3, 512, 512\]"):
-        segmenter.encode_images(torch.zeros(1, 3, 256, 256))
+    side, grid = segmenter.image_size, segmenter.image_size // 16
+    with pytest.raises(ValueError, match=rf"\[B, 3, {side}, {side}\]"):
+        segmenter.encode_images(torch.zeros(1, 3, side // 2, side // 2))
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         Prompts(boxes=torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"point_labels must be \[N, K\]"):
         Prompts(point_coords=torch.zeros(3, 2, 2), point_labels=torch.ones(3, 1))
-    embeddings = torch.zeros(2, 256, 32, 32)
+    embeddings = torch.zeros(2, 256, grid, grid)
     boxes, points = Prompts(boxes=BOXES), Prompts(point_coords=torch.ones(4, 1, 2), point_labels=torch.ones(4, 1))
     with pytest.raises(ValueError, match="must be alike"):
         segmenter.decode(embeddings, [boxes, points], [IMAGE_HW, IMAGE_HW])
@@ -369,7 +374,7 @@ def test_load_clip_errors(tmp_path):
 # ------------------------------------------------------------------------------ tiny writer
 
 
-def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys):
+def test_tiny_cli_is_deterministic_and_loadable(tmp_path, capsys):
     assert tiny_main([str(tmp_path), "--seed", "0"]) == 0
     paths = {name: Path(path) for name, path in (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())}
     assert paths == {
@@ -380,7 +385,7 @@ def test_tiny_cli_is_deterministic_and_loadable(tiny_backbones, tmp_path, capsys
         "sam2_checkpoint": tmp_path / "sam2.1_hiera_tiny_random.pt",
         "sam2_config": tmp_path / "sam2.1_hiera_tiny_random.yaml",
     }
-    reference = tiny_backbones
+    reference = write_tiny_backbones(tmp_path / "reference", seed=0)  # at the default sizes, as the command
     for name in ("sam_checkpoint", "sam2_checkpoint", "sam2_config"):
         assert paths[name].read_bytes() == reference[name].read_bytes()
     for folder in ("clip_dir", "siglip_dir", "metaclip2_dir"):
@@ -401,7 +406,8 @@ def test_decode_of_several_images_equals_the_per_image_path(segmenter):
     """All boxes of several images in few decoder calls give each image's own decode."""
     gen = torch.Generator().manual_seed(0)
     sizes = [(300, 400), (512, 384), (200, 510)]
-    embeddings = torch.randn(3, 256, 32, 32, generator=gen)
+    grid = segmenter.image_size // 16
+    embeddings = torch.randn(3, 256, grid, grid, generator=gen)
     boxes = []
     for (h, w), n in zip(sizes, (5, 0, 7)):
         xy = torch.rand(n, 2, generator=gen) * torch.tensor([w / 2, h / 2])

@@ -37,9 +37,10 @@ OFFICIAL_SAM_CHECKPOINTS = {
 
 # The tiny SAM is for tests and CPU smoke runs: SAM's own classes at a toy size. The checkpoint
 # holds only a state dict, so these constants are what makes it loadable again; change them and
-# every sam_tiny.pth written before no longer fits. The 512 input keeps it fast enough for the
-# test suite on a small CPU (all boxes of an image batched); the prompt encoder and mask decoder are SAM's
-# standard ones, so the region token is 256-d exactly as with the real models.
+# every sam_tiny.pth written before no longer fits. Its input size is the one exception: 512 by
+# default, any multiple of 16 given to ``build_tiny_sam``, read back from a checkpoint's embedding
+# grid. The prompt encoder and mask decoder are SAM's standard ones, so the region token is 256-d
+# exactly as with the real models.
 TINY_SAM_CONFIG: dict[str, object] = {
     "encoder_embed_dim": 64,
     "encoder_depth": 2,
@@ -62,10 +63,10 @@ _SIGNATURES = {
 }
 
 
-def build_tiny_sam() -> Sam:
-    """A randomly initialised tiny SAM (``TINY_SAM_CONFIG``), built like ``_build_sam``."""
+def build_tiny_sam(image_size: int = int(TINY_SAM_CONFIG["image_size"])) -> Sam:
+    """A randomly initialised tiny SAM (``TINY_SAM_CONFIG``) with an ``image_size`` square input
+    (a multiple of 16), built like ``_build_sam``."""
     prompt_embed_dim = 256
-    image_size = int(TINY_SAM_CONFIG["image_size"])
     patch_size = 16
     grid = image_size // patch_size
     return Sam(
@@ -149,15 +150,21 @@ def build_sam(sam_type: str, checkpoint: str | Path | None) -> Sam:
                 f"checkpoint {str(path)!r} does not fit --sam_type {sam_type}: it is not a SAM "
                 f"state dict (no 'image_encoder.pos_embed'); expected the official {official}"
             )
-        if sig != _SIGNATURES[sam_type]:
-            found = [t for t, s in _SIGNATURES.items() if s == sig]
+        expected = _SIGNATURES[sam_type]
+        if sam_type == "tiny":  # a tiny SAM's input size is its checkpoint's: 16 x its embedding grid
+            expected = (*expected[:2], sig[2])
+        if sig != expected:
+            found = [t for t, s in _SIGNATURES.items() if s == sig or (t == "tiny" and s[:2] == sig[:2])]
             guess = f"it looks like --sam_type {found[0]}" if found else "it matches no known type"
             raise BackboneError(
                 f"checkpoint {str(path)!r} does not fit --sam_type {sam_type}: image encoder "
-                f"width/depth/grid {sig}, expected {_SIGNATURES[sam_type]}; {guess}"
+                f"width/depth/grid {sig}, expected {expected}; {guess}"
             )
 
-    sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
+    if sam_type == "tiny":
+        sam = build_tiny_sam(16 * sig[2]) if state is not None else build_tiny_sam()
+    else:
+        sam = sam_model_registry[sam_type](checkpoint=None)
     return frozen_with_weights(sam, state, checkpoint, sam_type)
 
 

@@ -108,9 +108,10 @@ def tiny_pair(out_dir: str | Path, sam: str = "sam", vlm: str = "clip") -> dict[
     }
 
 
-def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+def write_tiny_backbones(out_dir: str | Path, seed: int = 0, sam_image_size: int | None = None) -> dict[str, Path]:
     """Write random tiny SAM and CLIP weights under ``out_dir``, and tiny SigLIP and MetaCLIP 2
-    folders (:mod:`.tiny_vlm`).
+    folders (:mod:`.tiny_vlm`); the tiny SAM's input is ``sam_image_size`` (a multiple of 16;
+    default ``TINY_SAM_CONFIG["image_size"]``).
 
     Returns:
         :func:`tiny_backbone_paths`: {"sam_checkpoint": out_dir/sam_tiny.pth, "clip_dir": out_dir/clip_tiny,
@@ -123,7 +124,7 @@ def write_tiny_backbones(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     sam_path, clip_dir = paths["sam_checkpoint"], paths["clip_dir"]
 
     torch.manual_seed(seed)
-    sam = build_tiny_sam()
+    sam = build_tiny_sam(sam_image_size) if sam_image_size else build_tiny_sam()
     # contiguous clones: saved storages then hold exactly each tensor's bytes
     torch.save({k: v.detach().clone().contiguous() for k, v in sam.state_dict().items()}, sam_path)
 
