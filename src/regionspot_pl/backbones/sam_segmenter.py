@@ -26,7 +26,8 @@ class SamSegmenter(BatchedSegmenter):
 
     Attributes:
         sam: segment-anything's ``Sam``.
-        image_size: SAM's square input side (1024 for the official models, 512 for ``tiny``).
+        image_size: SAM's square input side (1024 for the official models, 512 for ``tiny`` unless its
+            checkpoint was written at another size).
         token_dim: width of a region token (256).
         transform: the picklable ``SamTransform``; hand it to DataLoader workers instead of
             this module (which holds the weights).
