@@ -195,6 +195,13 @@ def test_region_embeddings_are_the_predictors_embeddings(setup):
     multi = predictor.region_embeddings(point_coords=coords, point_labels=labels, multimask_output=True)
     assert multi.shape == (2, 3, 64)
     assert predictor.region_embeddings([]).shape == (0, 64)
+    # predict's return_embeddings: the same rows from its own pass (same inputs, same arithmetic)
+    named = predictor.predict(boxes, VOCAB, point_coords=coords, point_labels=labels, return_embeddings=True)
+    torch.testing.assert_close(torch.from_numpy(np.stack([r["embedding"] for r in named])), emb, rtol=0, atol=0)
+    named = predictor.predict(None, VOCAB, point_coords=coords, point_labels=labels, multimask_output=True,
+                              return_embeddings=True)  # fmt: skip
+    torch.testing.assert_close(torch.from_numpy(np.stack([r["embedding"] for r in named])), multi, rtol=0, atol=0)
+    assert "embedding" not in results[0]
 
 
 def test_bad_prompts_are_refused_with_what_is_wrong(setup):

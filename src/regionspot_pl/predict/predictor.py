@@ -246,6 +246,7 @@ class Predictor:
         point_coords: PointsLike | None = None,
         point_labels: PointsLike | None = None,
         multimask_output: bool = False,
+        return_embeddings: bool = False,
     ) -> list[dict[str, Any]]:
         """Name each region of the current image: a box, points, or both, as SAM takes them.
 
@@ -266,6 +267,9 @@ class Predictor:
             point_labels: same layout without the last axis, 1 foreground / 0 background;
                 None: all foreground.
             multimask_output: SAM's three candidate masks per region, each named.
+            return_embeddings: add ``"embedding"``: the region's :meth:`region_embeddings` row,
+                [text_dim] float32 ([3, text_dim] with ``multimask_output``), from the same
+                decoder and head pass as the names.
 
         Returns:
             one dict per region: ``box`` [4] floats (None without a box), ``point_coords``
@@ -286,7 +290,11 @@ class Predictor:
         embeddings, attention = self._run_head(tokens, return_attention)
         texts = self._text(names).to(embeddings.device)
         probs = region_logits(embeddings, texts, self.head.config.logit_scale).softmax(-1)
-        return _named_regions(prompts, names, probs.cpu(), topk, masks, iou, attention)
+        results = _named_regions(prompts, names, probs.cpu(), topk, masks, iou, attention)
+        if return_embeddings:
+            for result, embedding in zip(results, _unit(embeddings)):
+                result["embedding"] = embedding.numpy()
+        return results
 
     def region_embeddings(
         self,
@@ -312,7 +320,7 @@ class Predictor:
             return torch.zeros(0, *((3,) if multimask_output else ()), dim)
         tokens, _, _ = self._prompt_tokens(prompts, multimask_output)
         embeddings, _ = self._run_head(tokens, with_attention=False)
-        return F.normalize(embeddings.float(), dim=-1, eps=1e-7).cpu()
+        return _unit(embeddings)
 
     def attention_maps(
         self,
@@ -359,6 +367,11 @@ def region_box(result: dict[str, Any]) -> list[float]:
         return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
     xy = np.asarray(result["point_coords"], dtype=np.float64)
     return [*xy.min(0).tolist(), *xy.max(0).tolist()]
+
+
+def _unit(embeddings: Tensor) -> Tensor:
+    """Region embeddings [..., text_dim] -> L2-normalized float32 on the CPU."""
+    return F.normalize(embeddings.float(), dim=-1, eps=1e-7).cpu()
 
 
 def _named_regions(

@@ -114,7 +114,9 @@ class NamingEngine:
         predictor = self.predictor
         predictor.set_image(request.pixels, features)
         prompts = {"point_coords": request.point_coords, "point_labels": request.point_labels}
-        results = predictor.predict(request.boxes, request.vocabulary, topk=request.top_k, **prompts)
+        results = predictor.predict(
+            request.boxes, request.vocabulary, topk=request.top_k, return_embeddings=request.embeddings, **prompts
+        )
         regions = [
             {"box": region_box(r), "labels": r["labels"], "scores": r["scores"], "iou": r["iou"]} for r in results
         ]
@@ -122,8 +124,8 @@ class NamingEngine:
             for region, rle in zip(regions, masks_to_rle(np.stack([r["mask"] for r in results]))):
                 region["mask"] = rle
         if request.embeddings:
-            for region, embedding in zip(regions, predictor.region_embeddings(request.boxes, **prompts).tolist()):
-                region["embedding"] = embedding
+            for region, result in zip(regions, results):
+                region["embedding"] = result["embedding"].tolist()
         return {"regions": regions}
 
     # -------------------------------------------------------------------------------- memory
