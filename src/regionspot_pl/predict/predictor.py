@@ -45,6 +45,7 @@ from .prompts import (
     read_vocabulary,
     region_prompts,
 )
+from .results import named_regions
 
 # Prompts per SAM decoder call: it repeats the image embedding per prompt, so a bound keeps
 # "name everything" (hundreds of masks) within memory on a small machine.
@@ -290,11 +291,8 @@ class Predictor:
         embeddings, attention = self._run_head(tokens, return_attention)
         texts = self._text(names).to(embeddings.device)
         probs = region_logits(embeddings, texts, self.head.config.logit_scale).softmax(-1)
-        results = _named_regions(prompts, names, probs.cpu(), topk, masks, iou, attention)
-        if return_embeddings:
-            for result, embedding in zip(results, _unit(embeddings)):
-                result["embedding"] = embedding.numpy()
-        return results
+        unit = _unit(embeddings) if return_embeddings else None
+        return named_regions(prompts, names, probs.cpu(), topk, masks, iou, attention, unit)
 
     def region_embeddings(
         self,
@@ -343,64 +341,6 @@ class Predictor:
         return attention
 
 
-def best_candidate(result: dict[str, Any]) -> dict[str, Any]:
-    """A multimask result reduced to its candidate of highest predicted IoU (as a single-mask
-    result: ``labels``, ``scores``, ``mask``, ``iou``, ``attention``); others as they are."""
-    if "masks" not in result:
-        return result
-    j = int(np.argmax(result["iou"]))
-    best = {k: v for k, v in result.items() if k != "masks"}
-    best.update(labels=result["labels"][j], scores=result["scores"][j],
-                mask=result["masks"][j], iou=result["iou"][j])  # fmt: skip
-    if "attention" in result:
-        best["attention"] = result["attention"][j]
-    return best
-
-
-def region_box(result: dict[str, Any]) -> list[float]:
-    """The region's prompt box, else the box around its mask, else around its points."""
-    if result.get("box") is not None:
-        return result["box"]
-    mask = result.get("mask")
-    if mask is not None and mask.any():
-        rows, cols = np.nonzero(mask)
-        return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
-    xy = np.asarray(result["point_coords"], dtype=np.float64)
-    return [*xy.min(0).tolist(), *xy.max(0).tolist()]
-
-
 def _unit(embeddings: Tensor) -> Tensor:
     """Region embeddings [..., text_dim] -> L2-normalized float32 on the CPU."""
     return F.normalize(embeddings.float(), dim=-1, eps=1e-7).cpu()
-
-
-def _named_regions(
-    prompts: list[RegionPrompt],
-    names: list[str],
-    probs: Tensor,
-    topk: int,
-    masks: Tensor,
-    iou: Tensor,
-    attention: Tensor | None,
-) -> list[dict[str, Any]]:
-    """One result dict per prompt (see :meth:`Predictor.predict`): its ``topk`` best names,
-    their probabilities, SAM's mask(s) and predicted IoU, and the attention if recorded."""
-    k = min(topk, len(names))
-    # stable sort: equal probabilities keep vocabulary order, as score_regions does
-    top_p, top_i = probs.sort(dim=-1, descending=True, stable=True)
-    top_p, top_i = top_p[..., :k].tolist(), top_i[..., :k].tolist()
-    masks_np, iou_list = masks.cpu().numpy(), iou.cpu().tolist()
-    multimask = masks_np.ndim == 4
-    results = []
-    for n, prompt in enumerate(prompts):
-        result = prompt.describe()
-        if multimask:
-            result["labels"] = [[names[i] for i in row] for row in top_i[n]]
-            result.update(scores=top_p[n], masks=masks_np[n], iou=iou_list[n])
-        else:
-            result["labels"] = [names[i] for i in top_i[n]]
-            result.update(scores=top_p[n], mask=masks_np[n], iou=iou_list[n])
-        if attention is not None:
-            result["attention"] = attention[n].numpy()
-        results.append(result)
-    return results

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..utils.io import OutputError, write_json_atomic
 from .everything import label_images, list_images, picture_paths
-from .predictor import Predictor, best_candidate, region_box
+from .predictor import Predictor
 from .prompts import PromptError, load_image, read_vocabulary, region_prompts
+from .results import best_candidate, region_box
 from .settings import PredictConfig
 
 

@@ -25,8 +25,9 @@ from ..backbones.common import resolve_device
 from ..backbones.encoder import ImageFeatures
 from ..backbones.templates import TEMPLATES
 from ..errors import RegionSpotError
-from ..predict.predictor import Predictor, region_box
+from ..predict.predictor import Predictor
 from ..predict.prompts import read_vocabulary
+from ..predict.results import region_box
 from ..utils.io import masks_to_rle
 from .caches import LRUCache
 from .requests import NamingRequest, RequestError
