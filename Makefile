@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATASET ?=
 ARGS ?=
 
-.PHONY: install test lint demo extract bench bench-real clean-demo serve app browser
+.PHONY: install test lint demo extract bench bench-real clean-demo serve app browser gpu-wheels
 
 install: $(STAMP)
 
@@ -52,6 +52,21 @@ bench: install
 # ARGS="--tiny": the same code on the tiny backbones, in seconds
 bench-real: install
 	$(PY) scripts/bench_real.py $(ARGS)
+
+# make gpu-wheels: the wheels a GPU machine without network access needs for the benchmarks (its
+# Python 3.12 already has torch, numpy and more; scripts/gpu_wheels.sh lists what it lacks), at the
+# versions constraints.txt pins, into the git-ignored .whl/ so that they travel with the working tree.
+# There, in the repository root, with nothing of ours installed:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD/src
+# Re-running fetches only what is missing. WHEELS_PYTHON=3.N: for another Python of that machine.
+# Source-only packages (sam2, ...) are built here, with this venv's pip and setuptools.
+WHEELS_DIR      ?= .whl
+WHEELS_PYTHON   ?= 3.12
+WHEELS_PACKAGES ?=
+gpu-wheels: install
+	PYTHON=$(PY) WHEELS_DIR=$(WHEELS_DIR) WHEELS_PYTHON_VERSION=$(WHEELS_PYTHON) \
+	  WHEELS_PACKAGES="$(WHEELS_PACKAGES)" WHEELS_CONSTRAINTS=constraints.txt bash scripts/gpu_wheels.sh
 
 # make serve / make app [ARGS="--port 8001"]: the demo's trained head on its tiny backbones, over HTTP
 # (README: "Name regions over HTTP and on a web page") or on a web page (port 7860), with the demo's
