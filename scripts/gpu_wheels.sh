@@ -112,7 +112,7 @@ wheel_fits() {
         fi
     done
     for tag in ${plat//./ }; do
-        [[ "$tag" == any || "$tag" =~ ^manylinux.*_x86_64$ ]] && ok_plat=1
+        if [[ "$tag" == any || "$tag" =~ ^manylinux.*_x86_64$ ]]; then ok_plat=1; fi
     done
     ((ok_py && ok_plat))
 }
@@ -125,9 +125,13 @@ have_wheel() {
         base=${f##*/}
         if [[ "$(normalize "${base%%-*}")" == "$want" ]]; then
             IFS=- read -r _ fver _ <<<"$base"
-            [[ "$fver" == "$version" ]] && wheel_fits "$f" && echo "$f" && return
+            if [[ "$fver" == "$version" ]] && wheel_fits "$f"; then
+                echo "$f"
+                return 0
+            fi
         fi
     done
+    return 0 # none: an empty answer, not a failure (which would end the script under set -e)
 }
 
 # Other versions (or wheels for another Python) of a name: removed, as two versions of one package
@@ -145,8 +149,9 @@ drop_others() {
 }
 
 # pip's --platform matches each tag exactly, so the common manylinux tags are named first and, for
-# a package published only for a newer glibc, the others up to the machine's (Python 3.12.3 is
-# Ubuntu 24.04's, glibc 2.39).
+# a package published only for a newer glibc, the others up to 2.39 (the machine's Python 3.12.3 is
+# the one Ubuntu 24.04 ships, with glibc 2.39; a wheel for a newer glibc than the machine's would
+# fail there at import). None of the list needs the second set today.
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 MORE_PLATFORMS=()
 for n in 24 31 34 35 39 38 37 36 33 32 30 29 26 25; do MORE_PLATFORMS+=("manylinux_2_${n}_x86_64"); done
@@ -166,7 +171,7 @@ download_binary() {
 # so that no torch is downloaded for a build that does not use it; the others in an isolated build.
 build_sdist() {
     local name=$1 spec=$2 out=$3 isolation=()
-    [[ "$(normalize "$name")" == sam2 ]] && isolation=(--no-build-isolation)
+    if [[ "$(normalize "$name")" == sam2 ]]; then isolation=(--no-build-isolation); fi
     SAM2_BUILD_CUDA=0 "$PYTHON" -m pip wheel -q --no-deps "${isolation[@]}" --no-binary "$name" -w "$out" "$spec"
 }
 
