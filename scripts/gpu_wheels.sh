@@ -19,8 +19,12 @@
 # `scripts/gpu_wheels.sh --print` prints NAME==VERSION for each name and touches no network.
 set -euo pipefail
 
-# What the machine lacks. `--no-deps` installs nothing implicitly, so each dependency of these that
-# the machine does not have is named here too (the machine's list: see the comments).
+# What the machine lacks. The install there is `--no-deps`, so each dependency of these that the
+# machine does not have (or has at a version too old for them) is named here too. Relied on from
+# the machine, not carried: pytorch-lightning (lightning's metadata names it), portalocker (iopath),
+# opencv-python-headless (the cv2 of lvis), aiohttp (fsspec[http]), typer and click (transformers,
+# uvicorn) and regex, tokenizers, safetensors and accelerate, whose versions there meet the floors
+# of our transformers (the same as those of the transformers there, but for huggingface_hub).
 DEFAULT_PACKAGES=(
     # SAM, the cache's shard format and the metrics
     segment-anything webdataset braceexpand pycocotools lvis hotcoco
@@ -154,7 +158,9 @@ drop_others() {
 # fail there at import). None of the list needs the second set today.
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 MORE_PLATFORMS=()
-for n in 24 31 34 35 39 38 37 36 33 32 30 29 26 25; do MORE_PLATFORMS+=("manylinux_2_${n}_x86_64"); done
+for n in $(seq 39 -1 18); do
+    if ((n != 28 && n != 27)); then MORE_PLATFORMS+=("manylinux_2_${n}_x86_64"); fi
+done
 
 download_binary() {
     local spec=$1 out=$2 p args=()
