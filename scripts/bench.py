@@ -65,7 +65,7 @@ from benchmarks.extract_stage import OPTIONS, bench_extraction  # noqa: E402
 from benchmarks.flops_stage import bench_flops  # noqa: E402
 from benchmarks.load_stage import bench_loading  # noqa: E402
 from benchmarks.serve_stage import QUICK as SERVE_QUICK  # noqa: E402
-from benchmarks.serve_stage import ServeSizes, bench_serving  # noqa: E402
+from benchmarks.serve_stage import ServeSizes, bench_serving, tiny_served_model  # noqa: E402
 from benchmarks.train_stage import bench_training  # noqa: E402
 
 
@@ -143,7 +143,7 @@ def run_stages(table: Table, out: Path, sizes: Sizes, stages: set[str]) -> None:
     if "eval" in stages:
         bench_evaluation(table, val, bl_eval, sizes.eval_repeat)
     if "serve" in stages:
-        bench_serving(table, out, data, backbones, sizes.serve)
+        bench_serving(table, out, data, tiny_served_model(backbones), sizes.serve)
 
 
 def report(table: Table, out: Path, quick: bool, sizes: Sizes, seconds: float, load: tuple[float, float]) -> None:

@@ -65,17 +65,56 @@ def test_make_bench_quick_runs_every_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_make_bench_real_tiny_runs_extraction_and_training(tmp_path):
+def test_make_bench_real_tiny_runs_every_stage(tmp_path, tiny_backbones):
     out = tmp_path / "real"
+    (out / "tiny").mkdir(parents=True)  # the session's tiny backbones, as bench-real's tiny mode finds them
+    for path in tiny_backbones.values():
+        (out / "tiny" / path.name).symlink_to(path)
     printed = make("bench-real", ["--tiny", "--device", "cpu", "--out", str(out)], tmp_path / "installed")
-    rows = json.loads((out / "bench_real.json").read_text())["rows"]
-    assert stages(rows) == {"real extract (cpu)", "real segmenter (cpu)", "real train (cpu)", "real load"}
-    assert {r["raw"]["tflop_per_image"] > 0 for r in rows if r["stage"].startswith("real extract")} == {True}
+    report = json.loads((out / "bench_real.json").read_text())
+    rows = report["rows"]
+    assert not [(r["stage"], r["ours"]) for r in rows if r["stage"].endswith(": failed")]
+    assert stages(rows) == {"real extract (cpu)", "real profile (cpu)", "real segmenter (cpu)", "real train (cpu)",
+                            "real load", "fit (cpu)", "serve"}  # fmt: skip
+    extract = [r["raw"] for r in rows if r["stage"].startswith("real extract")]
+    assert {(r["sam_type"].rsplit("/", 1)[-1], r["precision"], r["batch"]) for r in extract} == {
+        (sam, precision, 2) for sam in ("tiny", "sam2.1_hiera_tiny_random.yaml") for precision in ("fp32", "bf16")
+    }
+    assert all(r["tflop_per_image"] > 0 and r["images_per_s"] > 0 for r in extract)
+    profiled = [r for r in rows if r["stage"].startswith("real profile")]  # SAM, the first precision, batch 2
+    assert [r["stage"].split(", ", 1)[1] for r in profiled] == ["batch 2, --precision fp32"]
+    assert profiled[0]["raw"] == json.loads((out / "profile" / "summary.json").read_text())
+    assert profiled[0]["raw"]["wall_s"] > 0 and profiled[0]["raw"]["gpu_idle_fraction"] is None  # no GPU
     segmenters = [r["raw"] for r in rows if r["stage"].startswith("real segmenter")]
     assert [r["sam_type"].rsplit("/", 1)[-1] for r in segmenters] == ["tiny", "sam2.1_hiera_tiny_random.yaml"]
     for raw in segmenters:
         assert raw["encoder_ms_per_image"] > 0 and raw["decoder_ms_per_box"] > 0 and raw["boxes_per_image"] > 0
+    # fit's own train on the synthetic cache with workers 0 and 2, then under DDP (gloo on a CPU)
+    fits = [r["raw"] for r in rows if r["stage"].startswith("fit")]
+    assert [(r["workers"], r["strategy"], r["backend"]) for r in fits][:2] == [
+        (0, "SingleDeviceStrategy", None),
+        (2, "SingleDeviceStrategy", None),
+    ]
+    assert (fits[2]["strategy"], fits[2]["backend"]) == ("DDPStrategy", "gloo") and fits[2]["vs_without_ddp"] > 0
+    assert all(r["images"] > 0 and r["images_per_s"] > 0 for r in fits)
+    serving = next(r["raw"] for r in rows if r["stage"].startswith("serve: 16 clients"))
+    assert serving["batched_per_s"] > 0 and serving["single_per_s"] > 0
+    lines = (out / "bench_real.md").read_text().splitlines()
+    assert lines[0].startswith("- **Device:** ") and "fp32" in lines[0] and "bf16" in lines[0]
+    assert lines[1].startswith("- **Command:** `python scripts/bench_real.py --tiny --device cpu --out ")
     assert "| stage" in printed
+
+
+def test_bench_real_lists_what_a_spent_budget_skips(tmp_path, monkeypatch):
+    """A stage (or setting) that would start past its share of --budget-s is a row saying so, not a run."""
+    code = run_script("bench_real.py", ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "1e-9",
+                                        "--stages", "segmenters", "serve"], monkeypatch)  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "bench_real.json").read_text())["rows"]
+    assert [(r["stage"], r["ours"]) for r in rows] == [
+        ("real segmenter (cpu)", "skipped: time budget spent"),
+        ("serve (cpu)", "skipped: time budget spent"),
+    ]
 
 
 @pytest.mark.slow

@@ -1,8 +1,11 @@
-"""Synthetic RegionSpot-BL shards: what extracting O365 with SAM ViT-B + CLIP ViT-L/14 writes."""
+"""Synthetic RegionSpot-BL shards: what extracting O365 with SAM ViT-B + CLIP ViT-L/14 writes, or
+the same for another CLIP's token count and width."""
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +17,34 @@ from regionspot_pl.train.datamodule import RegionBatch, collate_regions
 
 from .common import BL
 
+# the shards' CLIP when no real folder stands behind them (the reader and the head need only its sizes)
+BL_CLIP = ClipBackbone("synthetic ViT-L/14", "synthetic", 224, BL["tokens"], BL["clip_dim"], BL["text_dim"], 100.0)
+SAM_TOKEN_DIM = 256
 
-def bl_sample(rng: np.random.Generator, image_id: int) -> dict:
-    """One encoded sample: ~16 boxes (Poisson), SAM tokens [N, 256] and CLIP tokens [257, 1024] in float16."""
+
+def bl_sample(
+    rng: np.random.Generator, image_id: int, clip: ClipBackbone = BL_CLIP, classes: int = BL["classes"]
+) -> dict:
+    """One encoded sample: ~16 boxes (Poisson) of ``classes`` classes, SAM tokens [N, 256] and CLIP
+    tokens [T, D] in float16."""
     n = max(1, int(rng.poisson(BL["boxes"])))
     xy = rng.uniform(0, 400, size=(n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(8, 200, size=(n, 2))], axis=1).astype(np.float32)
     return encode_sample(
         image_id,
-        rng.standard_normal((n, 256)).astype(np.float16),
+        rng.standard_normal((n, SAM_TOKEN_DIM)).astype(np.float16),
         boxes,
-        rng.integers(0, BL["classes"], n),
+        rng.integers(0, classes, n),
         np.ones(n, np.float32),
-        rng.standard_normal((BL["tokens"], BL["clip_dim"])).astype(np.float16),
+        rng.standard_normal((clip.tokens, clip.vision_dim)).astype(np.float16),
         {"file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480, "dataset": "bl"},
         iou=rng.uniform(0.5, 1.0, n).astype(np.float32),
     )
+
+
+def sample_bytes(clip: ClipBackbone = BL_CLIP) -> int:
+    """Bytes of one sample's token arrays (16 boxes), what a cache's size is counted in."""
+    return 2 * (clip.tokens * clip.vision_dim + BL["boxes"] * SAM_TOKEN_DIM)
 
 
 def bl_batch(rng: np.random.Generator, size: int) -> RegionBatch:
@@ -37,25 +52,44 @@ def bl_batch(rng: np.random.Generator, size: int) -> RegionBatch:
     return collate_regions([decode_sample(bl_sample(rng, i + 1)) | {"dataset_index": 0} for i in range(size)])
 
 
-def write_bl_shards(folder: Path, num_images: int, shard_size: int = 32) -> Path:
-    """``num_images`` BL samples in shards with a manifest, as extraction leaves them; kept for reruns."""
+def _write_shard(folder: Path, index: int, first_id: int, count: int, clip: ClipBackbone, classes: int) -> None:
+    rng = np.random.default_rng([0, index])  # each shard its own stream: any process writes it alike
+    writer = AtomicShardWriter(folder / shard_name("bl", 0, index))
+    for image_id in range(first_id, first_id + count):
+        writer.write(bl_sample(rng, image_id, clip, classes))
+    writer.commit({"num_classes": classes})
+
+
+def write_bl_shards(
+    folder: Path, num_images: int, shard_size: int = 32, clip: ClipBackbone = BL_CLIP, text_cache: str = "",
+    processes: int = 1, classes: int = BL["classes"],
+) -> Path:  # fmt: skip
+    """``num_images`` samples of ``clip``'s sizes and ``classes`` classes (O365's 365 by default) in
+    shards with a manifest, as extraction leaves them, written by ``processes`` processes; kept for
+    reruns of the same size, CLIP and vocabulary."""
     try:
-        if Manifest.read(folder).config.get("images") == num_images:
+        old = Manifest.read(folder)
+        same_vocabulary = len(old.vocabulary) == classes and old.text_cache == text_cache
+        if old.config.get("images") == num_images and old.clip == clip and same_vocabulary:
             return folder
     except ShardFormatError:
         pass  # none yet, or of an older format or protocol: write them again
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for j, start in enumerate(range(0, num_images, shard_size)):
-        writer = AtomicShardWriter(folder / shard_name("bl", 0, j))
-        for image_id in range(start + 1, min(start + shard_size, num_images) + 1):
-            writer.write(bl_sample(rng, image_id))
-        writer.commit({"num_classes": BL["classes"]})
-    vocab = Vocabulary(tuple(f"class_{i}" for i in range(BL["classes"])), tuple(range(1, BL["classes"] + 1)))
-    clip = ClipBackbone("synthetic ViT-L/14", "synthetic", 224, BL["tokens"], BL["clip_dim"], BL["text_dim"], 100.0)
+    starts = range(0, num_images, shard_size)
+    jobs = [
+        (folder, j, start + 1, min(shard_size, num_images - start), clip, classes) for j, start in enumerate(starts)
+    ]
+    if processes > 1:  # the numpy work of the samples in forked processes, each writing whole shards
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_write_shard, *zip(*jobs)))
+    else:
+        for job in jobs:
+            _write_shard(*job)
+    vocab = Vocabulary(tuple(f"class_{i}" for i in range(classes)), tuple(range(1, classes + 1)))
     sam = SamBackbone("synthetic", "none", "synthetic", 1024)
     Manifest(
-        vocab, sam, clip, text_cache="", precision="fp16", dataset="bl", config={"masks": False, "images": num_images}
-    ).write(folder)
+        vocab, sam, clip, text_cache=text_cache, precision="fp16", dataset="bl",
+        config={"masks": False, "images": num_images},
+    ).write(folder)  # fmt: skip
     return folder

@@ -41,8 +41,8 @@ def segmenter_cases(paths: dict[str, Path], tiny: bool) -> list[SegmenterCase]:
     their values); ``tiny``: the tiny SAM and the tiny SAM 2.1 of ``write_tiny_backbones``."""
     if tiny:
         return [
-            SegmenterCase("tiny SAM@512", "tiny", paths["sam_checkpoint"]),
-            SegmenterCase("tiny SAM 2.1@1024", str(paths["sam2_config"]), paths["sam2_checkpoint"]),
+            SegmenterCase("tiny SAM", "tiny", paths["sam_checkpoint"]),
+            SegmenterCase("tiny SAM 2.1", str(paths["sam2_config"]), paths["sam2_checkpoint"]),
         ]
     return [
         SegmenterCase("SAM ViT-B@1024", "vit_b", paths["sam_checkpoint"]),

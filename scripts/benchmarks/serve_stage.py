@@ -200,14 +200,41 @@ def memory(url: str, pid: int, images: list[Path], sizes: ServeSizes) -> list[fl
     return used
 
 
-def bench_serving(table: Table, out: Path, data: dict, backbones: dict, sizes: ServeSizes) -> dict:
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server loads: the segmenter (``--sam_type`` and checkpoint), the CLIP folder, a
+    random head of the CLIP's widths (``head_variant``, else the tiny CLIP's), and the device."""
+
+    label: str
+    sam_type: str
+    sam_checkpoint: Path
+    clip_dir: Path
+    head_variant: str | None = None
+    device: str = "cpu"
+
+    def flags(self, folder: Path) -> list[str]:
+        """The server's model flags, the head written into ``folder`` first."""
+        torch.manual_seed(0)
+        head = (
+            RegionSpotHead.from_variant(self.head_variant)
+            if self.head_variant
+            else RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=256, num_heads=4)
+        )
+        path = save_head(head.eval(), folder / "head.pt")
+        return ["--head", str(path), "--sam_type", self.sam_type, "--sam_checkpoint", str(self.sam_checkpoint),
+                "--clip_model", str(self.clip_dir), "--device", self.device]  # fmt: skip
+
+
+def tiny_served_model(backbones: dict) -> ServedModel:
+    """The tiny SAM and CLIP of ``write_tiny_backbones`` on the CPU."""
+    return ServedModel("tiny SAM+CLIP", "tiny", backbones["sam_checkpoint"], backbones["clip_dir"])
+
+
+def bench_serving(table: Table, out: Path, data: dict, model: ServedModel, sizes: ServeSizes) -> dict:
     """The serving rows of the table (see the module docstring)."""
     folder = out / "serve"
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    head = save_head(RegionSpotHead(clip_dim=128, text_dim=64, ffn_dim=256, num_heads=4).eval(), folder / "head.pt")
-    flags = ["--head", str(head), "--sam_type", "tiny", "--sam_checkpoint", str(backbones["sam_checkpoint"]),
-             "--clip_model", str(backbones["clip_dir"]), "--text_cache", str(folder / "text.h5"),
+    flags = [*model.flags(folder), "--text_cache", str(folder / "text.h5"),
              "--vocabulary", f"[demo={data['vocabulary']}]", "--image_cache", str(sizes.image_cache),
              "--text_cache_entries", str(sizes.text_cache_entries), "--batch_timeout", "0.01"]  # fmt: skip
     images = sorted(Path(data["val_images"]).glob("*.jpg"))
@@ -223,14 +250,14 @@ def bench_serving(table: Table, out: Path, data: dict, backbones: dict, sizes: S
                     first, second = prompt_rounds(url, images, sizes.prompt_images)
                     used = memory(url, pid, images, sizes)
     rates = {name: summary(seconds[name], latencies[name], sizes.rounds * sizes.requests) for name in batch}
-    report(table, rates, (first, second), used, sizes)
+    report(table, model.label, rates, (first, second), used, sizes)
     return {"rates": rates, "prompt_rounds_s": [first, second], "memory_mb": used}
 
 
-def report(table: Table, rates: dict, rounds: tuple[float, float], used: tuple, sizes: ServeSizes) -> None:
+def report(table: Table, label: str, rates: dict, rounds: tuple[float, float], used: tuple, sizes: ServeSizes) -> None:
     batched, single = rates["batched"], rates["single"]
     table.add(
-        f"serve: {CLIENTS} clients, a new image each request (tiny SAM+CLIP), --max_batch_size 8 vs 1",
+        f"serve: {CLIENTS} clients, a new image each request ({label}), --max_batch_size 8 vs 1",
         f"{batched['per_s']:.1f} req/s", f"{single['per_s']:.1f} req/s (batch 1)", batched["per_s"] / single["per_s"],
         requests=sizes.requests * sizes.rounds, **{f"batched_{k}": v for k, v in batched.items()},
         **{f"single_{k}": v for k, v in single.items()},

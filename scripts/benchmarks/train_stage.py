@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from regionspot_pl.backbones.common import autocast_for
 from regionspot_pl.model import RegionSpotHead, region_focal_loss, region_logits
 from regionspot_pl.train.datamodule import DataConfig, RegionDataModule
 
 from .bl_shards import bl_batch
-from .common import BL, Table, now
+from .common import BL, Table, now, sync
 
 
 def clip_vit_l14():
@@ -48,6 +49,24 @@ def head_step(head: RegionSpotHead, optimizer: torch.optim.Optimizer, batch, tex
     torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
     optimizer.step()
     return loss.item()
+
+
+def device_step_rate(device: torch.device, precision: str, batch: int, steps: int, warm_up: int) -> float:
+    """Images/s of the BL head step on batches already in device memory, under ``precision``'s
+    autocast (fp16 without a GradScaler: a speed measurement only): the device's own ceiling."""
+    rng = np.random.default_rng(0)
+    head, optimizer, texts = bl_head_and_texts()
+    head, texts = head.to(device), texts.to(device)  # Module.to keeps the parameters the optimizer holds
+    batches = [bl_batch(rng, batch).to(device) for _ in range(4)]
+    with autocast_for(device, precision):
+        for i in range(warm_up):
+            head_step(head, optimizer, batches[i % 4], texts)
+        sync(device)
+        start = now()
+        for i in range(steps):
+            head_step(head, optimizer, batches[i % 4], texts)
+        sync(device)
+    return batch * steps / (now() - start)
 
 
 def cached_rates(bl_folder: Path, steps: int, batch_size: int) -> tuple[float, float]:

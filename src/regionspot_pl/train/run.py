@@ -157,6 +157,7 @@ def build_trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
+        strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator),
         gradient_clip_val=cfg.optim.clip_grad_norm,
         gradient_clip_algorithm="norm",

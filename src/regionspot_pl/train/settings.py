@@ -123,6 +123,8 @@ class TrainerConfig:
     """devices per node: a count, auto, or a list such as 0,1"""
     num_nodes: Annotated[int, Range(1)] = 1
     """nodes"""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """auto: Lightning's choice (DDP over several devices); ddp: DDP on one device too (NCCL on a GPU)"""
     precision: Precision = "auto"
     """auto: bf16-mixed where the card has bf16, 16-mixed on others (V100), 32-true on CPU"""
     log_every_n_steps: Annotated[int, Range(1)] = 50
