@@ -55,11 +55,14 @@ def stages(rows: list[dict]) -> set[str]:
 
 
 @pytest.mark.slow
-def test_make_bench_quick_runs_every_stage(tmp_path):
+def test_make_bench_quick_runs_every_stage_but_serving(tmp_path):
+    """Every stage but serving, whose code (``serve_stage.bench_serving``, two servers) runs in
+    make bench-real's tiny mode below: once in the suite is enough for the slowest stage."""
     out = tmp_path / "bench"
-    printed = make("bench", ["--quick", "--out", str(out)], tmp_path / "installed")
+    quick = ["--quick", "--out", str(out), "--stages", "metrics", "extract", "load", "flops", "train", "eval"]
+    printed = make("bench", quick, tmp_path / "installed")
     report = json.loads((out / "bench.json").read_text())
-    assert report["quick"] and stages(report["rows"]) == {"eval", "extract", "cpu", "load", "flops", "train", "serve"}
+    assert report["quick"] and stages(report["rows"]) == {"eval", "extract", "cpu", "load", "flops", "train"}
     assert all(row["ratio"] != "nan" for row in report["rows"])
     assert "| stage" in printed and "host path per image" in printed  # the table, then bench_host.py
 
@@ -78,7 +81,7 @@ def test_make_bench_real_tiny_runs_every_stage(tmp_path, tiny_backbones):
                             "real load", "fit (cpu)", "serve"}  # fmt: skip
     extract = [r["raw"] for r in rows if r["stage"].startswith("real extract")]
     assert {(r["sam_type"].rsplit("/", 1)[-1], r["precision"], r["batch"]) for r in extract} == {
-        (sam, precision, 2) for sam in ("tiny", "sam2.1_hiera_tiny_random.yaml") for precision in ("fp32", "bf16")
+        (sam, "fp32", 2) for sam in ("tiny", "sam2.1_hiera_tiny_random.yaml")
     }
     assert all(r["tflop_per_image"] > 0 and r["images_per_s"] > 0 for r in extract)
     profiled = [r for r in rows if r["stage"].startswith("real profile")]  # SAM, the first precision, batch 2

@@ -23,10 +23,13 @@ from .load_stage import reader_rate
 from .real_backbones import backbones_for, tiny_backbones, write_real_backbones
 from .real_extract_stage import ExtractSetting, bench_extraction, supported_precisions
 from .segmenter_stage import bench_segmenters, segmenter_cases
-from .serve_stage import QUICK, ServedModel, ServeSizes, bench_serving
+from .serve_stage import ServedModel, ServeSizes, bench_serving
 from .train_stage import bl_head_and_texts, device_step_rate, head_step
 
 GPU_SERVE = ServeSizes(requests=160, rounds=1, prompt_images=16, memory_requests=320, warmup=16)
+# --tiny: a few requests of each kind, enough to run every step (both servers, both rounds, the memory run)
+TINY_SERVE = ServeSizes(requests=4, rounds=1, prompt_images=1, memory_requests=8, image_cache=2, text_cache_entries=2,
+                        warmup=1)  # fmt: skip
 
 
 def skipped(table: Table, stage: str, deadline: float) -> bool:
@@ -45,10 +48,11 @@ def demo_data(args: argparse.Namespace, image_size: int) -> dict:
 
 
 def run_extract(table: Table, args: argparse.Namespace, device: torch.device, deadline: float, facts: dict) -> None:
-    """Every precision at every batch size, eager, then compiled (a GPU) at the middle batch size;
-    SAM ViT-B first (the published pair) with 60% of the time, then SAM 2.1 with what is left."""
+    """The device's two fastest precisions (``--tiny``: the first) at every batch size, eager, then
+    compiled (a GPU) at the middle batch size; SAM ViT-B first (the published pair) with 60% of the
+    time, then SAM 2.1 with what is left."""
     cuda = device.type == "cuda"
-    precisions = supported_precisions(device)[: 2 if cuda else len(supported_precisions(device))]
+    precisions = supported_precisions(device)[: 1 if args.tiny else 2]
     settings = [ExtractSetting(p, False, b) for p in precisions for b in args.batch_sizes]
     middle = args.batch_sizes[len(args.batch_sizes) // 2]
     if cuda:  # compiling SAM ViT-B on a 2-core CPU takes longer than the run
@@ -87,13 +91,14 @@ def run_train(table: Table, args: argparse.Namespace, device: torch.device, dead
     """The BL head step from device memory in each precision (the ceiling of training), then the
     shard reader alone over the synthetic cache with each number of workers."""
     batch, warm_up = (2, 1) if args.tiny else (16, 10)
+    gflop = None if args.tiny else head_gflop()  # counting the BL step takes seconds on a CPU
     for precision in supported_precisions(device):
         stage = f"real train ({device.type}): BL head step from device memory, {precision} autocast"
         if skipped(table, stage, deadline):
             continue
         rate = device_step_rate(device, precision, batch, args.steps, warm_up)
         table.add(
-            stage, f"{rate:.3g} img/s (batch {batch}; {matmul_share(rate, head_gflop(), facts, precision)})",
+            stage, f"{rate:.3g} img/s (batch {batch}; {matmul_share(rate, gflop, facts, precision)})",
             f"{TRAIN_TARGET} img/s (goal)", rate / TRAIN_TARGET, ratio_fmt="{:.3g}x", target=">= 1x (GPU)",
             met=rate >= TRAIN_TARGET if device.type == "cuda" else None, images_per_s=rate, precision=precision,
         )  # fmt: skip
@@ -157,7 +162,7 @@ def run_fit(table: Table, args: argparse.Namespace, device: torch.device, deadli
 
 def run_serve(table: Table, args: argparse.Namespace, device: torch.device, deadline: float, facts: dict) -> None:
     """The server on the device with SAM ViT-B + CLIP ViT-L/14 and a random BL head (``--tiny``:
-    the tiny pair and a head of its widths, at the quick sizes), and the share of the matmul rate
+    the tiny pair and a head of its widths, a few requests), and the share of the matmul rate
     its requests ask for."""
     if skipped(table, f"serve ({device.type})", deadline):
         return
@@ -167,7 +172,7 @@ def run_serve(table: Table, args: argparse.Namespace, device: torch.device, dead
         head_variant=None if args.tiny else "BL", device=device.type,
     )  # fmt: skip
     result = bench_serving(
-        table, args.out, demo_data(args, backbones.image_size), model, QUICK if args.tiny else GPU_SERVE
+        table, args.out, demo_data(args, backbones.image_size), model, TINY_SERVE if args.tiny else GPU_SERVE
     )
     if not args.tiny:  # a request on a new image: both image encoders, then 3 boxes through the decoder
         sam, per_box, clip = backbone_gflops(boxes=3)
