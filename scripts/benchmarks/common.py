@@ -11,6 +11,9 @@ import torch
 
 # RegionSpot-BL: CLIP ViT-L/14 tokens (257 x 1024), its text width, ~16 boxes per image, O365's classes
 BL = {"clip_dim": 1024, "text_dim": 768, "tokens": 257, "boxes": 16, "classes": 365}
+# openai/clip-vit-large-patch14's vision tower (transformers' CLIPVisionConfig fields)
+CLIP_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "image_size": 224, "patch_size": 14}  # fmt: skip
 TRAIN_TARGET = 5000  # images/s: the goal for training from the cache on one GPU (docs/benchmarks.md)
 EXTRACT_TARGET = 300  # images/s per GPU: the extraction goal (docs/benchmarks.md)
 H100_BF16_SPEC = 989  # TFLOP/s, H100 SXM dense bf16 datasheet figure (a measured matmul rate needs a GPU)

@@ -17,7 +17,7 @@ from regionspot_pl.backbones.tiny import tiny_backbone_paths, tiny_clip_tokenize
 from regionspot_pl.extract.features import FeatureExtractor
 from regionspot_pl.utils.io import AtomicFile
 
-from .common import counted_gflop
+from .common import CLIP_L14_VISION, counted_gflop
 from .flops_stage import backbone_gflops
 
 SAM2_TYPE = "sam2.1_hiera_b+"  # the SAM 2.1 of the real-size runs
@@ -31,10 +31,7 @@ def clip_vit_l14_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -
             "num_attention_heads": 12, "max_position_embeddings": 77, "eos_token_id": eos_token_id,
             "bos_token_id": bos_token_id, "pad_token_id": eos_token_id,
         },
-        vision_config={
-            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-            "image_size": 224, "patch_size": 14,
-        },
+        vision_config=CLIP_L14_VISION,
         projection_dim=768,
     )  # fmt: skip
 

@@ -16,18 +16,14 @@ from regionspot_pl.model import RegionSpotHead, region_focal_loss, region_logits
 from regionspot_pl.train.datamodule import DataConfig, RegionDataModule
 
 from .bl_shards import bl_batch
-from .common import BL, Table, now, sync
+from .common import BL, CLIP_L14_VISION, Table, now, sync
 
 
 def clip_vit_l14():
     """CLIP ViT-L/14's vision tower at 224 with random weights (speed does not depend on them)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    config = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
-        image_size=224,
-    )  # fmt: skip
-    return CLIPVisionModel(config).eval()
+    return CLIPVisionModel(CLIPVisionConfig(**CLIP_L14_VISION)).eval()
 
 
 def bl_head_and_texts(seed: int = 0) -> tuple[RegionSpotHead, torch.optim.Optimizer, torch.Tensor]:
