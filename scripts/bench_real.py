@@ -1,7 +1,7 @@
 """`make bench-real`: extraction, training and serving at real size on the best device present, in
 one run that keeps to a time budget: the GPU figures of docs/benchmarks.md.
 
-    .venv/bin/python scripts/bench_real.py                         # a GPU: every stage in ~9 minutes
+    .venv/bin/python scripts/bench_real.py                         # a GPU: every stage, within --budget-s (540 s)
     .venv/bin/python scripts/bench_real.py --stages fit serve      # some stages only
     .venv/bin/python scripts/bench_real.py --images 4 --steps 4 --workers 0 --batch-sizes 2 --stages extract train
                                                                    # a CPU smoke run (minutes on 2 cores)
