@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from regionspot_pl.backbones.common import PRECISION_DTYPES, resolved_precision
-from regionspot_pl.data.records import load_coco
-from regionspot_pl.demo.scenes import generate_demo_dataset
+from regionspot_pl.data.records import ImageRecord
 from regionspot_pl.extract.features import FeatureExtractor, ImageFeaturesInput
 from regionspot_pl.extract.run import ExtractConfig, load_extractor
 
@@ -45,12 +44,6 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def prepared_batches(dataset: ImageFeaturesInput, batch: int) -> list[list[dict]]:
-    """The dataset's items (decoded and resized as DataLoader workers do in a real run) in batches."""
-    items = [dataset[i] for i in range(len(dataset))]
-    return [items[b : b + batch] for b in range(0, len(items), batch)]
-
-
 def timed_pass(extractor: FeatureExtractor, prepared: list[list[dict]], device: torch.device) -> tuple[float, float]:
     """(seconds of a pass over the prepared batches, seconds of the warm-up batch before it)."""
     start = now()
@@ -65,31 +58,28 @@ def timed_pass(extractor: FeatureExtractor, prepared: list[list[dict]], device: 
 
 
 def bench_extraction(
-    table: Table, backbones: Backbones, out: Path, device: torch.device, num_images: int,
+    table: Table, backbones: Backbones, out: Path, device: torch.device, data: dict, records: list[ImageRecord],
     settings: Iterable[ExtractSetting], profile: ExtractSetting | None = None, deadline: float = float("inf"),
 ) -> None:  # fmt: skip
-    """One row per setting in order (a setting that would start after ``deadline``, a
-    ``time.perf_counter`` value, is listed as skipped); ``profile``: that setting once more
-    under the profiler, into OUT/profile."""
-    data = generate_demo_dataset(
-        out / f"demo_{backbones.image_size}", num_train=num_images, num_val=14, image_size=backbones.image_size, seed=0
-    )
-    records = sorted(load_coco(data["train_json"])[0], key=lambda r: r.image_id)[:num_images]
-    boxes = sum(len(r.boxes) for r in records)
+    """One row per setting in order over ``records`` of the demo scenes ``data`` (a setting that
+    would start after ``deadline``, a ``time.perf_counter`` value, is listed as skipped);
+    ``profile``: that setting once more under the profiler, into OUT/profile."""
+    num_images, boxes = len(records), sum(len(r.boxes) for r in records)
     cfg = ExtractConfig(
         images=str(data["train_images"]), annotations=str(data["train_json"]), out=str(out / "x"),
         sam_checkpoint=str(backbones.sam_checkpoint), clip_model=str(backbones.clip_dir),
         sam_type=backbones.sam_type, device=str(device),
     )  # fmt: skip
-    dataset, tflop = None, None
+    items, tflop = None, None
     for setting in settings:
         if now() > deadline:
             table.add(f"real extract ({device.type}): {backbones.label}, {setting}", "skipped: time budget spent")
             continue
         extractor = load_extractor(dataclasses.replace(cfg, precision=setting.precision, compile=setting.compiled))
-        if dataset is None:
+        if items is None:  # decoded and resized once, as DataLoader workers do in a real run
             dataset = ImageFeaturesInput([(0, r) for r in records], cfg.images, extractor.encoder.segmenter.transform)
-        prepared = prepared_batches(dataset, setting.batch)
+            items = [dataset[i] for i in range(len(dataset))]
+        prepared = [items[b : b + setting.batch] for b in range(0, len(items), setting.batch)]
         if tflop is None:
             tflop = backbones.tflop_per_image(extractor, prepared[0], boxes / num_images)
         if device.type == "cuda":

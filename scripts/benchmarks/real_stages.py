@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regionspot_pl.data.records import load_coco
+from regionspot_pl.data.records import ImageRecord, load_coco
 from regionspot_pl.demo.scenes import generate_demo_dataset
 
 from .bl_shards import bl_batch
@@ -47,6 +47,11 @@ def demo_data(args: argparse.Namespace, image_size: int) -> dict:
     )
 
 
+def demo_records(data: dict, count: int) -> list[ImageRecord]:
+    """The first ``count`` training images of the demo scenes, with their boxes."""
+    return sorted(load_coco(data["train_json"])[0], key=lambda r: r.image_id)[:count]
+
+
 def run_extract(table: Table, args: argparse.Namespace, device: torch.device, deadline: float, facts: dict) -> None:
     """The device's two fastest precisions (``--tiny``: the first) at every batch size, eager, then
     compiled (a GPU) at the middle batch size; SAM ViT-B first (the published pair) with 60% of the
@@ -61,7 +66,8 @@ def run_extract(table: Table, args: argparse.Namespace, device: torch.device, de
     start = now()
     for sam, until in (("sam", start + 0.6 * (deadline - start)), ("sam2", deadline)):
         backbones = backbones_for(args.out, args.tiny, sam)
-        bench_extraction(table, backbones, args.out, device, args.images, settings,
+        data = demo_data(args, backbones.image_size)
+        bench_extraction(table, backbones, args.out, device, data, demo_records(data, args.images), settings,
                          profiled if sam == "sam" else None, until)  # fmt: skip
 
 
@@ -71,8 +77,8 @@ def run_segmenters(table: Table, args: argparse.Namespace, device: torch.device,
         return
     paths = tiny_backbones(args.out / "tiny") if args.tiny else write_real_backbones(args.out / "real", clip=False)
     data = demo_data(args, 256 if args.tiny else 640)
-    records = sorted(load_coco(data["train_json"])[0], key=lambda r: r.image_id)[: args.images]
-    bench_segmenters(table, segmenter_cases(paths, args.tiny), records, data["train_images"], device)
+    bench_segmenters(table, segmenter_cases(paths, args.tiny), demo_records(data, args.images), data["train_images"],
+                     device)  # fmt: skip
 
 
 @cache
